@@ -1,0 +1,1 @@
+"""mmengine / mmdet integration: backbone registration and checkpoint safety."""
