@@ -1,0 +1,277 @@
+"""ops.gather_attention: torch reference, Triton kernels (interpreter on CPU), custom-op glue."""
+import pytest
+import torch
+
+import ops
+from ops._triton_gather_attention import gather_attention_fwd
+from ops.gather_attention import gather_attention_reference
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = 'cuda' if HAS_CUDA else 'cpu'
+ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def make_inputs(batch, heads, groups, block_q, blocks, block_k, slots, head_dim,
+                dtype=torch.float32, per_head=False, masked_fraction=0.0, empty_fraction=0.2,
+                device=DEVICE):
+    """Random q, k, v, index (with -1 slots) and key padding mask (or None)."""
+    def rand(n):
+        return torch.randn(batch, heads, n, head_dim, device=device).to(dtype)
+    q, k, v = rand(groups * block_q), rand(blocks * block_k), rand(blocks * block_k)
+    shape = (batch, heads, groups, slots) if per_head else (batch, groups, slots)
+    index = torch.randint(0, max(blocks, 1), shape, device=device)
+    index = index.masked_fill(torch.rand(shape, device=device) < empty_fraction, -1)
+    mask = None
+    if masked_fraction:
+        mask = torch.rand(batch, blocks * block_k, device=device) < masked_fraction
+    return q, k, v, index, mask
+
+
+def dense_attention_oracle(q, k, v, index, block_q, block_k, mask=None):
+    """Independent fp64 oracle: dense softmax weighted by how often each key is routed."""
+    batch, heads, num_q, _ = q.shape
+    num_k = k.shape[2]
+    if index.dim() == 3:
+        index = index.unsqueeze(1).expand(-1, heads, -1, -1)
+    count = torch.zeros(batch, heads, num_q, num_k, dtype=torch.float64)
+    for b, h, g, s in torch.nonzero(index >= 0).tolist():
+        block = int(index[b, h, g, s])
+        count[b, h, g * block_q:(g + 1) * block_q, block * block_k:(block + 1) * block_k] += 1
+    if mask is not None:
+        count = count.masked_fill(mask[:, None, None, :].cpu(), 0)
+    scores = (q.double().cpu() @ k.double().cpu().transpose(-1, -2)) * q.shape[-1] ** -0.5
+    weights = torch.exp(scores - scores.amax(-1, keepdim=True)) * count
+    weights = weights / weights.sum(-1, keepdim=True).clamp(min=1e-300)
+    return weights @ v.double().cpu()
+
+
+def forward_and_grads(fn, q, k, v, grad_out):
+    q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
+    out = fn(q, k, v)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    return (out, *grads)
+
+
+def max_errors(results, exact):
+    return [(r.double().cpu() - e.double().cpu()).abs().max().item() if r.numel() else 0.0
+            for r, e in zip(results, exact)]
+
+
+def compare_to_fp64(q, k, v, index, mask, block_q, block_k, backend='triton', scale=None):
+    """Assert |backend - fp64| <= 2 |torch same dtype - fp64| + atol for out, dq, dk, dv."""
+    grad_out = torch.randn_like(q)
+
+    def run(backend_name, cast):
+        def fn(q_, k_, v_):
+            return ops.gather_attention(q_, k_, v_, index, block_q=block_q, block_k=block_k,
+                                        key_padding_mask=mask, scale=scale, backend=backend_name)
+        return forward_and_grads(fn, *(cast(x) for x in (q, k, v)), cast(grad_out))
+
+    tested = run(backend, lambda x: x)
+    same_dtype = run('torch', lambda x: x)
+    exact = run('torch', lambda x: x.double())
+    atol = ATOL[q.dtype]
+    for name, err, base in zip(('out', 'dq', 'dk', 'dv'), max_errors(tested, exact),
+                               max_errors(same_dtype, exact)):
+        assert err <= 2 * base + atol, f'{name}: error {err:.3g} vs torch {base:.3g}'
+    for t in tested:
+        assert torch.isfinite(t).all()
+    return tested
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+@pytest.mark.parametrize('per_head', [False, True])
+def test_reference_matches_dense_oracle(per_head):
+    q, k, v, index, mask = make_inputs(2, 3, 5, 4, 6, 3, 4, 16, dtype=torch.float64,
+                                       per_head=per_head, masked_fraction=0.3, device='cpu')
+    index[0, ..., 1] = index[0, ..., 0]  # a block routed twice counts twice
+    out = gather_attention_reference(q, k, v, index, block_q=4, block_k=3, key_padding_mask=mask)
+    torch.testing.assert_close(out, dense_attention_oracle(q, k, v, index, 4, 3, mask))
+
+
+def test_reference_gradcheck_fp64():
+    q, k, v, index, mask = make_inputs(1, 2, 3, 2, 4, 3, 2, 4, dtype=torch.float64,
+                                       masked_fraction=0.3, device='cpu')
+    index[0, 0] = -1  # a query group with no key
+    inputs = tuple(x.requires_grad_() for x in (q, k, v))
+
+    def fn(q_, k_, v_):
+        return ops.gather_attention(q_, k_, v_, index, block_q=2, block_k=3,
+                                    key_padding_mask=mask, backend='torch')
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+def test_auto_backend_exports_with_torch_export():
+    q, k, v, index, _ = make_inputs(1, 2, 4, 4, 4, 4, 2, 16, device='cpu')
+
+    class Attend(torch.nn.Module):
+        def forward(self, q, k, v, index):
+            return ops.gather_attention(q, k, v, index, block_q=4, block_k=4)
+    program = torch.export.export(Attend(), (q, k, v, index))
+    targets = {str(node.target) for node in program.graph.nodes}
+    assert not any('dsa_ops' in t for t in targets)
+    torch.testing.assert_close(program.module()(q, k, v, index), Attend()(q, k, v, index))
+
+
+# ----------------------------------------------------------------------------- triton vs fp64
+
+TRITON_CASES = {
+    # name: (batch, heads, groups, block_q, blocks, block_k, slots, head_dim, per_head, masked)
+    'packed_4x4': (2, 2, 6, 4, 6, 4, 3, 16, False, 0.0),
+    'block_size_1': (1, 2, 9, 1, 7, 1, 5, 32, False, 0.0),
+    'odd_49_topk_1': (1, 1, 3, 49, 4, 49, 1, 32, False, 0.2),
+    'odd_q7_k5_topk_all': (1, 2, 4, 7, 3, 5, 3, 64, False, 0.3),
+    'group_spans_tiles_70': (1, 1, 2, 70, 3, 6, 2, 16, True, 0.0),
+    'per_head_16': (1, 3, 4, 16, 5, 16, 2, 32, True, 0.3),
+    'head_dim_128_b1_h1': (1, 1, 2, 16, 3, 16, 2, 128, False, 0.0),
+}
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float16], ids=['fp32', 'fp16'])
+@pytest.mark.parametrize('case', list(TRITON_CASES), ids=list(TRITON_CASES))
+def test_triton_matches_fp64(case, dtype):
+    batch, heads, groups, block_q, blocks, block_k, slots, head_dim, per_head, masked = \
+        TRITON_CASES[case]
+    q, k, v, index, mask = make_inputs(batch, heads, groups, block_q, blocks, block_k, slots,
+                                       head_dim, dtype=dtype, per_head=per_head,
+                                       masked_fraction=masked)
+    compare_to_fp64(q, k, v, index, mask, block_q, block_k)
+
+
+def test_triton_fully_masked_queries_give_zeros():
+    q, k, v, index, _ = make_inputs(1, 2, 4, 4, 3, 4, 2, 16)
+    mask = torch.zeros(1, 12, dtype=torch.bool, device=DEVICE)
+    mask[:, :4] = True                 # block 0 entirely padded
+    index[0, 0] = torch.tensor([0, 0])  # group 0 sees only padded keys
+    index[0, 1] = -1                    # group 1 has only empty slots
+    for backend in ('triton', 'torch'):
+        out, dq, dk, dv = compare_to_fp64(q, k, v, index, mask, 4, 4, backend=backend)
+        assert (out[:, :, :8] == 0).all() and (dq[:, :, :8] == 0).all()
+
+
+def test_triton_noncontiguous_inputs_and_scale():
+    q, k, v, index, mask = make_inputs(2, 4, 3, 4, 4, 4, 2, 16, masked_fraction=0.2)
+    # (B, N, H, D) storage viewed as (B, H, N, D); index transposed in memory.
+    q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
+    index = index.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not q.is_contiguous() and not index.is_contiguous()
+    compare_to_fp64(q, k, v, index, mask, 4, 4, scale=0.3)
+
+
+@pytest.mark.parametrize('backend', ['triton', 'torch'])
+@pytest.mark.parametrize('shape', [
+    (0, 2, 2, 4, 2, 4, 2),   # B = 0
+    (1, 2, 0, 4, 2, 4, 2),   # Nq = 0
+    (1, 2, 2, 4, 0, 4, 2),   # Nk = 0 (every slot empty)
+    (1, 2, 2, 4, 2, 4, 0),   # K = 0
+], ids=['batch0', 'queries0', 'keys0', 'slots0'])
+def test_zero_size_inputs(shape, backend):
+    batch, heads, groups, block_q, blocks, block_k, slots = shape
+    q, k, v, index, _ = make_inputs(batch, heads, groups, block_q, blocks, block_k, slots, 16)
+    if blocks == 0:
+        index.fill_(-1)
+    out, dq, dk, dv = forward_and_grads(
+        lambda q_, k_, v_: ops.gather_attention(q_, k_, v_, index, block_q=block_q,
+                                                block_k=block_k, backend=backend),
+        q, k, v, torch.randn_like(q))
+    assert out.shape == q.shape and dk.shape == k.shape
+    assert not out.any() and not dq.any() and not dk.any() and not dv.any()
+
+
+# ----------------------------------------------------------------------------- custom op
+
+
+def test_custom_op_opcheck():
+    q, k, v, index, mask = make_inputs(1, 2, 2, 4, 3, 4, 2, 16, masked_fraction=0.2)
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    torch.library.opcheck(gather_attention_fwd, (q, k, v, index, mask, 4, 4, 0.25),
+                          test_utils=('test_schema', 'test_faketensor',
+                                      'test_autograd_registration'))
+
+
+def test_torch_compile_fullgraph_through_triton_op():
+    q, k, v, index, mask = make_inputs(1, 2, 3, 4, 3, 4, 2, 16, masked_fraction=0.2)
+
+    def layer(q_, k_, v_):
+        out = ops.gather_attention(q_ * 2, k_, v_, index, block_q=4, block_k=4,
+                                   key_padding_mask=mask, backend='triton')
+        return out.sigmoid()
+    grad_out = torch.randn_like(q)
+    compiled = torch.compile(layer, fullgraph=True, backend='aot_eager')
+    for got, expected in zip(forward_and_grads(compiled, q, k, v, grad_out),
+                             forward_and_grads(layer, q, k, v, grad_out)):
+        torch.testing.assert_close(got, expected)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def _call(**overrides):
+    q, k, v, index, _ = make_inputs(1, 2, 3, 4, 3, 4, 2, 16, device='cpu')
+    args = dict(q=q, k=k, v=v, index=index, block_q=4, block_k=4, key_padding_mask=None,
+                backend='torch')
+    args.update(overrides)
+    return ops.gather_attention(args.pop('q'), args.pop('k'), args.pop('v'), args.pop('index'),
+                                **args)
+
+
+@pytest.mark.parametrize('overrides, message', [
+    (dict(q=torch.randn(2, 12, 16)), 'q must be a 4-D'),
+    (dict(k=torch.randn(1, 2, 12, 8)), 'k must have shape'),
+    (dict(v=torch.randn(1, 2, 8, 16)), 'v must have the shape'),
+    (dict(v=torch.randn(1, 2, 12, 16, dtype=torch.float64)), 'share one dtype'),
+    (dict(q=torch.ones(1, 2, 12, 16, dtype=torch.int32)), 'q must be a floating'),
+    (dict(block_q=5), 'block_q=5 must divide'),
+    (dict(block_k=0), 'block_k must be a positive int'),
+    (dict(block_q=2.0), 'block_q must be a positive int'),
+    (dict(index=torch.zeros(1, 3, 2)), 'index must be an int32 or int64'),
+    (dict(index=torch.zeros(1, 4, 2, dtype=torch.int64)), r'index must have shape \(B, G, K\)'),
+    (dict(index=torch.zeros(1, 3, 3, 2, dtype=torch.int64)), r'index must have shape \(B, H'),
+    (dict(index=torch.zeros(3, 2, dtype=torch.int64)), 'index must be 3-D'),
+    (dict(index=torch.full((1, 3, 2), 3)), r'index entries must lie in \[-1, M\)'),
+    (dict(index=torch.full((1, 3, 2), -2)), r'index entries must lie in \[-1, M\)'),
+    (dict(key_padding_mask=torch.zeros(1, 12)), 'key_padding_mask must be a bool'),
+    (dict(key_padding_mask=torch.zeros(1, 11, dtype=torch.bool)), 'key_padding_mask must have'),
+    (dict(scale='0.5'), 'scale must be a float'),
+    (dict(backend='cuda'), 'backend must be one of'),
+    (dict(backend='triton', q=torch.randn(1, 2, 12, 16, dtype=torch.float64),
+          k=torch.randn(1, 2, 12, 16, dtype=torch.float64),
+          v=torch.randn(1, 2, 12, 16, dtype=torch.float64)), 'triton backend supports q dtypes'),
+])
+def test_bad_arguments_raise(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        _call(**overrides)
+
+
+def test_debug_mode_checks_index_on_triton_path():
+    ops.set_debug(True)
+    try:
+        with pytest.raises(ValueError, match='index entries'):
+            _call(index=torch.full((1, 3, 2), 7), backend='triton')
+    finally:
+        ops.set_debug(False)
+
+
+# ----------------------------------------------------------------------------- GPU, bf16
+
+GPU_SHAPES = {
+    # name: (batch, heads, groups, block_q, blocks, block_k, slots, head_dim, masked)
+    'biformer_t224_s1': (8, 2, 49, 64, 49, 64, 1, 32, 0.0),
+    'biformer_t224_s2': (8, 4, 49, 16, 49, 16, 4, 32, 0.0),
+    'biformer_t224_s3': (8, 8, 49, 4, 49, 4, 16, 32, 0.0),
+    'biformer_s_det_s1': (1, 2, 256, 273, 256, 273, 1, 32, 0.05),
+    'dsvt_set_90_d64': (256, 4, 1, 90, 1, 90, 1, 64, 0.2),
+    'head_dim_128': (2, 4, 64, 64, 64, 64, 4, 128, 0.0),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize('case', list(GPU_SHAPES), ids=list(GPU_SHAPES))
+def test_triton_bf16_matches_fp64_on_gpu(case):
+    batch, heads, groups, block_q, blocks, block_k, slots, head_dim, masked = GPU_SHAPES[case]
+    q, k, v, index, mask = make_inputs(batch, heads, groups, block_q, blocks, block_k, slots,
+                                       head_dim, dtype=torch.bfloat16, masked_fraction=masked,
+                                       empty_fraction=0.0)
+    compare_to_fp64(q, k, v, index, mask, block_q, block_k)
