@@ -1,0 +1,18 @@
+"""Test a checkpoint with the mmengine Runner and print the metrics (mmdet 3.3's test.py flags).
+
+    python tools/test.py CONFIG CHECKPOINT [--work-dir DIR] [--out results.pkl] [--show]
+                         [--show-dir DIR] [--cfg-options KEY=VALUE ...] [--launcher ...]
+"""
+import backbones  # noqa: F401  (registers our models, datasets and metrics)
+from backbones.mm.runner import (build_runner, configure_test, load_config, parse_args,
+                                 test_arg_parser)
+
+
+def main(argv=None):
+    args = parse_args(test_arg_parser(), argv)
+    cfg = configure_test(load_config(args.config, args.cfg_options), args)
+    build_runner(cfg).test()
+
+
+if __name__ == '__main__':
+    main()
