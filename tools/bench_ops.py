@@ -1,0 +1,402 @@
+"""Benchmark ops.gather_attention against its peers on a CUDA GPU, one table per shape.
+
+    python tools/benchmark.py ops                      # every shape, every peer, bf16
+    python tools/benchmark.py ops --shapes t224_s2 dsvt36_d32 --peers ours flex
+    python tools/benchmark.py ops --tune               # sweep the Triton tile configs
+
+Peers (fwd ms, fwd+bwd ms, peak extra MiB over the inputs, fraction of the roofline):
+* ``ours``: the fused Triton kernels (``backend="triton"``).
+* ``official``: BiFormer's formulation: ``torch.gather`` of the routed K/V blocks, matmul,
+  softmax, matmul (ops' torch reference, which is that formulation plus masking).
+* ``gather_sdpa``: the same gather, then ``F.scaled_dot_product_attention`` per query group.
+* ``flex``: FlexAttention with a BlockMask of (block_q, block_k) blocks, compiled; it runs in a
+  child process so a device-side assert cannot take the others down; failures are reported.
+* ``dense_sdpa``: SDPA over all tokens (a different, denser function; a speed reference).
+
+The roofline floor is max(FLOPs / matmul peak, minimum bytes / copy bandwidth), both ceilings
+measured in the same run (bf16 8192^3 matmul, large device-to-device copy). FLOPs count
+4*Nq*Kt*D forward and 10*Nq*Kt*D backward per (batch, head), Kt = K * block_k routed keys;
+minimum bytes read q, k, v and write o once (forward) and read q, k, v, o, dO and write dq, dk,
+dv once (backward).
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import ops  # noqa: E402
+from ops import _triton_gather_attention as kernels  # noqa: E402
+from ops.gather_attention import gather_attention_reference  # noqa: E402
+
+PEERS = ('ours', 'official', 'gather_sdpa', 'flex', 'dense_sdpa')
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One benchmark problem: G query groups of block_q, M key blocks of block_k, K per group."""
+    name: str
+    batch: int
+    heads: int
+    groups: int
+    block_q: int
+    blocks: int
+    block_k: int
+    topk: int
+    head_dim: int
+    padded_fraction: float = 0.0  # share of keys excluded by the key padding mask
+    note: str = ''
+
+
+SHAPES = [
+    Shape('t224_s1', 128, 2, 49, 64, 49, 64, 1, 32, note='BiFormer-T 224, stage 1: 56^2, 8x8 regions'),
+    Shape('t224_s2', 128, 4, 49, 16, 49, 16, 4, 32, note='BiFormer-T 224, stage 2: 28^2, 4x4 regions'),
+    Shape('t224_s3', 128, 8, 49, 4, 49, 4, 16, 32, note='BiFormer-T 224, stage 3: 14^2, 2x2 regions'),
+    Shape('t512_s1', 16, 2, 64, 256, 64, 256, 1, 32, note='BiFormer-T 512 n_win=8, stage 1: 128^2'),
+    Shape('t512_s2', 16, 4, 64, 64, 64, 64, 4, 32, note='BiFormer-T 512 n_win=8, stage 2: 64^2'),
+    Shape('t512_s3', 16, 8, 64, 16, 64, 16, 16, 32, note='BiFormer-T 512 n_win=8, stage 3: 32^2'),
+    Shape('b1024_s2', 4, 6, 256, 64, 256, 64, 8, 32, note='BiFormer-B 1024 n_win=16, stage 2, k=8'),
+    Shape('s_det_s1', 2, 2, 256, 273, 256, 273, 1, 32, 0.04,
+          'BiFormer-S 800x1344 n_win=16, stage 1: 200x336 padded to 208x336, 13x21 regions'),
+    Shape('s_det_s2', 2, 4, 256, 77, 256, 77, 4, 32, 0.15,
+          'BiFormer-S 800x1344 n_win=16, stage 2: 100x168 padded to 112x176, 7x11 regions'),
+    Shape('s_det_s3', 2, 8, 256, 24, 256, 24, 16, 32, 0.32,
+          'BiFormer-S 800x1344 n_win=16, stage 3: 50x84 padded to 64x96, 4x6 regions'),
+    Shape('dsvt36_d32', 694, 4, 1, 36, 1, 36, 1, 32, 0.1, 'DSVT sets of 36 over 25k voxels'),
+    Shape('dsvt48_d32', 521, 4, 1, 48, 1, 48, 1, 32, 0.1, 'DSVT sets of 48 over 25k voxels'),
+    Shape('dsvt90_d32', 278, 4, 1, 90, 1, 90, 1, 32, 0.1, 'DSVT sets of 90 over 25k voxels'),
+    Shape('dsvt36_d64', 694, 4, 1, 36, 1, 36, 1, 64, 0.1, 'DSVT sets of 36, D=64'),
+    Shape('dsvt90_d64', 278, 4, 1, 90, 1, 90, 1, 64, 0.1, 'DSVT sets of 90, D=64'),
+    Shape('b1024_s2_d64', 4, 3, 256, 64, 256, 64, 8, 64, note='b1024_s2 with D=64'),
+]
+SHAPES_BY_NAME = {s.name: s for s in SHAPES}
+
+TUNE_FWD = [(16, 64, 2, 2), (16, 128, 4, 2), (32, 64, 4, 2), (32, 128, 4, 2), (64, 64, 4, 2),
+            (64, 128, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (128, 128, 8, 2)]
+TUNE_BWD = [(16, 32, 2, 2), (16, 64, 2, 2), (16, 64, 4, 2), (32, 32, 2, 2), (32, 64, 4, 2),
+            (64, 32, 4, 2), (64, 64, 4, 2), (64, 64, 8, 2), (128, 32, 8, 2), (128, 64, 8, 2)]
+
+
+def make_problem(shape: Shape, dtype, device='cuda', seed=0):
+    """Random q, k, v (B, H, N, D), distinct top-k index (B, G, K), key padding mask or None."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    num_q, num_k = shape.groups * shape.block_q, shape.blocks * shape.block_k
+
+    def rand(n):
+        return torch.randn(shape.batch, shape.heads, n, shape.head_dim, device=device,
+                           generator=gen, dtype=dtype)
+    q, k, v = rand(num_q), rand(num_k), rand(num_k)
+    affinity = torch.rand(shape.batch, shape.groups, shape.blocks, device=device, generator=gen)
+    index = affinity.topk(shape.topk, dim=-1).indices
+    mask = None
+    if shape.padded_fraction:
+        # Padding sits at the end of each block, like zero-padded region borders.
+        padded_per_block = max(1, round(shape.block_k * shape.padded_fraction))
+        within = torch.arange(shape.block_k, device=device)
+        mask = (within >= shape.block_k - padded_per_block).repeat(shape.blocks)
+        mask = mask.unsqueeze(0).expand(shape.batch, -1).contiguous()
+    return q, k, v, index, mask
+
+
+# ----------------------------------------------------------------------------- peers
+
+
+def official_gather(q, k, v, index, mask, shape):
+    return gather_attention_reference(q, k, v, index, block_q=shape.block_q,
+                                      block_k=shape.block_k, key_padding_mask=mask)
+
+
+def gather_sdpa(q, k, v, index, mask, shape):
+    batch, heads, _, dim = q.shape
+    groups, slots, block_k = shape.groups, shape.topk, shape.block_k
+    flat = index.reshape(batch, 1, groups * slots, 1).expand(-1, heads, -1, block_k * dim)
+
+    def gather(x):
+        blocks = x.reshape(batch, heads, shape.blocks, block_k * dim)
+        return torch.gather(blocks, 2, flat).reshape(batch * heads * groups, slots * block_k, dim)
+    attn_mask = None
+    if mask is not None:
+        mask_blocks = mask.reshape(batch, 1, shape.blocks, block_k).expand(-1, heads, -1, -1)
+        keep = ~torch.gather(mask_blocks, 2, index.reshape(batch, 1, groups * slots, 1)
+                             .expand(-1, heads, -1, block_k))
+        attn_mask = keep.reshape(batch * heads * groups, 1, slots * block_k)
+    out = F.scaled_dot_product_attention(q.reshape(batch * heads * groups, shape.block_q, dim),
+                                         gather(k), gather(v), attn_mask=attn_mask)
+    return out.reshape(q.shape)
+
+
+def dense_sdpa(q, k, v, index, mask, shape):
+    if shape.groups == 1:  # DSVT: one set per batch entry; all tokens = all voxels
+        def flat(x):
+            return x.transpose(0, 1).reshape(1, x.shape[1], -1, x.shape[3])
+        out = F.scaled_dot_product_attention(flat(q), flat(k), flat(v))
+        return out.reshape(q.shape[1], q.shape[0], q.shape[2], q.shape[3]).transpose(0, 1)
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def ours(q, k, v, index, mask, shape):
+    return ops.gather_attention(q, k, v, index, block_q=shape.block_q, block_k=shape.block_k,
+                                key_padding_mask=mask, backend='triton')
+
+
+class FlexPeer:
+    """FlexAttention over a BlockMask built from the routing index (compiled once per shape)."""
+
+    def __init__(self, shape, index, mask):
+        from torch.nn.attention.flex_attention import BlockMask, flex_attention
+        batch, groups, blocks = shape.batch, shape.groups, shape.blocks
+        # torch 2.11: compact [..., topk] indices hit a device-side assert; pad to all blocks.
+        order = torch.cat([index, _complement(index, blocks)], dim=-1).to(torch.int32)
+        kv_indices = order.unsqueeze(1).contiguous()                   # (B, 1, G, M)
+        kv_num = torch.full((batch, 1, groups), shape.topk, dtype=torch.int32,
+                            device=index.device)
+        size = (shape.block_q, shape.block_k)
+        lengths = (groups * shape.block_q, blocks * shape.block_k)
+        if mask is None:
+            def mask_mod(b, h, q_idx, kv_idx):
+                return q_idx >= 0
+            self.block_mask = BlockMask.from_kv_blocks(
+                torch.zeros_like(kv_num), kv_indices, kv_num, kv_indices, BLOCK_SIZE=size,
+                mask_mod=mask_mod, seq_lengths=lengths)
+        else:
+            def mask_mod(b, h, q_idx, kv_idx):
+                return ~mask[b, kv_idx]
+            self.block_mask = BlockMask.from_kv_blocks(kv_num, kv_indices, BLOCK_SIZE=size,
+                                                       mask_mod=mask_mod, seq_lengths=lengths)
+        self.attend = torch.compile(flex_attention, dynamic=False)
+
+    def __call__(self, q, k, v, index, mask, shape):
+        return self.attend(q, k, v, block_mask=self.block_mask)
+
+
+def _complement(index, blocks):
+    """The blocks not in each index row, in increasing order: (B, G, M - K)."""
+    chosen = torch.zeros(*index.shape[:-1], blocks, dtype=torch.bool, device=index.device)
+    chosen.scatter_(-1, index, True)
+    rest = torch.argsort(chosen.to(torch.int8), dim=-1, stable=True)
+    return rest[..., :blocks - index.shape[-1]]
+
+
+# ----------------------------------------------------------------------------- measurement
+
+
+def ceilings():
+    """Measured copy bandwidth (bytes read + written per s) and bf16 matmul FLOP/s."""
+    from triton.testing import do_bench
+    src = torch.empty(2 ** 30, dtype=torch.uint8, device='cuda').random_()
+    dst = torch.empty_like(src)
+    copy_ms = do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode='median')
+    a = torch.randn(8192, 8192, device='cuda', dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device='cuda', dtype=torch.bfloat16)
+    mm_ms = do_bench(lambda: a @ b, warmup=100, rep=500, return_mode='median')
+    del src, dst, a, b
+    torch.cuda.empty_cache()
+    return 2 * 2 ** 30 / (copy_ms * 1e-3), 2 * 8192 ** 3 / (mm_ms * 1e-3)
+
+
+def floor_ms(shape, elem_bytes, bandwidth, flops_peak, backward):
+    bh = shape.batch * shape.heads
+    num_q, num_k = shape.groups * shape.block_q, shape.blocks * shape.block_k
+    routed = shape.topk * shape.block_k
+    flops = bh * num_q * routed * shape.head_dim * (14 if backward else 4)
+    fwd_bytes = elem_bytes * shape.head_dim * (2 * num_q + 2 * num_k) + 4 * num_q
+    bwd_bytes = elem_bytes * shape.head_dim * (4 * num_q + 4 * num_k) + 4 * num_q
+    moved = bh * (fwd_bytes + (bwd_bytes if backward else 0))
+    return 1e3 * max(flops / flops_peak, moved / bandwidth)
+
+
+def measure(fn, q, k, v, index, mask, shape, reps_ms, only=None):
+    """(fwd ms, fwd+bwd ms, peak extra MiB of fwd+bwd) of fn(q, k, v, index, mask, shape).
+
+    ``only='fwd'`` or ``'fwd_bwd'`` times just that one and returns None for the rest.
+    """
+    from triton.testing import do_bench
+    q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
+    grad_out = torch.randn_like(q)
+
+    def forward():
+        with torch.no_grad():
+            return fn(q, k, v, index, mask, shape)
+
+    def forward_backward():
+        out = fn(q, k, v, index, mask, shape)
+        return torch.autograd.grad(out, (q, k, v), grad_out)
+    if only == 'fwd':
+        forward()
+        return do_bench(forward, warmup=25, rep=reps_ms, return_mode='median'), None, None
+    forward_backward()  # compile / autotune outside the timing
+    torch.cuda.synchronize()
+    both = do_bench(forward_backward, warmup=25, rep=reps_ms, return_mode='median')
+    if only == 'fwd_bwd':
+        return None, both, None
+    fwd = do_bench(forward, warmup=25, rep=reps_ms, return_mode='median')
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    forward_backward()
+    torch.cuda.synchronize()
+    return fwd, both, (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+
+
+def check_ours(shape, q, k, v, index, mask):
+    """Relative L2 errors of ours and of the same-dtype reference against an fp32 reference."""
+    exact = gather_attention_reference(q.float(), k.float(), v.float(), index,
+                                       block_q=shape.block_q, block_k=shape.block_k,
+                                       key_padding_mask=mask)
+    same = official_gather(q, k, v, index, mask, shape).float()
+    got = ours(q, k, v, index, mask, shape).float()
+
+    def rel(x):
+        return ((x - exact).norm() / exact.norm().clamp(min=1e-30)).item()
+    return rel(got), rel(same)
+
+
+def run_peer(peer, shape, dtype, reps_ms):
+    q, k, v, index, mask = make_problem(shape, dtype)
+    fn = {'ours': ours, 'official': official_gather, 'gather_sdpa': gather_sdpa,
+          'dense_sdpa': dense_sdpa}.get(peer)
+    if peer == 'flex':
+        fn = FlexPeer(shape, index, mask)
+    try:
+        fwd, both, mib = measure(fn, q, k, v, index, mask, shape, reps_ms)
+        return dict(fwd_ms=fwd, fwd_bwd_ms=both, peak_mib=mib)
+    except Exception as err:  # one peer's failure must not stop the run
+        torch.cuda.synchronize()
+        return dict(error=f'{type(err).__name__}: {str(err).splitlines()[0][:160]}')
+    finally:
+        del q, k, v
+        torch.cuda.empty_cache()
+
+
+def flex_in_child(shapes, dtype_name, reps_ms):
+    """Run the FlexAttention peer in a child process, one JSON line per shape."""
+    results = {}
+    remaining = [s.name for s in shapes]
+    while remaining:
+        cmd = [sys.executable, os.path.abspath(__file__), '--child-flex', '--dtype', dtype_name,
+               '--reps-ms', str(reps_ms), '--shapes', *remaining]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        for line in proc.stdout.splitlines():
+            if line.startswith('{'):
+                row = json.loads(line)
+                results[row.pop('shape')] = row
+        remaining = [n for n in remaining if n not in results]
+        if remaining:  # the child died on remaining[0]: record it and go on after it
+            tail = (proc.stderr.strip().splitlines() or ['no output'])[-1][:160]
+            results[remaining.pop(0)] = dict(error=f'child process died: {tail}')
+    return results
+
+
+def tune(shapes, dtype, reps_ms):
+    """Time every tile config of TUNE_FWD / TUNE_BWD for ours on each shape; print the best."""
+    best = {}
+    for shape in shapes:
+        q, k, v, index, mask = make_problem(shape, dtype)
+        for kind, configs in (('fwd', TUNE_FWD), ('bwd', TUNE_BWD)):
+            timings = []
+            for config in configs:
+                kernels.TILE_OVERRIDES.clear()
+                kernels.TILE_OVERRIDES[kind] = config
+                try:
+                    fwd, both, _ = measure(ours, q, k, v, index, mask, shape, reps_ms,
+                                           only='fwd' if kind == 'fwd' else 'fwd_bwd')
+                except Exception as err:
+                    print(f'  {shape.name} {kind} {config}: {type(err).__name__}', flush=True)
+                    continue
+                timings.append((fwd if kind == 'fwd' else both, config))
+            kernels.TILE_OVERRIDES.clear()
+            timings.sort()
+            best[(shape.name, kind)] = timings[0]
+            print(f'{shape.name:14s} {kind} (bq={shape.block_q}, D={shape.head_dim}) ' + ', '.join(
+                f'{c}:{t:.3f}' for t, c in timings[:4]), flush=True)
+        del q, k, v
+    return best
+
+
+def format_table(shape, rows, floors):
+    lines = [f'### {shape.name}: {shape.note}',
+             f'B={shape.batch} H={shape.heads} G={shape.groups}x{shape.block_q} '
+             f'M={shape.blocks}x{shape.block_k} K={shape.topk} D={shape.head_dim} '
+             f'padded={shape.padded_fraction:.0%}; floor fwd {floors[0]:.3f} ms, '
+             f'fwd+bwd {floors[1]:.3f} ms', '',
+             '| peer | fwd ms | fwd+bwd ms | peak extra MiB | roofline fwd | roofline fwd+bwd |',
+             '|---|---|---|---|---|---|']
+    for peer, r in rows.items():
+        if 'error' in r:
+            lines.append(f'| {peer} | fails: {r["error"]} | | | | |')
+        else:
+            lines.append(f'| {peer} | {r["fwd_ms"]:.3f} | {r["fwd_bwd_ms"]:.3f} | '
+                         f'{r["peak_mib"]:.0f} | {floors[0] / r["fwd_ms"]:.0%} | '
+                         f'{floors[1] / r["fwd_bwd_ms"]:.0%} |')
+    return '\n'.join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog='benchmark.py ops', description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--shapes', nargs='+', default=[s.name for s in SHAPES],
+                        choices=list(SHAPES_BY_NAME))
+    parser.add_argument('--peers', nargs='+', default=list(PEERS), choices=PEERS)
+    parser.add_argument('--dtype', default='bf16', choices=('bf16', 'fp16', 'fp32'))
+    parser.add_argument('--reps-ms', type=int, default=200, help='timing budget per measurement')
+    parser.add_argument('--tune', action='store_true', help='sweep tile configs of ours only')
+    parser.add_argument('--json', help='write all results to this JSON file')
+    parser.add_argument('--markdown', help='write the tables to this markdown file')
+    parser.add_argument('--child-flex', action='store_true', help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit('benchmark.py ops needs a CUDA GPU')
+    dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}[args.dtype]
+    shapes = [SHAPES_BY_NAME[n] for n in args.shapes]
+    if args.child_flex:
+        for shape in shapes:
+            row = run_peer('flex', shape, dtype, args.reps_ms)
+            print(json.dumps(dict(shape=shape.name, **row)), flush=True)
+        return
+    if args.tune:
+        tune(shapes, dtype, args.reps_ms)
+        return
+    import triton
+    props = torch.cuda.get_device_properties(0)
+    bandwidth, flops_peak = ceilings()
+    header = (f'{time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}, {props.name}, torch '
+              f'{torch.__version__}, triton {triton.__version__}, {args.dtype}; measured copy '
+              f'{bandwidth / 1e12:.2f} TB/s, bf16 matmul {flops_peak / 1e12:.0f} TFLOP/s')
+    print(header, flush=True)
+    flex = flex_in_child(shapes, args.dtype, args.reps_ms) if 'flex' in args.peers else {}
+    elem_bytes = torch.finfo(dtype).bits // 8
+    results, tables = {}, [header]
+    for shape in shapes:
+        q, k, v, index, mask = make_problem(shape, dtype)
+        err_ours, err_ref = check_ours(shape, q, k, v, index, mask)
+        del q, k, v
+        rows = {}
+        for peer in args.peers:
+            rows[peer] = flex[shape.name] if peer == 'flex' else run_peer(peer, shape, dtype,
+                                                                          args.reps_ms)
+        floors = (floor_ms(shape, elem_bytes, bandwidth, flops_peak, False),
+                  floor_ms(shape, elem_bytes, bandwidth, flops_peak, True))
+        table = format_table(shape, rows, floors) + (
+            f'\n\nrel. L2 error vs fp32 reference: ours {err_ours:.2e}, torch '
+            f'{args.dtype} {err_ref:.2e}\n')
+        print(table, flush=True)
+        tables.append(table)
+        results[shape.name] = dict(shape=asdict(shape), floors_ms=floors, peers=rows,
+                                   rel_err_ours=err_ours, rel_err_torch=err_ref)
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump(dict(header=header, results=results), f, indent=1)
+    if args.markdown:
+        with open(args.markdown, 'w') as f:
+            f.write('\n\n'.join(tables) + '\n')
+
+
+if __name__ == '__main__':
+    main()
