@@ -4,7 +4,7 @@
 # mmcv 2.1.0's setup.py asks for -std=c++14/17, which torch >= 2.10 headers reject; the
 # sdist is patched to c++20. The wheel lands in WHEEL_CACHE; a cached wheel is reused.
 set -euo pipefail
-python=$1
+case $1 in */*) python="$(cd "$(dirname "$1")" && pwd)/$(basename "$1")" ;; *) python=$(command -v "$1") ;; esac
 cache=$2
 version=${3:-2.1.0}
 mkdir -p "$cache"
