@@ -21,28 +21,33 @@ from torch import Tensor
 
 LOG2E = 1.4426950408889634
 
-# (block_q limit, BLOCK_M, BLOCK_N): the first row whose limit is >= block_q applies.
-_FWD_TILES = ((1, 16, 64), (4, 16, 64), (16, 16, 64), (32, 32, 64), (None, 64, 64))
-_BWD_TILES = ((1, 16, 64), (4, 16, 64), (16, 16, 64), (32, 32, 64), (None, 64, 64))
-# Overrides for tuning sweeps: {'fwd' or 'bwd': (BLOCK_M, BLOCK_N, num_warps, num_stages)}.
+# Tile configs (BLOCK_M, BLOCK_N, num_warps, num_stages): the first row whose size limit is
+# >= the block size applies. 'fwd' and 'dq' tile query rows (BLOCK_M) by routed keys (BLOCK_N)
+# and go by block_q; 'dkdv' tiles key rows (BLOCK_N) by routed query rows (BLOCK_M) and goes by
+# block_k. Chosen from `python tools/benchmark.py ops --tune` on an H200 (docs/ops.md).
+_CONFIGS = {
+    'fwd': ((8, (16, 128, 4, 2)), (16, (16, 64, 2, 2)), (32, (16, 128, 4, 2)),
+            (None, (64, 128, 4, 2))),
+    'dq': ((32, (16, 64, 2, 2)), (None, (64, 64, 4, 2))),
+    'dkdv': ((16, (64, 16, 2, 2)), (None, (64, 64, 4, 2))),
+}
+# Overrides for tuning sweeps: {'fwd' | 'dq' | 'dkdv': (BLOCK_M, BLOCK_N, num_warps, num_stages)}.
 TILE_OVERRIDES: dict = {}
 
 
-def _pick_tiles(table, block_q: int):
-    for limit, block_m, block_n in table:
-        if limit is None or block_q <= limit:
-            return block_m, block_n
-
-
-def _launch_config(kind: str, block_q: int, head_dim: int):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the forward ('fwd') or backward ('bwd')."""
+def _launch_config(kind: str, block_size: int, routed: int):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of one kernel; ``routed`` keys per query group
+    ('fwd', 'dq') caps the key tile so short rows are not padded far."""
     if kind in TILE_OVERRIDES:
         return TILE_OVERRIDES[kind]
-    block_m, block_n = _pick_tiles(_FWD_TILES if kind == 'fwd' else _BWD_TILES, block_q)
-    if kind == 'bwd' and head_dim > 64:
-        block_n = min(block_n, 32)
-    num_warps = 4 if block_m * block_n >= 64 * 64 else 2
-    return block_m, block_n, num_warps, 2
+    for limit, config in _CONFIGS[kind]:
+        if limit is None or block_size <= limit:
+            break
+    block_m, block_n, num_warps, num_stages = config
+    if kind != 'dkdv':
+        groups_per_tile = max(1, block_m // block_size)
+        block_n = min(block_n, max(16, triton.next_power_of_2(routed * groups_per_tile)))
+    return block_m, block_n, num_warps, num_stages
 
 
 def _tiling(block_q: int, groups: int, block_m: int, block_n: int, slot_keys: int):
@@ -147,20 +152,20 @@ def _fwd_kernel(Q, K, V, Index, Mask, Out, Lse,
 
 
 @triton.jit
-def _bwd_kernel(Q, K, V, Out, GradOut, Lse, Index, Mask, GradQ, GradK, GradV,
-                stride_qb, stride_qh, stride_qn, stride_qd,
-                stride_kb, stride_kh, stride_kn, stride_kd,
-                stride_vb, stride_vh, stride_vn, stride_vd,
-                stride_ob, stride_oh, stride_on, stride_od,
-                stride_gb, stride_gh, stride_gn, stride_gd,
-                stride_dqb, stride_dqh, stride_dqn, stride_dqd,
-                stride_ib, stride_ih, stride_ig, stride_ik,
-                stride_mb, stride_mn,
-                heads, num_q, num_k, head_dim, groups, block_q, block_k, slot_keys, num_steps,
-                GPT, TPG, RPG, CPG, scale, scale_log2,
-                HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """GradQ (B, H, Nq, D) in q's dtype; GradK, GradV contiguous fp32 (B, H, Nk, D), zeroed."""
+def _bwd_dq_kernel(Q, K, V, Out, GradOut, Lse, Index, Mask, GradQ, Delta,
+                   stride_qb, stride_qh, stride_qn, stride_qd,
+                   stride_kb, stride_kh, stride_kn, stride_kd,
+                   stride_vb, stride_vh, stride_vn, stride_vd,
+                   stride_ob, stride_oh, stride_on, stride_od,
+                   stride_gb, stride_gh, stride_gn, stride_gd,
+                   stride_dqb, stride_dqh, stride_dqn, stride_dqd,
+                   stride_ib, stride_ih, stride_ig, stride_ik,
+                   stride_mb, stride_mn,
+                   heads, num_q, head_dim, groups, block_q, block_k, slot_keys, num_steps,
+                   GPT, TPG, RPG, CPG, scale, scale_log2,
+                   HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """GradQ (B, H, Nq, D) in q's dtype, and Delta = rowsum(dO * O) (B, H, Nq) fp32."""
     tile = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // heads, bh % heads
@@ -176,13 +181,12 @@ def _bwd_kernel(Q, K, V, Out, GradOut, Lse, Index, Mask, GradQ, GradK, GradV,
     do = tl.load(GradOut + b * stride_gb + h * stride_gh + q_pos[:, None] * stride_gn
                  + d[None, :] * stride_gd, mask=row_mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(Delta + bh * num_q + q_pos, delta, mask=row_valid)
     lse = tl.load(Lse + bh * num_q + q_pos, mask=row_valid, other=float('inf'))
     K += b * stride_kb + h * stride_kh
     V += b * stride_vb + h * stride_vh
     Index += b * stride_ib + h * stride_ih
     Mask += b * stride_mb
-    GradK += bh * num_k * head_dim
-    GradV += bh * num_k * head_dim
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for step in range(num_steps):
         key, col_group, col_valid = _step_columns(step, group_tile, block_k, groups, slot_keys,
@@ -197,13 +201,97 @@ def _bwd_kernel(Q, K, V, Out, GradOut, Lse, Index, Mask, GradQ, GradK, GradV,
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
-        dv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
-        dk = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION) * scale
-        grad_offsets = key[:, None] * head_dim + d[None, :]
-        tl.atomic_add(GradV + grad_offsets, dv, mask=kv_mask, sem='relaxed')
-        tl.atomic_add(GradK + grad_offsets, dk, mask=kv_mask, sem='relaxed')
     tl.store(GradQ + b * stride_dqb + h * stride_dqh + q_pos[:, None] * stride_dqn
              + d[None, :] * stride_dqd, (dq * scale).to(GradQ.dtype.element_ty), mask=row_mask)
+
+
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, V, GradOut, Lse, Delta, Order, Offsets, Mask, GradK, GradV,
+                     stride_qb, stride_qh, stride_qn, stride_qd,
+                     stride_kb, stride_kh, stride_kn, stride_kd,
+                     stride_vb, stride_vh, stride_vn, stride_vd,
+                     stride_gb, stride_gh, stride_gn, stride_gd,
+                     stride_mb, stride_mn,
+                     heads, num_q, num_k, head_dim, blocks, block_q, block_k, list_len,
+                     csr_row_b, csr_row_h, BPT, TPB, RPB, QPB, scale, scale_log2,
+                     HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """GradK, GradV (contiguous (B, H, Nk, D), k's dtype), FlashAttention-2 style per key tile.
+
+    The tile's key rows pack ``BPT`` key blocks (or a part of one); each step gathers, for
+    every packed block, the next ``QPB`` query rows of the groups that routed to it (the
+    transposed index: ``Order[Offsets[m]:Offsets[m+1]]`` lists the groups of block ``m``).
+    """
+    tile = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // heads, bh % heads
+    key_pos, row_block, row_valid, block_tile = _tile_rows(tile, block_k, blocks, BPT, TPB,
+                                                           RPB, BLOCK_N)
+    d = tl.arange(0, BLOCK_D)
+    d_valid = d < head_dim
+    row_mask = row_valid[:, None] & d_valid[None, :]
+    k = tl.load(K + b * stride_kb + h * stride_kh + key_pos[:, None] * stride_kn
+                + d[None, :] * stride_kd, mask=row_mask, other=0.0)
+    v = tl.load(V + b * stride_vb + h * stride_vh + key_pos[:, None] * stride_vn
+                + d[None, :] * stride_vd, mask=row_mask, other=0.0)
+    row_live = row_valid
+    if HAS_MASK:
+        padded = tl.load(Mask + b * stride_mb + key_pos * stride_mn, mask=row_valid, other=1)
+        row_live = row_valid & (padded == 0)
+    csr_row = b * csr_row_b + h * csr_row_h
+    Order += csr_row * list_len
+    Offsets += csr_row * (blocks + 1)
+    cols = tl.arange(0, BLOCK_M)
+    col_block = cols // QPB
+    block = block_tile * BPT + col_block
+    col_in_tile = (col_block < BPT) & (block < blocks)
+    start = tl.load(Offsets + block, mask=col_in_tile, other=0)
+    rows_routed = (tl.load(Offsets + block + 1, mask=col_in_tile, other=0) - start) * block_q
+    num_steps = tl.cdiv(tl.max(rows_routed, 0), QPB)
+    Q += b * stride_qb + h * stride_qh
+    GradOut += b * stride_gb + h * stride_gh
+    Lse += bh * num_q
+    Delta += bh * num_q
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for step in range(num_steps):
+        j = step * QPB + cols % QPB
+        col_valid = col_in_tile & (j < rows_routed)
+        group = tl.load(Order + start + j // block_q, mask=col_valid, other=0)
+        q_pos = group * block_q + j % block_q
+        col_mask = col_valid[:, None] & d_valid[None, :]
+        q = tl.load(Q + q_pos[:, None] * stride_qn + d[None, :] * stride_qd, mask=col_mask,
+                    other=0.0)
+        do = tl.load(GradOut + q_pos[:, None] * stride_gn + d[None, :] * stride_gd,
+                     mask=col_mask, other=0.0)
+        lse = tl.load(Lse + q_pos, mask=col_valid, other=float('inf'))
+        delta = tl.load(Delta + q_pos, mask=col_valid, other=0.0)
+        scores = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * scale_log2
+        admissible = (row_block[:, None] == col_block[None, :]) & col_valid[None, :] \
+            & row_live[:, None]
+        p = tl.where(admissible, tl.exp2(scores - lse[None, :]), 0.0)
+        dv += tl.dot(p.to(do.dtype), do, input_precision=DOT_PRECISION)
+        dp = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[None, :])
+        dk += tl.dot(ds.to(q.dtype), q, input_precision=DOT_PRECISION)
+    grad_offsets = bh * num_k * head_dim + key_pos[:, None] * head_dim + d[None, :]
+    tl.store(GradK + grad_offsets, (dk * scale).to(GradK.dtype.element_ty), mask=row_mask)
+    tl.store(GradV + grad_offsets, dv.to(GradV.dtype.element_ty), mask=row_mask)
+
+
+def _transpose_index(index: Tensor, blocks: int):
+    """Per index row (B or B*H of them): the groups sorted by routed block, and the offsets.
+
+    Returns ``order`` int32 (rows, G*K) and ``offsets`` int32 (rows, M+1): the groups that
+    route to block ``m`` are ``order[r, offsets[r, m]:offsets[r, m+1]]`` (-1 slots dropped).
+    """
+    slots = index.shape[-1]
+    flat = index.reshape(-1, index.shape[-2] * slots)
+    sorted_blocks, position = torch.sort(flat, dim=1, stable=True)
+    order = torch.div(position, slots, rounding_mode='floor').to(torch.int32)
+    bounds = torch.arange(blocks + 1, device=index.device, dtype=flat.dtype)
+    offsets = torch.searchsorted(sorted_blocks, bounds.expand(flat.shape[0], -1).contiguous())
+    return order.contiguous(), offsets.to(torch.int32)
 
 
 def _index_strides(index: Tensor):
@@ -220,18 +308,27 @@ def _mask_args(key_padding_mask: Optional[Tensor], like: Tensor):
     return mask, mask.stride(0), mask.stride(1), True
 
 
-def _common_args(q: Tensor, k: Tensor, index: Tensor, block_q: int, block_k: int, kind: str):
+def _query_tiling(q: Tensor, index: Tensor, block_q: int, block_k: int, kind: str):
+    """Launch arguments of the kernels that tile query rows ('fwd', 'dq')."""
     batch, heads, num_q, head_dim = q.shape
     groups = num_q // block_q
     slot_keys = index.shape[-1] * block_k
-    block_m, block_n, num_warps, num_stages = _launch_config(kind, block_q, head_dim)
+    block_m, block_n, num_warps, num_stages = _launch_config(kind, block_q, slot_keys)
     gpt, tpg, cpg, num_tiles, num_steps = _tiling(block_q, groups, block_m, block_n, slot_keys)
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    precision = 'ieee' if q.dtype == torch.float32 else 'tf32'
-    return dict(grid=(num_tiles, batch * heads), groups=groups, slot_keys=slot_keys,
-                num_steps=num_steps, gpt=gpt, tpg=tpg, cpg=cpg, block_m=block_m,
-                block_n=block_n, block_d=block_d, num_warps=num_warps, num_stages=num_stages,
-                precision=precision)
+    grid = (num_tiles, batch * heads)
+    scalars = (groups, block_q, block_k, slot_keys, num_steps, gpt, tpg, min(block_q, block_m),
+               cpg)
+    meta = dict(DOT_PRECISION=_dot_precision(q), BLOCK_M=block_m, BLOCK_N=block_n,
+                BLOCK_D=_block_d(head_dim), num_warps=num_warps, num_stages=num_stages)
+    return grid, scalars, meta
+
+
+def _dot_precision(q: Tensor) -> str:
+    return 'ieee' if q.dtype == torch.float32 else 'tf32'
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
 
 
 @torch.library.custom_op('dsa_ops::gather_attention_fwd', mutates_args=())
@@ -240,21 +337,18 @@ def gather_attention_fwd(q: Tensor, k: Tensor, v: Tensor, index: Tensor,
                          scale: float) -> tuple[Tensor, Tensor]:
     """Forward: (out (B, H, Nq, D) in q's dtype, lse (B, H, Nq) fp32, base 2, +inf if no key)."""
     batch, heads, num_q, head_dim = q.shape
-    out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.full((batch, heads, num_q), float('inf'), dtype=torch.float32, device=q.device)
-    if out.numel() == 0 or index.shape[-1] == 0 or k.shape[2] == 0:
-        return out, lse
-    a = _common_args(q, k, index, block_q, block_k, 'fwd')
+    if q.numel() == 0 or index.shape[-1] == 0 or k.shape[2] == 0:
+        return (torch.zeros(q.shape, dtype=q.dtype, device=q.device),
+                torch.full((batch, heads, num_q), float('inf'), device=q.device))
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch, heads, num_q), dtype=torch.float32, device=q.device)
+    grid, scalars, meta = _query_tiling(q, index, block_q, block_k, 'fwd')
     mask, stride_mb, stride_mn, has_mask = _mask_args(key_padding_mask, index)
-    _fwd_kernel[a['grid']](
+    _fwd_kernel[grid](
         q, k, v, index, mask, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *_index_strides(index), stride_mb, stride_mn,
-        *out.stride(),
-        heads, num_q, head_dim, a['groups'], block_q, block_k, a['slot_keys'], a['num_steps'],
-        a['gpt'], a['tpg'], min(block_q, a['block_m']), a['cpg'], scale * LOG2E,
-        HAS_MASK=has_mask, DOT_PRECISION=a['precision'], BLOCK_M=a['block_m'],
-        BLOCK_N=a['block_n'], BLOCK_D=a['block_d'], num_warps=a['num_warps'],
-        num_stages=a['num_stages'])
+        *out.stride(), heads, num_q, head_dim, *scalars, scale * LOG2E,
+        HAS_MASK=has_mask, **meta)
     return out, lse
 
 
@@ -268,26 +362,47 @@ def gather_attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out:
                          lse: Tensor, index: Tensor, key_padding_mask: Optional[Tensor],
                          block_q: int, block_k: int,
                          scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Backward: (grad_q, grad_k, grad_v), each in the shape and dtype of its input."""
+    """Backward: (grad_q, grad_k, grad_v), each in the shape and dtype of its input.
+
+    Two kernels, no atomics: dQ per query tile (also storing rowsum(dO * O)), then dK, dV per
+    key tile over the transposed index.
+    """
     batch, heads, num_q, head_dim = q.shape
     num_k = k.shape[2]
-    grad_q = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
-    grad_k = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
-    grad_v = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
-    if q.numel() and k.numel() and index.shape[-1]:
-        a = _common_args(q, k, index, block_q, block_k, 'bwd')
-        mask, stride_mb, stride_mn, has_mask = _mask_args(key_padding_mask, index)
-        _bwd_kernel[a['grid']](
-            q, k, v, out, grad_out, lse, index, mask, grad_q, grad_k, grad_v,
-            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(),
-            *grad_q.stride(), *_index_strides(index), stride_mb, stride_mn,
-            heads, num_q, num_k, head_dim, a['groups'], block_q, block_k, a['slot_keys'],
-            a['num_steps'], a['gpt'], a['tpg'], min(block_q, a['block_m']), a['cpg'], scale,
-            scale * LOG2E,
-            HAS_MASK=has_mask, DOT_PRECISION=a['precision'], BLOCK_M=a['block_m'],
-            BLOCK_N=a['block_n'], BLOCK_D=a['block_d'], num_warps=a['num_warps'],
-            num_stages=a['num_stages'])
-    return grad_q, grad_k.to(k.dtype), grad_v.to(v.dtype)
+    if q.numel() == 0 or k.numel() == 0 or index.shape[-1] == 0:
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    grad_q = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    grad_k = torch.empty(k.shape, dtype=k.dtype, device=q.device)
+    grad_v = torch.empty(v.shape, dtype=v.dtype, device=q.device)
+    delta = torch.empty((batch, heads, num_q), dtype=torch.float32, device=q.device)
+    mask, stride_mb, stride_mn, has_mask = _mask_args(key_padding_mask, index)
+    grid, scalars, meta = _query_tiling(q, index, block_q, block_k, 'dq')
+    _bwd_dq_kernel[grid](
+        q, k, v, out, grad_out, lse, index, mask, grad_q, delta,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(),
+        *grad_q.stride(), *_index_strides(index), stride_mb, stride_mn,
+        heads, num_q, head_dim, *scalars, scale, scale * LOG2E, HAS_MASK=has_mask, **meta)
+
+    blocks = num_k // block_k
+    order, offsets = _transpose_index(index, blocks)
+    csr_row_b, csr_row_h = (1, 0) if index.dim() == 3 else (heads, 1)
+    block_m, block_n, num_warps, num_stages = _launch_config('dkdv', block_k, 0)
+    blocks_per_tile = max(1, block_n // block_k)
+    rows_per_block = block_m // blocks_per_tile
+    if rows_per_block == 0:
+        raise ValueError(f'dkdv tile BLOCK_M={block_m} is smaller than the {blocks_per_tile} '
+                         f'key blocks packed per tile')
+    tiles_per_block = triton.cdiv(block_k, block_n)
+    num_tiles = triton.cdiv(blocks, blocks_per_tile) * tiles_per_block
+    _bwd_dkdv_kernel[(num_tiles, batch * heads)](
+        q, k, v, grad_out, lse, delta, order, offsets, mask, grad_k, grad_v,
+        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), stride_mb, stride_mn,
+        heads, num_q, num_k, head_dim, blocks, block_q, block_k, order.shape[1],
+        csr_row_b, csr_row_h, blocks_per_tile, tiles_per_block, min(block_k, block_n),
+        rows_per_block, scale, scale * LOG2E,
+        HAS_MASK=has_mask, DOT_PRECISION=_dot_precision(q), BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_D=_block_d(head_dim), num_warps=num_warps, num_stages=num_stages)
+    return grad_q, grad_k, grad_v
 
 
 @gather_attention_bwd.register_fake

@@ -78,10 +78,15 @@ SHAPES = [
 ]
 SHAPES_BY_NAME = {s.name: s for s in SHAPES}
 
-TUNE_FWD = [(16, 64, 2, 2), (16, 128, 4, 2), (32, 64, 4, 2), (32, 128, 4, 2), (64, 64, 4, 2),
-            (64, 128, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (128, 128, 8, 2)]
-TUNE_BWD = [(16, 32, 2, 2), (16, 64, 2, 2), (16, 64, 4, 2), (32, 32, 2, 2), (32, 64, 4, 2),
-            (64, 32, 4, 2), (64, 64, 4, 2), (64, 64, 8, 2), (128, 32, 8, 2), (128, 64, 8, 2)]
+TUNE = {  # kind: (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates, see ops._triton_...
+    'fwd': [(16, 64, 2, 2), (16, 128, 4, 2), (32, 64, 4, 2), (32, 128, 4, 2), (64, 64, 4, 2),
+            (64, 128, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (128, 128, 8, 2)],
+    'dq': [(16, 32, 2, 2), (16, 64, 2, 2), (16, 64, 4, 2), (32, 32, 2, 2), (32, 64, 4, 2),
+           (64, 32, 4, 2), (64, 64, 4, 2), (64, 64, 8, 2), (128, 32, 8, 2), (128, 64, 8, 2)],
+    'dkdv': [(32, 16, 2, 2), (64, 16, 2, 2), (64, 16, 4, 2), (128, 16, 4, 2), (32, 32, 2, 2),
+             (64, 32, 4, 2), (128, 32, 4, 2), (32, 64, 4, 2), (64, 64, 4, 2), (128, 64, 8, 2),
+             (64, 128, 8, 2)],
+}
 
 
 def make_problem(shape: Shape, dtype, device='cuda', seed=0):
@@ -294,12 +299,16 @@ def flex_in_child(shapes, dtype_name, reps_ms):
     return results
 
 
-def tune(shapes, dtype, reps_ms):
-    """Time every tile config of TUNE_FWD / TUNE_BWD for ours on each shape; print the best."""
-    best = {}
+def tune(shapes, kinds, dtype, reps_ms):
+    """Time each TUNE config of each kernel kind for ours on each shape; print the best four.
+
+    'fwd' configs are timed on the forward, 'dq' and 'dkdv' on forward+backward with the other
+    kernels at their defaults.
+    """
     for shape in shapes:
         q, k, v, index, mask = make_problem(shape, dtype)
-        for kind, configs in (('fwd', TUNE_FWD), ('bwd', TUNE_BWD)):
+        for kind in kinds:
+            configs = TUNE[kind]
             timings = []
             for config in configs:
                 kernels.TILE_OVERRIDES.clear()
@@ -313,11 +322,9 @@ def tune(shapes, dtype, reps_ms):
                 timings.append((fwd if kind == 'fwd' else both, config))
             kernels.TILE_OVERRIDES.clear()
             timings.sort()
-            best[(shape.name, kind)] = timings[0]
             print(f'{shape.name:14s} {kind} (bq={shape.block_q}, D={shape.head_dim}) ' + ', '.join(
                 f'{c}:{t:.3f}' for t, c in timings[:4]), flush=True)
         del q, k, v
-    return best
 
 
 def format_table(shape, rows, floors):
@@ -346,7 +353,8 @@ def main(argv=None):
     parser.add_argument('--peers', nargs='+', default=list(PEERS), choices=PEERS)
     parser.add_argument('--dtype', default='bf16', choices=('bf16', 'fp16', 'fp32'))
     parser.add_argument('--reps-ms', type=int, default=200, help='timing budget per measurement')
-    parser.add_argument('--tune', action='store_true', help='sweep tile configs of ours only')
+    parser.add_argument('--tune', nargs='*', choices=tuple(TUNE),
+                        help='sweep the tile configs of these kernels of ours (default: all)')
     parser.add_argument('--json', help='write all results to this JSON file')
     parser.add_argument('--markdown', help='write the tables to this markdown file')
     parser.add_argument('--child-flex', action='store_true', help=argparse.SUPPRESS)
@@ -360,8 +368,8 @@ def main(argv=None):
             row = run_peer('flex', shape, dtype, args.reps_ms)
             print(json.dumps(dict(shape=shape.name, **row)), flush=True)
         return
-    if args.tune:
-        tune(shapes, dtype, args.reps_ms)
+    if args.tune is not None:
+        tune(shapes, args.tune or list(TUNE), dtype, args.reps_ms)
         return
     import triton
     props = torch.cuda.get_device_properties(0)
