@@ -326,11 +326,14 @@ def build_stages(depths, embed_dims, topks, drop_path_rate: float = 0.0,
                          f'{tuple(depths)}, {tuple(embed_dims)}, {tuple(topks)}')
     if any(d < 1 for d in depths):
         raise ValueError(f'depths must be >= 1, got {tuple(depths)}')
-    rates = [r.tolist() for r in torch.linspace(0, drop_path_rate, sum(depths)).split(depths)]
-    stages = []
+    total = sum(depths)
+    rates = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]
+    stages, first = [], 0
     for i, (depth, dim, topk) in enumerate(zip(depths, embed_dims, topks)):
         stages.append(BiFormerStage(embed_dims[max(i - 1, 0)], dim, depth, topk,
-                                    downsample=i > 0, drop_path=rates[i], **block_kwargs))
+                                    downsample=i > 0, drop_path=rates[first:first + depth],
+                                    **block_kwargs))
+        first += depth
     return nn.Sequential(*stages)
 
 

@@ -1,0 +1,505 @@
+"""BiFormer timm models: architecture, official-checkpoint parity, timm contract, padding."""
+import copy
+import re
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.optim import create_optimizer_v2
+
+import backbones  # noqa: F401  (registers the timm models)
+from backbones.biformer import (BiFormer, BiLevelRoutingAttention, checkpoint_filter_fn,
+                                remap_official_keys)
+
+MODEL_NAMES = timm.list_models('biformer_*')
+# Small architecture for the numerical tests: every stage and block type, few FLOPs.
+SMALL_ARCH = dict(depths=(1, 1, 2, 1), embed_dims=(32, 64, 128, 256), num_classes=10)
+
+
+# --- an independent re-implementation of the official code (rayleizhu/BiFormer @1697bbb:
+# models/biformer.py, models/_common.py, ops/bra_legacy.py), official key names included ---
+
+def _official_to_windows(x, n_win):  # 'n (j h) (i w) c -> n (j i) h w c'
+    n, height, width, c = x.shape
+    x = x.view(n, n_win, height // n_win, n_win, width // n_win, c).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(n, n_win * n_win, height // n_win, width // n_win, c)
+
+
+def _official_from_windows(x, n_win):  # 'n (j i) h w c -> n (j h) (i w) c'
+    n, _, h, w, c = x.shape
+    x = x.view(n, n_win, n_win, h, w, c).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(n, n_win * h, n_win * w, c)
+
+
+class OfficialQKVLinear(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.qkv = nn.Linear(dim, 3 * dim)
+
+
+class OfficialBRA(nn.Module):
+    """``BiLevelRoutingAttention`` of bra_legacy with the released configuration
+    (kv_downsample_mode='identity', param_attention='qkvo', hard detached routing)."""
+
+    def __init__(self, dim, num_heads, n_win, topk, auto_pad):
+        super().__init__()
+        self.dim, self.num_heads, self.n_win, self.topk = dim, num_heads, n_win, topk
+        self.auto_pad = auto_pad
+        self.scale = dim ** -0.5
+        self.lepe = nn.Conv2d(dim, dim, 5, padding=2, groups=dim)
+        self.qkv = OfficialQKVLinear(dim)
+        self.wo = nn.Linear(dim, dim)
+
+    def forward(self, x):  # NHWC
+        n_win = self.n_win
+        if self.auto_pad:
+            _, h_in, w_in, _ = x.shape
+            pad_r, pad_b = (n_win - w_in % n_win) % n_win, (n_win - h_in % n_win) % n_win
+            x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
+        n, height, width, c = x.shape
+        assert height % n_win == 0 and width % n_win == 0
+        x = _official_to_windows(x, n_win)                         # (n, p2, h, w, c)
+        q, kv = self.qkv.qkv(x).split([self.dim, 2 * self.dim], dim=-1)
+        p2, h, w = n_win * n_win, height // n_win, width // n_win
+        q_pix = q.reshape(n, p2, h * w, c)
+        kv_pix = kv.reshape(n, p2, h * w, 2 * c)
+        q_win, k_win = q.mean([2, 3]), kv[..., :c].mean([2, 3])
+        lepe = self.lepe(_official_from_windows(kv[..., c:], n_win).permute(0, 3, 1, 2))
+        lepe = lepe.permute(0, 2, 3, 1)
+        logit = (q_win.detach() * self.scale) @ k_win.detach().transpose(-2, -1)
+        r_idx = torch.topk(logit, k=self.topk, dim=-1).indices
+        kv_sel = torch.gather(kv_pix.view(n, 1, p2, h * w, 2 * c).expand(-1, p2, -1, -1, -1), 2,
+                              r_idx.view(n, p2, self.topk, 1, 1).expand(-1, -1, -1, h * w, 2 * c))
+        k_sel, v_sel = kv_sel.split([c, c], dim=-1)
+        m, d = self.num_heads, c // self.num_heads
+        k_sel = k_sel.reshape(n * p2, self.topk * h * w, m, d).permute(0, 2, 3, 1)
+        v_sel = v_sel.reshape(n * p2, self.topk * h * w, m, d).permute(0, 2, 1, 3)
+        q_pix = q_pix.reshape(n * p2, h * w, m, d).permute(0, 2, 1, 3)
+        attn = ((q_pix * self.scale) @ k_sel).softmax(dim=-1)
+        out = (attn @ v_sel).permute(0, 2, 1, 3).reshape(n, p2, h, w, c)
+        out = self.wo(_official_from_windows(out, n_win) + lepe)
+        if self.auto_pad:
+            out = out[:, :h_in, :w_in].contiguous()
+        return out
+
+
+class OfficialAttentionLePE(nn.Module):
+    def __init__(self, dim, num_heads=8):
+        super().__init__()
+        self.num_heads, self.scale = num_heads, (dim // num_heads) ** -0.5
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.proj = nn.Linear(dim, dim)
+        self.lepe = nn.Conv2d(dim, dim, 5, padding=2, groups=dim)
+
+    def forward(self, x):  # NHWC
+        n, height, width, c = x.shape
+        x = x.reshape(n, height * width, c)
+        qkv = self.qkv(x).reshape(n, height * width, 3, self.num_heads, c // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        lepe = self.lepe(x.transpose(1, 2).reshape(n, c, height, width)).flatten(2).transpose(1, 2)
+        attn = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
+        out = (attn @ v).transpose(1, 2).reshape(n, height * width, c) + lepe
+        return self.proj(out).reshape(n, height, width, c)
+
+
+class OfficialBlock(nn.Module):
+    def __init__(self, dim, topk, n_win, auto_pad):
+        super().__init__()
+        self.pos_embed = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        if topk > 0:
+            self.attn = OfficialBRA(dim, dim // 32, n_win, topk, auto_pad)
+        else:
+            self.attn = OfficialAttentionLePE(dim)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(dim, 3 * dim), nn.Identity(), nn.GELU(),
+                                 nn.Linear(3 * dim, dim))
+
+    def forward(self, x):  # NCHW
+        x = (x + self.pos_embed(x)).permute(0, 2, 3, 1)
+        x = x + self.attn(self.norm1(x))
+        x = x + self.mlp(self.norm2(x))
+        return x.permute(0, 3, 1, 2)
+
+
+class OfficialBiFormer(nn.Module):
+    def __init__(self, depths, embed_dims, topks=(1, 4, 16, -2), n_win=7, auto_pad=False,
+                 num_classes=1000):
+        super().__init__()
+        dims = embed_dims
+        self.downsample_layers = nn.ModuleList([nn.Sequential(
+            nn.Conv2d(3, dims[0] // 2, 3, 2, 1), nn.BatchNorm2d(dims[0] // 2), nn.GELU(),
+            nn.Conv2d(dims[0] // 2, dims[0], 3, 2, 1), nn.BatchNorm2d(dims[0]))])
+        for i in range(3):
+            self.downsample_layers.append(nn.Sequential(nn.Conv2d(dims[i], dims[i + 1], 3, 2, 1),
+                                                        nn.BatchNorm2d(dims[i + 1])))
+        self.stages = nn.ModuleList([
+            nn.Sequential(*[OfficialBlock(dims[i], topks[i], n_win, auto_pad)
+                            for _ in range(depths[i])]) for i in range(4)])
+        self.norm = nn.BatchNorm2d(dims[-1])
+        self.head = nn.Linear(dims[-1], num_classes)
+
+    def forward(self, x):
+        for i in range(4):
+            x = self.stages[i](self.downsample_layers[i](x))
+        return self.head(self.norm(x).flatten(2).mean(-1))
+
+
+def _randomize(model):
+    """Random weights and BatchNorm statistics, so that a mis-mapped tensor shows."""
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if tensor.is_floating_point():
+                if name.endswith('running_var'):
+                    tensor.uniform_(0.5, 1.5)
+                else:
+                    tensor.normal_(0, 0.2 if tensor.dim() > 1 else 0.5)
+    return model.eval()
+
+
+_OUR_TO_OFFICIAL = (
+    (r'^stem\.', 'downsample_layers.0.'),
+    (r'^stages\.(\d+)\.downsample\.', r'downsample_layers.\1.'),
+    (r'^stages\.(\d+)\.blocks\.(\d+)\.', r'stages.\1.\2.'),
+    (r'\.mlp\.fc1\.', '.mlp.0.'),
+    (r'\.mlp\.fc2\.', '.mlp.3.'),
+    (r'^head\.fc\.', 'head.'),
+)
+
+
+def _to_official_keys(state_dict, model):
+    """Rename our keys to the official layout (routing-attention blocks use qkv.qkv / wo)."""
+    out = {}
+    for key, value in state_dict.items():
+        for pattern, replacement in _OUR_TO_OFFICIAL:
+            key = re.sub(pattern, replacement, key)
+        match = re.match(r'^(stages\.(\d+)\.\d+\.attn\.)(qkv|proj)\.(.*)$', key)
+        if match and isinstance(model.stages[int(match.group(2))].blocks[0].attn,
+                                BiLevelRoutingAttention):
+            key = match.group(1) + ('qkv.qkv.' if match.group(3) == 'qkv' else 'wo.') + \
+                match.group(4)
+        out[key] = value
+    return out
+
+
+# --- architecture ---
+
+@pytest.mark.parametrize('name, params_m, depths, dims', [
+    ('biformer_tiny', 13.1, (2, 2, 8, 2), (64, 128, 256, 512)),
+    ('biformer_small', 25.5, (4, 4, 18, 4), (64, 128, 256, 512)),
+    ('biformer_base', 56.8, (4, 4, 18, 4), (96, 192, 384, 768)),
+])
+def test_official_architecture(name, params_m, depths, dims):
+    with torch.device('meta'):  # shapes only: skips the weight initialisation
+        model = timm.create_model(name)
+    assert round(sum(p.numel() for p in model.parameters()) / 1e6, 1) == params_m
+    assert tuple(len(stage.blocks) for stage in model.stages) == depths
+    assert [info['num_chs'] for info in model.feature_info] == list(dims)
+    attns = [stage.blocks[0].attn for stage in model.stages]
+    assert [a.topk for a in attns[:3]] == [1, 4, 16] and not hasattr(attns[3], 'topk')
+    assert [a.num_heads for a in attns] == [d // 32 for d in dims[:3]] + [8]
+    assert all(a.n_win == 7 for a in attns[:3])
+    assert attns[0].scale == dims[0] ** -0.5  # official quirk: full qk dim
+    block = model.stages[0].blocks[0]
+    assert block.pos_embed.kernel_size == (3, 3) and block.attn.lepe.kernel_size == (5, 5)
+    assert block.mlp.fc1.out_features == 3 * dims[0]
+
+
+# --- official checkpoints and parity ---
+
+def test_checkpoint_round_trip_from_official_keys():
+    model = timm.create_model('biformer_tiny', **SMALL_ARCH)
+    ours = model.state_dict()
+    official = _to_official_keys(ours, model)
+    assert any(k.startswith('downsample_layers.3.') for k in official)
+    assert any('.attn.qkv.qkv.' in k for k in official) and any('.attn.wo.' in k for k in official)
+    for checkpoint in (official, {'model': official},
+                       {'state_dict': {f'module.{k}': v for k, v in official.items()}}):
+        mapped = checkpoint_filter_fn(checkpoint, model)
+        assert mapped.keys() == ours.keys()
+        assert all(mapped[k] is ours[k] for k in ours)
+    assert remap_official_keys(ours).keys() == ours.keys()  # ours passes through
+
+
+@pytest.mark.parametrize('attn_impl', ['fused', 'gather'])
+def test_official_logits_at_224(attn_impl):
+    """A model loaded from an official-format state dict gives the official model's logits."""
+    official = _randomize(OfficialBiFormer(SMALL_ARCH['depths'], SMALL_ARCH['embed_dims'],
+                                           num_classes=10))
+    ours = timm.create_model('biformer_tiny', attn_impl=attn_impl, **SMALL_ARCH).eval()
+    ours.load_state_dict(checkpoint_filter_fn({'model': official.state_dict()}, ours))
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), official(x), rtol=1e-4, atol=1e-4)
+
+
+def test_official_logits_with_official_padding():
+    """Odd sizes: pad_mode='official' reproduces the official auto_pad (unmasked padding)."""
+    official = _randomize(OfficialBiFormer(SMALL_ARCH['depths'], SMALL_ARCH['embed_dims'],
+                                           n_win=4, auto_pad=True, num_classes=10))
+    ours = timm.create_model('biformer_tiny', n_win=4, pad_mode='official', **SMALL_ARCH).eval()
+    ours.load_state_dict(checkpoint_filter_fn(official.state_dict(), ours))
+    x = torch.randn(1, 3, 101, 75)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), official(x), rtol=1e-4, atol=1e-4)
+
+
+def test_pretrained_from_local_file(tmp_path):
+    """pretrained=True loads a local official checkpoint through the filter (no download)."""
+    official = _randomize(OfficialBiFormer(SMALL_ARCH['depths'], SMALL_ARCH['embed_dims'],
+                                           auto_pad=True))
+    path = tmp_path / 'biformer_official.pth'
+    torch.save({'model': official.state_dict()}, path)
+    model = timm.create_model('biformer_tiny', pretrained=True,
+                              pretrained_cfg_overlay=dict(file=str(path)),
+                              **dict(SMALL_ARCH, num_classes=1000)).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), official(x), rtol=1e-4, atol=1e-4)
+
+
+# --- timm contract, for every registered model ---
+
+@pytest.fixture(scope='module', params=MODEL_NAMES)
+def registered_model(request):
+    torch.manual_seed(0)
+    return timm.create_model(request.param).eval()
+
+
+def test_registered_models():
+    assert MODEL_NAMES == ['biformer_base', 'biformer_small', 'biformer_tiny']
+
+
+def test_default_cfg(registered_model):
+    cfg = registered_model.pretrained_cfg
+    assert cfg['input_size'] == (3, 224, 224) and cfg['pool_size'] == (7, 7)
+    assert cfg['crop_pct'] == 0.875 and cfg['interpolation'] == 'bicubic'
+    assert cfg['mean'] == timm.data.IMAGENET_DEFAULT_MEAN
+    assert cfg['std'] == timm.data.IMAGENET_DEFAULT_STD
+    state = registered_model.state_dict()
+    assert cfg['first_conv'] + '.weight' in state and cfg['classifier'] + '.weight' in state
+    assert registered_model.num_classes == cfg['num_classes'] == 1000
+
+
+def test_forward_features_head_and_intermediates(registered_model):
+    model, x = registered_model, torch.randn(1, 3, 32, 32)  # the smallest input: cheap
+    with torch.no_grad():
+        features = model.forward_features(x)
+        assert features.shape == (1, model.num_features, 1, 1)
+        torch.testing.assert_close(model.forward_head(features, pre_logits=True),
+                                   features.flatten(1))
+        logits = model.forward_head(features)
+        assert logits.shape == (1, 1000)
+        torch.testing.assert_close(model(x), logits)
+
+        final, intermediates = model.forward_intermediates(x)
+        torch.testing.assert_close(final, features)
+        assert [tuple(f.shape[1:]) for f in intermediates] == [
+            (info['num_chs'], 32 // info['reduction'], 32 // info['reduction'])
+            for info in model.feature_info]
+        first = model.forward_intermediates(x, indices=[0], stop_early=True,
+                                            intermediates_only=True)
+        torch.testing.assert_close(first[0], intermediates[0])
+        last = model.forward_intermediates(x, indices=1, norm=True, intermediates_only=True)
+        torch.testing.assert_close(last[0], final)
+    with pytest.raises(ValueError, match='output_fmt'):
+        model.forward_intermediates(x, output_fmt='NHWC')
+
+
+def test_features_only(registered_model):
+    name = registered_model.pretrained_cfg['architecture']
+    model = timm.create_model(name, features_only=True, out_indices=(1, 3)).eval()
+    assert model.feature_info.reduction() == [8, 32]
+    assert model.feature_info.channels() == [registered_model.feature_info[i]['num_chs']
+                                             for i in (1, 3)]
+    with torch.no_grad():
+        features = model(torch.randn(1, 3, 64, 32))
+    assert [tuple(f.shape[1:]) for f in features] == [
+        (c, 64 // r, 32 // r) for c, r in zip(model.feature_info.channels(),
+                                               model.feature_info.reduction())]
+
+
+def test_reset_and_get_classifier(registered_model):
+    model = copy.deepcopy(registered_model)
+    assert model.get_classifier() is model.head.fc and model.head.fc.out_features == 1000
+    features = torch.randn(2, model.num_features, 1, 1)
+    model.reset_classifier(7)
+    assert model.num_classes == 7 and model.get_classifier().out_features == 7
+    assert model.forward_head(features).shape == (2, 7)
+    model.reset_classifier(0)
+    assert model.forward_head(features).shape == (2, model.num_features)
+    assert model.pretrained_cfg['num_classes'] == 1000
+
+
+def test_group_matcher(registered_model):
+    names = [n for n, _ in registered_model.named_parameters()]
+    for coarse in (True, False):
+        groups = timm.models.group_parameters(registered_model,
+                                              registered_model.group_matcher(coarse=coarse))
+        grouped = [n for members in groups.values() for n in members]
+        assert sorted(grouped) == sorted(names)
+        ordered = list(groups.values())
+        assert all(n.startswith('stem.') for n in ordered[0])
+    fine = timm.models.group_parameters(registered_model, registered_model.group_matcher())
+    num_blocks = sum(len(s.blocks) for s in registered_model.stages)
+    assert len(fine) >= num_blocks + 2  # stem, every block, final norm (+ head)
+
+
+def test_no_weight_decay(registered_model):
+    names = {n for n, _ in registered_model.named_parameters()}
+    assert registered_model.no_weight_decay() <= names
+    optimizer = create_optimizer_v2(registered_model, 'adamw', weight_decay=0.05)
+    no_decay = {id(p) for g in optimizer.param_groups if g['weight_decay'] == 0 for p in g['params']}
+    for name, param in registered_model.named_parameters():
+        assert (id(param) in no_decay) == (param.ndim <= 1 or name in
+                                           registered_model.no_weight_decay()), name
+
+
+def _grads(module, watched_block, x):
+    """(forward calls of ``watched_block``, parameter grads) of one forward/backward."""
+    calls = []
+    hook = watched_block.register_forward_pre_hook(lambda *_: calls.append(1))
+    module.zero_grad()
+    module(x).square().sum().backward()
+    hook.remove()
+    return len(calls), {n: p.grad.clone() for n, p in module.named_parameters()
+                        if p.grad is not None}
+
+
+def _check_checkpointing(module, watched_block, x, set_checkpointing):
+    set_checkpointing(False)
+    calls_plain, plain = _grads(module, watched_block, x)
+    set_checkpointing(True)
+    calls_ckpt, ckpt = _grads(module, watched_block, x)
+    assert (calls_plain, calls_ckpt) == (1, 2)  # the block is recomputed in backward
+    assert plain.keys() == ckpt.keys()
+    for name in plain:
+        torch.testing.assert_close(ckpt[name], plain[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_grad_checkpointing(registered_model):
+    model = copy.deepcopy(registered_model).train()
+    model.set_grad_checkpointing()
+    assert all(stage.grad_checkpointing for stage in model.stages)
+    model.set_grad_checkpointing(False)
+    assert not any(stage.grad_checkpointing for stage in model.stages)
+    # numerics through the last stage only: a full backward of every model is slow on CPU
+    last = model.stages[3]
+    x = torch.randn(1, last.downsample[0].in_channels, 4, 4)
+    _check_checkpointing(last, last.blocks[0], x, model.set_grad_checkpointing)
+
+
+def test_grad_checkpointing_whole_model():
+    model = _small(n_win=2).train()
+    _check_checkpointing(model, model.stages[1].blocks[0], torch.randn(1, 3, 48, 48),
+                         model.set_grad_checkpointing)
+
+
+# --- inputs, padding, routing ---
+
+def _small(**kwargs):
+    return timm.create_model('biformer_tiny', **dict(SMALL_ARCH, **kwargs)).eval()
+
+
+def test_bad_input_raises():
+    model = _small()
+    with pytest.raises(ValueError, match=r'4-D image batch \(B, 3, H, W\)'):
+        model(torch.randn(3, 64, 64))
+    with pytest.raises(ValueError, match='3 channels'):
+        model(torch.randn(1, 4, 64, 64))
+    with pytest.raises(ValueError, match='at least 32x32'):
+        model(torch.randn(1, 3, 31, 64))
+    with pytest.raises(ValueError, match='4-D image batch'):
+        model.forward_intermediates(torch.randn(1, 3, 64))
+
+
+@pytest.mark.parametrize('kwargs, match', [
+    (dict(pad_mode='reflect'), 'pad_mode must be one of'),
+    (dict(attn_impl='flash'), 'attn_impl must be one of'),
+    (dict(topks=(1, 0, 16, -2)), r'topk must be > 0 \(routing attention\) or -2'),
+    (dict(embed_dims=(48, 64, 128, 256)), 'dim=48 must be a multiple of head_dim=32'),
+    (dict(embed_dims=(32, 64, 128, 260)), 'dim=260 must be a multiple of 8'),
+    (dict(depths=(1, 1, 1)), 'one entry per stage'),
+    (dict(n_win=0), 'n_win must be >= 1'),
+])
+def test_bad_config_raises(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        _small(**kwargs)
+
+
+def test_empty_batch():
+    with torch.no_grad():
+        assert _small()(torch.randn(0, 3, 64, 64)).shape == (0, 10)
+
+
+@pytest.mark.parametrize('pad_mode', ['official', 'masked'])
+def test_odd_size_fused_matches_gather(pad_mode):
+    """Both attention paths agree, forward and backward, on a size needing padding."""
+    fused = _small(n_win=4, pad_mode=pad_mode)
+    gather = _small(n_win=4, pad_mode=pad_mode, attn_impl='gather')
+    gather.load_state_dict(fused.state_dict())
+    x = torch.randn(1, 3, 75, 45)  # every stage map needs padding to a multiple of 4
+    out_fused, out_gather = fused(x), gather(x)
+    assert out_fused.shape == (1, 10)
+    torch.testing.assert_close(out_fused, out_gather, rtol=1e-4, atol=1e-4)
+    out_fused.square().sum().backward()
+    out_gather.square().sum().backward()
+    for (name, p_fused), p_gather in zip(fused.named_parameters(), gather.parameters()):
+        torch.testing.assert_close(p_fused.grad, p_gather.grad, rtol=1e-3, atol=1e-4, msg=name)
+
+
+def test_pad_modes_agree_without_padding():
+    official, masked = _small(n_win=4), _small(n_win=4, pad_mode='masked')
+    masked.load_state_dict(official.state_dict())
+    x = torch.randn(1, 3, 128, 64)  # stage maps 32x16, 16x8, 8x4: multiples of n_win=4
+    with torch.no_grad():
+        torch.testing.assert_close(official(x), masked(x))
+
+
+@pytest.mark.parametrize('attn_impl', ['fused', 'gather'])
+def test_masked_padding_excludes_padded_tokens(attn_impl):
+    """Routing to every region, masked BRA is dense attention over the real tokens only (plus
+    LePE of zero-padded values); the official unmasked padding differs."""
+    attn = BiLevelRoutingAttention(32, head_dim=16, n_win=2, topk=4, pad_mode='masked',
+                                   attn_impl=attn_impl)
+    x = torch.randn(2, 5, 7, 32)
+    with torch.no_grad():
+        q, k, v = attn.qkv(x).flatten(1, 2).split(32, dim=-1)
+        heads = [t.view(2, 35, 2, 16).transpose(1, 2) for t in (q, k, v)]
+        dense = F.scaled_dot_product_attention(*heads, scale=32 ** -0.5)
+        dense = dense.transpose(1, 2).reshape(2, 5, 7, 32)
+        lepe = attn.lepe(v.view(2, 5, 7, 32).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        expected = attn.proj(dense + lepe)
+        torch.testing.assert_close(attn(x), expected, rtol=1e-5, atol=1e-5)
+        attn.pad_mode = 'official'
+        assert not torch.allclose(attn(x), expected, rtol=1e-3, atol=1e-3)
+
+
+def test_n_win_configurable_and_topk_clipped():
+    model = _small(n_win=2)
+    assert [s.blocks[0].attn.topk for s in model.stages[:3]] == [1, 4, 4]  # 16 -> 2 * 2 regions
+    assert all(s.blocks[0].attn.n_win == 2 for s in model.stages[:3])
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 70, 45)).shape == (1, 10)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_triton_path_matches_gather_on_cuda(dtype):
+    fused = _small(n_win=7).cuda().train()
+    gather = _small(n_win=7, attn_impl='gather').cuda().train()
+    gather.load_state_dict(fused.state_dict())
+    x = torch.randn(4, 3, 224, 224, device='cuda')
+    outputs = []
+    for model in (fused, gather):
+        with torch.autocast('cuda', dtype=dtype, enabled=dtype != torch.float32):
+            out = model(x)
+        out.float().square().mean().backward()
+        outputs.append(out.float())
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(outputs[0], outputs[1], **tol)
+    for (name, p_fused), p_gather in zip(fused.named_parameters(), gather.parameters()):
+        scale = p_gather.grad.abs().max().clamp(min=1e-6)
+        torch.testing.assert_close(p_fused.grad / scale, p_gather.grad / scale, **tol, msg=name)
