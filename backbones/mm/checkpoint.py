@@ -28,6 +28,7 @@ def _history_buffer_attribute(owner, name):
     Pickle stores ``HistoryBuffer``'s statistics methods (``HistoryBuffer.min`` ...) as
     ``getattr(HistoryBuffer, 'min')``; only that exact form is allowed, not ``getattr`` at large.
     """
+    HistoryBuffer()  # __init__ registers min/max/current/mean; a fresh process has none yet
     if owner is HistoryBuffer and callable(HistoryBuffer._statistics_methods.get(name)):
         return HistoryBuffer._statistics_methods[name]
     raise UnsafeCheckpointError(
