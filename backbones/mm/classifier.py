@@ -11,6 +11,7 @@ Registered in mmengine's root registries (use ``default_scope = 'mmengine'``):
   cross-entropy for (B, C) targets, (label-smoothed) cross-entropy for (B,) labels.
 - ``TopKAccuracy`` (METRICS): top-k accuracy in percent, keys ``accuracy/top{k}``.
 """
+import os
 from typing import Dict, List, Optional, Sequence, Union
 
 import torch
@@ -35,6 +36,9 @@ class TimmImageFolder(Dataset):
     """
 
     def __init__(self, data_root: str, transform: Optional[dict] = None):
+        if not os.path.isdir(data_root):
+            raise FileNotFoundError(f'TimmImageFolder: data_root {data_root!r} is not a folder '
+                                    '(expected data_root/<class name>/<image files>)')
         self.data_root = data_root
         self.dataset = ImageDataset(data_root, transform=create_transform(**(transform or {})))
 
