@@ -142,10 +142,10 @@ class BiFormer(BaseModule):
         checkpoint = CheckpointLoader.load_checkpoint(self.init_cfg['checkpoint'],
                                                       map_location='cpu', logger=logger)
         state_dict = self.convert_checkpoint(checkpoint, self.init_cfg.get('prefix'))
-        missing, unexpected = self.load_state_dict(state_dict, strict=False)
-        if len(missing) == len(self.state_dict()):
+        if not set(state_dict) & set(self.state_dict()):
             raise ValueError(f'checkpoint {self.init_cfg["checkpoint"]!r} holds no BiFormer '
-                             f'backbone weights (keys such as {list(checkpoint)[:3]})')
+                             f'backbone weights (keys such as {list(state_dict)[:3]})')
+        missing, unexpected = self.load_state_dict(state_dict, strict=False)
         logger.info(f'BiFormer: loaded {self.init_cfg["checkpoint"]}; missing keys {missing}, '
                     f'unexpected keys {unexpected}')
         self._is_init = True
