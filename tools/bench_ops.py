@@ -217,12 +217,21 @@ def floor_ms(shape, elem_bytes, bandwidth, flops_peak, backward):
     return 1e3 * max(flops / flops_peak, moved / bandwidth)
 
 
-def measure(fn, q, k, v, index, mask, shape, reps_ms, only=None):
-    """(fwd ms, fwd+bwd ms, peak extra MiB of fwd+bwd) of fn(q, k, v, index, mask, shape).
+def _time(fn, reps_ms, graph):
+    """Median ms of fn: CUDA-graph replay (no launch overhead) or eager with L2 flushes."""
+    from triton.testing import do_bench, do_bench_cudagraph
+    if graph:
+        return do_bench_cudagraph(fn, rep=reps_ms, return_mode='median')
+    return do_bench(fn, warmup=25, rep=reps_ms, return_mode='median')
 
-    ``only='fwd'`` or ``'fwd_bwd'`` times just that one and returns None for the rest.
+
+def measure(fn, q, k, v, index, mask, shape, reps_ms, only=None):
+    """Timings (ms) and peak extra MiB of fn(q, k, v, index, mask, shape).
+
+    Keys: fwd, fwd_bwd (CUDA-graph replay, falling back to eager if capture fails: then
+    ``graph`` is False), fwd_bwd_eager (launched from Python each time) and peak_mib (fwd+bwd,
+    over the inputs and grad_out). ``only='fwd'`` or ``'fwd_bwd'`` times just that, in graphs.
     """
-    from triton.testing import do_bench
     q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
     grad_out = torch.randn_like(q)
 
@@ -233,21 +242,45 @@ def measure(fn, q, k, v, index, mask, shape, reps_ms, only=None):
     def forward_backward():
         out = fn(q, k, v, index, mask, shape)
         return torch.autograd.grad(out, (q, k, v), grad_out)
-    if only == 'fwd':
-        forward()
-        return do_bench(forward, warmup=25, rep=reps_ms, return_mode='median'), None, None
     forward_backward()  # compile / autotune outside the timing
     torch.cuda.synchronize()
-    both = do_bench(forward_backward, warmup=25, rep=reps_ms, return_mode='median')
+    if only == 'fwd':
+        return dict(fwd=_time(forward, reps_ms, graph=True))
     if only == 'fwd_bwd':
-        return None, both, None
-    fwd = do_bench(forward, warmup=25, rep=reps_ms, return_mode='median')
+        return dict(fwd_bwd=_time(forward_backward, reps_ms, graph=True))
+    result = dict(fwd_bwd_eager=_time(forward_backward, reps_ms, graph=False))
+    try:
+        result.update(fwd=_time(forward, reps_ms, graph=True),
+                      fwd_bwd=_time(forward_backward, reps_ms, graph=True), graph=True)
+    except Exception:  # capture unsupported: eager timings
+        torch.cuda.synchronize()
+        result.update(fwd=_time(forward, reps_ms, graph=False),
+                      fwd_bwd=result['fwd_bwd_eager'], graph=False)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     forward_backward()
     torch.cuda.synchronize()
-    return fwd, both, (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+    result['peak_mib'] = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+    return result
+
+
+def profile(shapes, dtype):
+    """GPU time per kernel of ours, forward+backward, from torch.profiler (20 iterations)."""
+    from torch.profiler import ProfilerActivity
+    for shape in shapes:
+        q, k, v, index, mask = make_problem(shape, dtype)
+        q, k, v = (x.requires_grad_() for x in (q, k, v))
+        grad_out = torch.randn_like(q)
+        for _ in range(3):
+            torch.autograd.grad(ours(q, k, v, index, mask, shape), (q, k, v), grad_out)
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(20):
+                torch.autograd.grad(ours(q, k, v, index, mask, shape), (q, k, v), grad_out)
+            torch.cuda.synchronize()
+        print(f'### {shape.name} (20 iterations)')
+        print(prof.key_averages().table(sort_by='cuda_time_total', row_limit=12), flush=True)
 
 
 def check_ours(shape, q, k, v, index, mask):
@@ -270,8 +303,7 @@ def run_peer(peer, shape, dtype, reps_ms):
     if peer == 'flex':
         fn = FlexPeer(shape, index, mask)
     try:
-        fwd, both, mib = measure(fn, q, k, v, index, mask, shape, reps_ms)
-        return dict(fwd_ms=fwd, fwd_bwd_ms=both, peak_mib=mib)
+        return measure(fn, q, k, v, index, mask, shape, reps_ms)
     except Exception as err:  # one peer's failure must not stop the run
         torch.cuda.synchronize()
         return dict(error=f'{type(err).__name__}: {str(err).splitlines()[0][:160]}')
@@ -313,13 +345,13 @@ def tune(shapes, kinds, dtype, reps_ms):
             for config in configs:
                 kernels.TILE_OVERRIDES.clear()
                 kernels.TILE_OVERRIDES[kind] = config
+                timed = 'fwd' if kind == 'fwd' else 'fwd_bwd'
                 try:
-                    fwd, both, _ = measure(ours, q, k, v, index, mask, shape, reps_ms,
-                                           only='fwd' if kind == 'fwd' else 'fwd_bwd')
+                    result = measure(ours, q, k, v, index, mask, shape, reps_ms, only=timed)
                 except Exception as err:
                     print(f'  {shape.name} {kind} {config}: {type(err).__name__}', flush=True)
                     continue
-                timings.append((fwd if kind == 'fwd' else both, config))
+                timings.append((result[timed], config))
             kernels.TILE_OVERRIDES.clear()
             timings.sort()
             print(f'{shape.name:14s} {kind} (bq={shape.block_q}, D={shape.head_dim}) ' + ', '.join(
@@ -333,15 +365,17 @@ def format_table(shape, rows, floors):
              f'M={shape.blocks}x{shape.block_k} K={shape.topk} D={shape.head_dim} '
              f'padded={shape.padded_fraction:.0%}; floor fwd {floors[0]:.3f} ms, '
              f'fwd+bwd {floors[1]:.3f} ms', '',
-             '| peer | fwd ms | fwd+bwd ms | peak extra MiB | roofline fwd | roofline fwd+bwd |',
-             '|---|---|---|---|---|---|']
+             '| peer | fwd ms | fwd+bwd ms | fwd+bwd eager ms | peak extra MiB | roofline fwd | '
+             'roofline fwd+bwd |',
+             '|---|---|---|---|---|---|---|']
     for peer, r in rows.items():
         if 'error' in r:
-            lines.append(f'| {peer} | fails: {r["error"]} | | | | |')
+            lines.append(f'| {peer} | fails: {r["error"]} | | | | | |')
         else:
-            lines.append(f'| {peer} | {r["fwd_ms"]:.3f} | {r["fwd_bwd_ms"]:.3f} | '
-                         f'{r["peak_mib"]:.0f} | {floors[0] / r["fwd_ms"]:.0%} | '
-                         f'{floors[1] / r["fwd_bwd_ms"]:.0%} |')
+            mark = '' if r['graph'] else ' (eager)'
+            lines.append(f'| {peer} | {r["fwd"]:.3f}{mark} | {r["fwd_bwd"]:.3f}{mark} | '
+                         f'{r["fwd_bwd_eager"]:.3f} | {r["peak_mib"]:.0f} | '
+                         f'{floors[0] / r["fwd"]:.0%} | {floors[1] / r["fwd_bwd"]:.0%} |')
     return '\n'.join(lines)
 
 
@@ -355,6 +389,8 @@ def main(argv=None):
     parser.add_argument('--reps-ms', type=int, default=200, help='timing budget per measurement')
     parser.add_argument('--tune', nargs='*', choices=tuple(TUNE),
                         help='sweep the tile configs of these kernels of ours (default: all)')
+    parser.add_argument('--profile', action='store_true',
+                        help='print the per-kernel GPU time of ours (torch.profiler)')
     parser.add_argument('--json', help='write all results to this JSON file')
     parser.add_argument('--markdown', help='write the tables to this markdown file')
     parser.add_argument('--child-flex', action='store_true', help=argparse.SUPPRESS)
@@ -367,6 +403,9 @@ def main(argv=None):
         for shape in shapes:
             row = run_peer('flex', shape, dtype, args.reps_ms)
             print(json.dumps(dict(shape=shape.name, **row)), flush=True)
+        return
+    if args.profile:
+        profile(shapes, dtype)
         return
     if args.tune is not None:
         tune(shapes, args.tune or list(TUNE), dtype, args.reps_ms)
