@@ -191,12 +191,13 @@ def test_custom_op_opcheck():
                                       'test_autograd_registration'))
 
 
-def test_torch_compile_fullgraph_through_triton_op():
+@pytest.mark.parametrize('backend', ['triton', 'auto'])
+def test_torch_compile_fullgraph(backend):
     q, k, v, index, mask = make_inputs(1, 2, 3, 4, 3, 4, 2, 16, masked_fraction=0.2)
 
     def layer(q_, k_, v_):
         out = ops.gather_attention(q_ * 2, k_, v_, index, block_q=4, block_k=4,
-                                   key_padding_mask=mask, backend='triton')
+                                   key_padding_mask=mask, backend=backend)
         return out.sigmoid()
     grad_out = torch.randn_like(q)
     compiled = torch.compile(layer, fullgraph=True, backend='aot_eager')
