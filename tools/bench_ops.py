@@ -4,7 +4,11 @@
     python tools/benchmark.py ops --shapes t224_s2 dsvt36_d32 --peers ours flex
     python tools/benchmark.py ops --tune               # sweep the Triton tile configs
 
-Peers (fwd ms, fwd+bwd ms, peak extra MiB over the inputs, fraction of the roofline):
+Columns: fwd ms and fwd+bwd ms timed as CUDA-graph replays (GPU time, no Python launch cost;
+marked "(eager)" where capture fails), fwd+bwd ms launched eagerly from Python (with L2
+flushes), peak extra MiB of fwd+bwd over the inputs, and the fraction of the roofline.
+
+Peers:
 * ``ours``: the fused Triton kernels (``backend="triton"``).
 * ``official``: BiFormer's formulation: ``torch.gather`` of the routed K/V blocks, matmul,
   softmax, matmul (ops' torch reference, which is that formulation plus masking).
