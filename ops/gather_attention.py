@@ -50,8 +50,18 @@ def _is_compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
+def _is_int_size(value) -> bool:
+    """A Python int, a symbolic int (torch.export with dynamic shapes), or the 0-dim integer
+    tensor that jit tracing (the TorchScript ONNX exporter) makes of a value computed from a
+    shape."""
+    if isinstance(value, (int, torch.SymInt)):
+        return not isinstance(value, bool)
+    return (torch.jit.is_tracing() and isinstance(value, Tensor) and value.dim() == 0
+            and not value.is_floating_point())
+
+
 def _check_positive_int(value, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not _is_int_size(value) or value < 1:
         raise ValueError(f'{name} must be a positive int, got {value!r}')
 
 

@@ -4,6 +4,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ops.gather_attention import _is_int_size
+
 __all__ = ['region_routing']
 
 
@@ -29,7 +31,7 @@ def region_routing(q: Tensor, k: Tensor, *, block_q: int, block_k: int, topk: in
         Affinity is ``(q_r * scale) @ k_r^T`` over the region means ``q_r``, ``k_r``.
     """
     for name, t, block in (('q', q, block_q), ('k', k, block_k)):
-        if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        if not _is_int_size(block) or block < 1:
             raise ValueError(f'block_{name} must be a positive int, got {block!r}')
         if not isinstance(t, Tensor) or t.dim() != 3 or not t.is_floating_point():
             got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
