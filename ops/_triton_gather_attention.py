@@ -9,8 +9,9 @@ group's ``j``-th routed key), and scores only (row group == column group) pairs.
 size works (1, 4, 49, 273, 90...) and the routed keys are never copied.
 
 The forward keeps an online softmax and stores the log-sum-exp (base 2, fp32, B*H*Nq). The
-backward recomputes the probabilities, accumulates dQ in registers and adds dK, dV into fp32
-buffers with atomics (several query groups may route to one key block).
+backward has no atomics: one kernel recomputes the probabilities per query tile for dQ (and
+stores rowsum(dO * O)); a second, per key tile, walks the transposed index (the groups that
+route to each key block, from a stable sort) for dK and dV, FlashAttention-2 style.
 """
 from typing import Optional
 
@@ -24,7 +25,8 @@ LOG2E = 1.4426950408889634
 # Tile configs (BLOCK_M, BLOCK_N, num_warps, num_stages): the first row whose size limit is
 # >= the block size applies. 'fwd' and 'dq' tile query rows (BLOCK_M) by routed keys (BLOCK_N)
 # and go by block_q; 'dkdv' tiles key rows (BLOCK_N) by routed query rows (BLOCK_M) and goes by
-# block_k. Chosen from `python tools/benchmark.py ops --tune` on an H200 (docs/ops.md).
+# block_k. The 'fwd' rows come from `python tools/benchmark.py ops --tune fwd` on an H200, timed
+# eagerly (partly launch-bound); 'dq' and 'dkdv' are untuned defaults (docs/ops.md).
 _CONFIGS = {
     'fwd': ((8, (16, 128, 4, 2)), (16, (16, 64, 2, 2)), (32, (16, 128, 4, 2)),
             (None, (64, 128, 4, 2))),
@@ -105,12 +107,13 @@ def _fwd_kernel(Q, K, V, Index, Mask, Out, Lse,
                 stride_ib, stride_ih, stride_ig, stride_ik,
                 stride_mb, stride_mn,
                 stride_ob, stride_oh, stride_on, stride_od,
-                heads, num_q, head_dim, groups, block_q, block_k, slot_keys, num_steps,
-                GPT, TPG, RPG, CPG, scale_log2,
+                num_tiles, heads, num_q, head_dim, groups, block_q, block_k, slot_keys,
+                num_steps, GPT, TPG, RPG, CPG, scale_log2,
                 HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    tile = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+    program = tl.program_id(0).to(tl.int64)  # one flat grid: B*H may exceed grid dim 1
+    tile = (program % num_tiles).to(tl.int32)
+    bh = program // num_tiles
     b, h = bh // heads, bh % heads
     q_pos, row_group, row_valid, group_tile = _tile_rows(tile, block_q, groups, GPT, TPG,
                                                          RPG, BLOCK_M)
@@ -161,13 +164,14 @@ def _bwd_dq_kernel(Q, K, V, Out, GradOut, Lse, Index, Mask, GradQ, Delta,
                    stride_dqb, stride_dqh, stride_dqn, stride_dqd,
                    stride_ib, stride_ih, stride_ig, stride_ik,
                    stride_mb, stride_mn,
-                   heads, num_q, head_dim, groups, block_q, block_k, slot_keys, num_steps,
-                   GPT, TPG, RPG, CPG, scale, scale_log2,
+                   num_tiles, heads, num_q, head_dim, groups, block_q, block_k, slot_keys,
+                   num_steps, GPT, TPG, RPG, CPG, scale, scale_log2,
                    HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """GradQ (B, H, Nq, D) in q's dtype, and Delta = rowsum(dO * O) (B, H, Nq) fp32."""
-    tile = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+    program = tl.program_id(0).to(tl.int64)  # one flat grid: B*H may exceed grid dim 1
+    tile = (program % num_tiles).to(tl.int32)
+    bh = program // num_tiles
     b, h = bh // heads, bh % heads
     q_pos, row_group, row_valid, group_tile = _tile_rows(tile, block_q, groups, GPT, TPG,
                                                          RPG, BLOCK_M)
@@ -212,7 +216,8 @@ def _bwd_dkdv_kernel(Q, K, V, GradOut, Lse, Delta, Order, Offsets, Mask, GradK, 
                      stride_vb, stride_vh, stride_vn, stride_vd,
                      stride_gb, stride_gh, stride_gn, stride_gd,
                      stride_mb, stride_mn,
-                     heads, num_q, num_k, head_dim, blocks, block_q, block_k, list_len,
+                     num_tiles, heads, num_q, num_k, head_dim, blocks, block_q, block_k,
+                     list_len,
                      csr_row_b, csr_row_h, BPT, TPB, RPB, QPB, scale, scale_log2,
                      HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -222,8 +227,9 @@ def _bwd_dkdv_kernel(Q, K, V, GradOut, Lse, Delta, Order, Offsets, Mask, GradK, 
     every packed block, the next ``QPB`` query rows of the groups that routed to it (the
     transposed index: ``Order[Offsets[m]:Offsets[m+1]]`` lists the groups of block ``m``).
     """
-    tile = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+    program = tl.program_id(0).to(tl.int64)  # one flat grid: B*H may exceed grid dim 1
+    tile = (program % num_tiles).to(tl.int32)
+    bh = program // num_tiles
     b, h = bh // heads, bh % heads
     key_pos, row_block, row_valid, block_tile = _tile_rows(tile, block_k, blocks, BPT, TPB,
                                                            RPB, BLOCK_N)
@@ -315,9 +321,9 @@ def _query_tiling(q: Tensor, index: Tensor, block_q: int, block_k: int, kind: st
     slot_keys = index.shape[-1] * block_k
     block_m, block_n, num_warps, num_stages = _launch_config(kind, block_q, slot_keys)
     gpt, tpg, cpg, num_tiles, num_steps = _tiling(block_q, groups, block_m, block_n, slot_keys)
-    grid = (num_tiles, batch * heads)
-    scalars = (groups, block_q, block_k, slot_keys, num_steps, gpt, tpg, min(block_q, block_m),
-               cpg)
+    grid = (num_tiles * batch * heads,)
+    scalars = (num_tiles, heads, num_q, head_dim, groups, block_q, block_k, slot_keys, num_steps,
+               gpt, tpg, min(block_q, block_m), cpg)
     meta = dict(DOT_PRECISION=_dot_precision(q), BLOCK_M=block_m, BLOCK_N=block_n,
                 BLOCK_D=_block_d(head_dim), num_warps=num_warps, num_stages=num_stages)
     return grid, scalars, meta
@@ -339,7 +345,8 @@ def gather_attention_fwd(q: Tensor, k: Tensor, v: Tensor, index: Tensor,
     batch, heads, num_q, head_dim = q.shape
     if q.numel() == 0 or index.shape[-1] == 0 or k.shape[2] == 0:
         return (torch.zeros(q.shape, dtype=q.dtype, device=q.device),
-                torch.full((batch, heads, num_q), float('inf'), device=q.device))
+                torch.full((batch, heads, num_q), float('inf'), dtype=torch.float32,
+                           device=q.device))
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, heads, num_q), dtype=torch.float32, device=q.device)
     grid, scalars, meta = _query_tiling(q, index, block_q, block_k, 'fwd')
@@ -347,7 +354,7 @@ def gather_attention_fwd(q: Tensor, k: Tensor, v: Tensor, index: Tensor,
     _fwd_kernel[grid](
         q, k, v, index, mask, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *_index_strides(index), stride_mb, stride_mn,
-        *out.stride(), heads, num_q, head_dim, *scalars, scale * LOG2E,
+        *out.stride(), *scalars, scale * LOG2E,
         HAS_MASK=has_mask, **meta)
     return out, lse
 
@@ -381,7 +388,7 @@ def gather_attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out:
         q, k, v, out, grad_out, lse, index, mask, grad_q, delta,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(),
         *grad_q.stride(), *_index_strides(index), stride_mb, stride_mn,
-        heads, num_q, head_dim, *scalars, scale, scale * LOG2E, HAS_MASK=has_mask, **meta)
+        *scalars, scale, scale * LOG2E, HAS_MASK=has_mask, **meta)
 
     blocks = num_k // block_k
     order, offsets = _transpose_index(index, blocks)
@@ -394,10 +401,10 @@ def gather_attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out:
                          f'key blocks packed per tile')
     tiles_per_block = triton.cdiv(block_k, block_n)
     num_tiles = triton.cdiv(blocks, blocks_per_tile) * tiles_per_block
-    _bwd_dkdv_kernel[(num_tiles, batch * heads)](
+    _bwd_dkdv_kernel[(num_tiles * batch * heads,)](
         q, k, v, grad_out, lse, delta, order, offsets, mask, grad_k, grad_v,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), stride_mb, stride_mn,
-        heads, num_q, num_k, head_dim, blocks, block_q, block_k, order.shape[1],
+        num_tiles, heads, num_q, num_k, head_dim, blocks, block_q, block_k, order.shape[1],
         csr_row_b, csr_row_h, blocks_per_tile, tiles_per_block, min(block_k, block_n),
         rows_per_block, scale, scale * LOG2E,
         HAS_MASK=has_mask, DOT_PRECISION=_dot_precision(q), BLOCK_M=block_m, BLOCK_N=block_n,
