@@ -143,6 +143,30 @@ def load_config(path: str, cfg_options: Optional[Dict[str, Any]] = None) -> Conf
     return cfg
 
 
+def replace_data_root(cfg: Config, data_root: str) -> Config:
+    """Point the dataloaders and evaluators of ``cfg`` at ``data_root`` instead of
+    ``cfg.data_root`` (datasets' ``data_root`` and evaluators' ``ann_file`` under it)."""
+    old_root = cfg.get('data_root', None)
+    if old_root is None:
+        raise ValueError('replace_data_root needs a top-level data_root in the config')
+    new_root = osp.join(data_root, '')
+    for split in ('train', 'val', 'test'):
+        loader = cfg.get(f'{split}_dataloader', None)
+        if loader is None:
+            continue
+        dataset = loader['dataset']
+        while 'dataset' in dataset:  # wrappers such as RepeatDataset
+            dataset = dataset['dataset']
+        dataset['data_root'] = new_root
+        evaluators = cfg.get(f'{split}_evaluator', None) or []
+        for evaluator in evaluators if isinstance(evaluators, (list, tuple)) else [evaluators]:
+            ann_file = evaluator.get('ann_file', None)
+            if ann_file is not None and ann_file.startswith(old_root):
+                evaluator['ann_file'] = osp.join(new_root, ann_file[len(old_root):].lstrip('/'))
+    cfg.data_root = new_root
+    return cfg
+
+
 def _default_work_dir(cfg: Config, config_path: str, work_dir: Optional[str]) -> str:
     # Priority as in mmdet: CLI > work_dir in the file > ./work_dirs/<config name>.
     if work_dir is not None:
