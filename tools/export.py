@@ -15,7 +15,7 @@ TensorRT's ONNX parser does not support.
 import argparse
 import sys
 
-from backbones.deploy import DYNAMIC_CHOICES, EXPORTERS, FORMATS, MIN_OPSET, export_model
+from backbones.deploy import DYNAMIC_CHOICES, FORMATS, MIN_OPSET, export_model
 
 
 def _shape(text: str):
@@ -58,8 +58,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--opset', type=_opset, default=MIN_OPSET,
                         help=f'ONNX opset, >= {MIN_OPSET} (default {MIN_OPSET})')
     parser.add_argument('--output', help='output file (default: MODEL.onnx or MODEL.engine)')
-    parser.add_argument('--exporter', choices=EXPORTERS, default='torchscript',
-                        help='torch ONNX exporter (default torchscript; see docs/export.md)')
     parser.add_argument('--verify-shape', type=_shape, metavar='B,C,H,W',
                         help='second verification shape (default: batch+1 if the batch is '
                         'dynamic, H and W doubled if they are)')
@@ -75,7 +73,7 @@ def main(argv=None) -> int:
                               features_only=args.features_only, fmt=args.fmt,
                               input_shape=args.input_shape, dynamic=args.dynamic,
                               fp16=args.fp16, opset=args.opset, output=args.output,
-                              exporter=args.exporter, verify_shape=args.verify_shape)
+                              verify_shape=args.verify_shape)
     except (ValueError, FileNotFoundError, ImportError, RuntimeError) as err:
         print(f'error: {err}', file=sys.stderr)
         return 2

@@ -1,13 +1,13 @@
 """ONNX export of an :class:`~.targets.ExportTarget` on the torch reference path of every op.
 
-Exporter choice: the TorchScript exporter (``torch.onnx.export(..., dynamo=False)``) is the
-default. On torch 2.14 it writes the requested opset (17 and up), exports BiFormer-T with dynamic
-batch/H/W in about 30 s on 2 CPU cores, and its graphs use only TensorRT-parsable ops. The
-torch.export-based exporter (``exporter='dynamo'``) gives a smaller graph (about 1k nodes
-instead of 5.7k for BiFormer-T, the difference being shape arithmetic) but cannot write opset 17
-(its lowest is 18), took 100 s for BiFormer-T with a dynamic batch alone and over 4 min with
-dynamic H/W, and specialises size-1 dimensions (so it traces a batch of 2 when the batch is
-dynamic).
+Exporter choice: the TorchScript exporter (``torch.onnx.export(..., dynamo=False)``). On torch
+2.14 it writes the requested opset (17 and up), exports BiFormer-T with dynamic batch/H/W in
+about 30 s on 2 CPU cores, and its graphs use only TensorRT-parsable ops. torch 2.14's default,
+the torch.export-based exporter, gives a smaller graph (about 1k nodes instead of 5.7k for
+BiFormer-T, the difference being shape arithmetic) but cannot write opset 17 (its lowest is 18
+and the down-conversion fails), took 100 s for BiFormer-T with a dynamic batch alone, over 4 min
+before failing with dynamic H/W, about 90 s for a one-conv model, and specialises size-1 axes.
+docs/export.md has the measurements.
 """
 import contextlib
 import os
@@ -20,12 +20,10 @@ import torch
 from .._deps import require
 from .targets import ExportTarget
 
-__all__ = ['EXPORTERS', 'MIN_OPSET', 'DYNAMIC_CHOICES', 'export_onnx', 'check_input_shape',
+__all__ = ['MIN_OPSET', 'DYNAMIC_CHOICES', 'export_onnx', 'check_input_shape',
            'forbid_triton_launches']
 
-EXPORTERS = ('torchscript', 'dynamo')
 MIN_OPSET = 17
-DYNAMO_MIN_OPSET = 18
 DYNAMIC_CHOICES = ('none', 'batch', 'hw', 'all')
 
 
@@ -37,13 +35,9 @@ def check_input_shape(shape: Sequence[int], name: str = 'input_shape') -> Tuple[
     return tuple(shape)
 
 
-def _check_opset(opset, exporter: str) -> None:
+def _check_opset(opset) -> None:
     if isinstance(opset, bool) or not isinstance(opset, int) or opset < MIN_OPSET:
         raise ValueError(f'opset must be an int >= {MIN_OPSET}, got {opset!r}')
-    if exporter == 'dynamo' and opset < DYNAMO_MIN_OPSET:
-        raise ValueError(f'the dynamo exporter writes opset >= {DYNAMO_MIN_OPSET} (torch '
-                         f'{torch.__version__}), got opset {opset}; use opset '
-                         f"{DYNAMO_MIN_OPSET} or exporter='torchscript'")
 
 
 @contextlib.contextmanager
@@ -92,8 +86,7 @@ def _dynamic_axes(dynamic: str, input_name: str, output_names: Iterable[str],
 
 
 def export_onnx(target: ExportTarget, output: str, input_shape: Sequence[int], *,
-                opset: int = MIN_OPSET, dynamic: str = 'none', exporter: str = 'torchscript',
-                input_name: str = 'input'):
+                opset: int = MIN_OPSET, dynamic: str = 'none', input_name: str = 'input'):
     """Export ``target.module`` to ONNX at ``output`` and return the loaded ``onnx.ModelProto``.
 
     Args:
@@ -104,23 +97,16 @@ def export_onnx(target: ExportTarget, output: str, input_shape: Sequence[int], *
         dynamic: which input axes stay symbolic: ``'none'``, ``'batch'``, ``'hw'`` or ``'all'``.
             H/W only work for models whose Python code has no shape-dependent branches at the
             sizes used; :func:`.verify.compare_with_onnxruntime` at a second size tells.
-        exporter: ``'torchscript'`` (default) or ``'dynamo'`` (see the module docstring).
         input_name: name of the graph input.
 
     Every op runs its torch reference path (the exporter's own flags select it) and any Triton
     launch raises (:func:`forbid_triton_launches`).
     """
     onnx = require('onnx', 'ONNX export')
-    if exporter == 'dynamo':
-        require('onnxscript', "ONNX export with exporter='dynamo'")
-    if exporter not in EXPORTERS:
-        raise ValueError(f'exporter must be one of {EXPORTERS}, got {exporter!r}')
     if dynamic not in DYNAMIC_CHOICES:
         raise ValueError(f'dynamic must be one of {DYNAMIC_CHOICES}, got {dynamic!r}')
-    _check_opset(opset, exporter)
+    _check_opset(opset)
     input_shape = check_input_shape(input_shape)
-    if exporter == 'dynamo' and dynamic in ('batch', 'all') and input_shape[0] == 1:
-        input_shape = (2,) + input_shape[1:]
     module = target.module.eval()
     example = torch.randn(input_shape)
     try:
@@ -137,11 +123,10 @@ def export_onnx(target: ExportTarget, output: str, input_shape: Sequence[int], *
     os.makedirs(osp.dirname(osp.abspath(output)), exist_ok=True)
     with forbid_triton_launches(), torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings('ignore', category=torch.jit.TracerWarning)
-        warnings.filterwarnings('ignore', message='You are using the legacy TorchScript-based')
+        warnings.filterwarnings('ignore', category=DeprecationWarning, module='torch.onnx')
         torch.onnx.export(module, (example,), output, input_names=[input_name],
                           output_names=list(target.output_names), opset_version=opset,
-                          dynamic_axes=axes or None, dynamo=exporter == 'dynamo',
-                          **(dict(external_data=False) if exporter == 'dynamo' else {}))
+                          dynamic_axes=axes or None, dynamo=False)
     model = onnx.load(output)
     onnx.checker.check_model(model)
     return model

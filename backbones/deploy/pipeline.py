@@ -42,7 +42,7 @@ def _default_output(target: ExportTarget, fmt: str) -> str:
 def export_model(model: str, *, checkpoint: Optional[str] = None, features_only: bool = False,
                  fmt: str = 'onnx', input_shape: Optional[Sequence[int]] = None,
                  dynamic: str = 'none', fp16: bool = False, opset: int = MIN_OPSET,
-                 output: Optional[str] = None, exporter: str = 'torchscript',
+                 output: Optional[str] = None,
                  verify_shape: Optional[Sequence[int]] = None,
                  log: Callable[[str], None] = print) -> ExportReport:
     """Export ``model`` (timm name or config) to ONNX, or on to a TensorRT engine, and verify.
@@ -75,9 +75,8 @@ def export_model(model: str, *, checkpoint: Optional[str] = None, features_only:
     output = output or _default_output(target, fmt)
     onnx_path = output if fmt == 'onnx' else osp.splitext(output)[0] + '.onnx'
     log(f'exporting {target.name} ({target.kind}, outputs {", ".join(target.output_names)}) '
-        f'at input {input_shape}, dynamic={dynamic}, opset {opset}, {exporter} exporter')
-    graph = export_onnx(target, onnx_path, input_shape, opset=opset, dynamic=dynamic,
-                        exporter=exporter)
+        f'at input {input_shape}, dynamic={dynamic}, opset {opset}')
+    graph = export_onnx(target, onnx_path, input_shape, opset=opset, dynamic=dynamic)
     op_types = dict(sorted(onnx_op_types(graph).items()))
     issues = find_tensorrt_issues(graph)
     log(f'wrote {onnx_path}: {sum(op_types.values())} nodes; op types: '
