@@ -9,8 +9,12 @@ from backbones.mm.runner import (build_runner, configure_test, load_config, pars
 
 
 def main(argv=None):
-    args = parse_args(test_arg_parser(), argv)
-    cfg = configure_test(load_config(args.config, args.cfg_options), args)
+    parser = test_arg_parser()
+    args = parse_args(parser, argv)
+    try:
+        cfg = configure_test(load_config(args.config, args.cfg_options), args)
+    except (FileNotFoundError, ValueError) as err:  # bad paths or options: usage + message
+        parser.error(str(err))
     build_runner(cfg).test()
 
 

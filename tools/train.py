@@ -10,8 +10,12 @@ from backbones.mm.runner import (build_runner, configure_train, load_config, par
 
 
 def main(argv=None):
-    args = parse_args(train_arg_parser(), argv)
-    cfg = configure_train(load_config(args.config, args.cfg_options), args)
+    parser = train_arg_parser()
+    args = parse_args(parser, argv)
+    try:
+        cfg = configure_train(load_config(args.config, args.cfg_options), args)
+    except (FileNotFoundError, ValueError) as err:  # bad paths or options: usage + message
+        parser.error(str(err))
     build_runner(cfg).train()
 
 

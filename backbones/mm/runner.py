@@ -105,8 +105,9 @@ def merge_cfg_options(cfg: Config, options: Dict[str, Any]) -> None:
     adding e.g. ``randomness.seed``) and lists (by index, which must exist); going through any
     other value is an error, as are list indices out of range.
     """
+    config = cfg.to_dict()
     for key in options:
-        node: Any = cfg._cfg_dict  # the raw dict: Config's attribute access would copy it
+        node: Any = config
         path = []
         for part in key.split('.'):
             where = '.'.join(path) or '<config>'
