@@ -1,4 +1,4 @@
-"""Fused Triton kernels for :func:`ops.gather_attention`, registered as torch custom ops.
+"""Fused Triton kernels for :func:`ops.gather_attention`: launchers, autograd, torch custom ops.
 
 Tiling. A program owns one tile of ``BLOCK_M`` query rows of one (batch, head):
 * ``block_q <= BLOCK_M``: the tile packs ``GPT = BLOCK_M // block_q`` whole query groups;
@@ -11,60 +11,83 @@ size works (1, 4, 49, 273, 90...) and the routed keys are never copied.
 The forward keeps an online softmax and stores the log-sum-exp (base 2, fp32, B*H*Nq). The
 backward has no atomics: one kernel recomputes the probabilities per query tile for dQ (and
 stores rowsum(dO * O)); a second, per key tile, walks the transposed index (the groups that
-route to each key block, from a stable sort) for dK and dV, FlashAttention-2 style.
+route to each key block, built by ``_transpose_index_kernel``) for dK and dV,
+FlashAttention-2 style.
+
+Two entry points share the launchers: :func:`triton_gather_attention` runs eagerly through a
+``torch.autograd.Function`` (the short launch path), and under ``torch.compile`` or export
+through the custom ops ``dsa_ops::gather_attention_fwd`` / ``_bwd``, which carry fake
+implementations for tracing.
 """
+import functools
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 LOG2E = 1.4426950408889634
 
-# Tile configs (BLOCK_M, BLOCK_N, num_warps, num_stages): the first row whose size limit is
-# >= the block size applies. 'fwd' and 'dq' tile query rows (BLOCK_M) by routed keys (BLOCK_N)
-# and go by block_q; 'dkdv' tiles key rows (BLOCK_N) by routed query rows (BLOCK_M) and goes by
-# block_k. The 'fwd' rows come from `python tools/benchmark.py ops --tune fwd` on an H200, timed
-# eagerly (partly launch-bound); 'dq' and 'dkdv' are untuned defaults (docs/ops.md).
+# Tile configs (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel kind and head-dim class.
+# _CONFIGS[kind][max_block_d] holds rows (size limit, config); the first head-dim class with
+# BLOCK_D <= max_block_d applies, then its first row whose limit is >= the block size. 'fwd'
+# and 'dq' tile query rows (BLOCK_M) by routed keys (BLOCK_N) and go by block_q; 'dkdv' tiles
+# key rows (BLOCK_N) by routed query rows (BLOCK_M) and goes by block_k.
+# Source of each row: docs/ops.md ("Tile configs").
+SIZE_LIMITS = (8, 16, 32, 64, 128, None)
+HEAD_DIM_CLASSES = (32, 64, 256)
+_FWD_ROWS = ((16, 128, 4, 2), (16, 64, 2, 2), (16, 128, 4, 2), (64, 128, 4, 2),
+             (64, 128, 4, 2), (64, 128, 4, 2))
+_DQ_ROWS = ((16, 64, 2, 2),) * 3 + ((64, 64, 4, 2),) * 3
+_DKDV_ROWS = ((64, 16, 2, 2),) * 2 + ((64, 64, 4, 2),) * 4
 _CONFIGS = {
-    'fwd': ((8, (16, 128, 4, 2)), (16, (16, 64, 2, 2)), (32, (16, 128, 4, 2)),
-            (None, (64, 128, 4, 2))),
-    'dq': ((32, (16, 64, 2, 2)), (None, (64, 64, 4, 2))),
-    'dkdv': ((16, (64, 16, 2, 2)), (None, (64, 64, 4, 2))),
+    kind: {max_d: tuple(zip(SIZE_LIMITS, rows)) for max_d in HEAD_DIM_CLASSES}
+    for kind, rows in (('fwd', _FWD_ROWS), ('dq', _DQ_ROWS), ('dkdv', _DKDV_ROWS))
 }
-# Overrides for tuning sweeps: {'fwd' | 'dq' | 'dkdv': (BLOCK_M, BLOCK_N, num_warps, num_stages)}.
-TILE_OVERRIDES: dict = {}
+KINDS = tuple(_CONFIGS)
 
 
-def _launch_config(kind: str, block_size: int, routed: int):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of one kernel; ``routed`` keys per query group
-    ('fwd', 'dq') caps the key tile so short rows are not padded far."""
-    if kind in TILE_OVERRIDES:
-        return TILE_OVERRIDES[kind]
-    for limit, config in _CONFIGS[kind]:
-        if limit is None or block_size <= limit:
-            break
-    block_m, block_n, num_warps, num_stages = config
-    if kind != 'dkdv':
-        groups_per_tile = max(1, block_m // block_size)
-        block_n = min(block_n, max(16, triton.next_power_of_2(routed * groups_per_tile)))
-    return block_m, block_n, num_warps, num_stages
+def tile_config(kind: str, block_size: int, head_dim: int):
+    """The (BLOCK_M, BLOCK_N, num_warps, num_stages) row of ``_CONFIGS`` for one kernel."""
+    block_d = _block_d(head_dim)
+    rows = next(rows for max_d, rows in _CONFIGS[kind].items() if block_d <= max_d)
+    return next(config for limit, config in rows if limit is None or block_size <= limit)
 
 
-def _tiling(block_q: int, groups: int, block_m: int, block_n: int, slot_keys: int):
-    """Groups per tile, tiles per group, columns per group per step, tile and step counts."""
-    groups_per_tile = max(1, block_m // block_q)
-    tiles_per_group = triton.cdiv(block_q, block_m)
-    cols_per_group = block_n // groups_per_tile
-    if cols_per_group == 0:
-        raise ValueError(f'tile BLOCK_N={block_n} is smaller than the {groups_per_tile} groups '
-                         f'packed per tile')
-    num_tiles = triton.cdiv(groups, groups_per_tile) * tiles_per_group
-    num_steps = triton.cdiv(slot_keys, cols_per_group)
-    return groups_per_tile, tiles_per_group, cols_per_group, num_tiles, num_steps
+def set_tile_configs(table: dict) -> None:
+    """Replace config rows: ``{kind: {max_block_d: [(size limit or None, config), ...]}}``.
+
+    Used by tuning sweeps (``tools/bench_ops.py --tune`` writes such a table as JSON).
+    """
+    for kind, classes in table.items():
+        if kind not in _CONFIGS:
+            raise ValueError(f'kind must be one of {KINDS}, got {kind!r}')
+        for max_d, rows in classes.items():
+            max_d = int(max_d)
+            if max_d not in HEAD_DIM_CLASSES:
+                raise ValueError(f'head-dim class must be one of {HEAD_DIM_CLASSES}, got {max_d}')
+            rows = tuple((None if limit is None else int(limit), tuple(int(c) for c in config))
+                         for limit, config in rows)
+            if not rows or rows[-1][0] is not None or any(len(c) != 4 for _, c in rows):
+                raise ValueError(f'{kind} rows for D<={max_d} must end with a None limit and '
+                                 f'hold 4-tuples, got {rows}')
+            _CONFIGS[kind][max_d] = rows
+    _query_plan.cache_clear()
+    _key_plan.cache_clear()
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, _next_power_of_2(head_dim))
 @triton.jit
 def _tile_rows(tile, block_q, groups, GPT, TPG, RPG, BLOCK_M: tl.constexpr):
     """Query positions of this tile's rows, their packed-group slot, and row validity."""
@@ -106,7 +129,6 @@ def _fwd_kernel(Q, K, V, Index, Mask, Out, Lse,
                 stride_vb, stride_vh, stride_vn, stride_vd,
                 stride_ib, stride_ih, stride_ig, stride_ik,
                 stride_mb, stride_mn,
-                stride_ob, stride_oh, stride_on, stride_od,
                 num_tiles, heads, num_q, head_dim, groups, block_q, block_k, slot_keys,
                 num_steps, GPT, TPG, RPG, CPG, scale_log2,
                 HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -147,8 +169,8 @@ def _fwd_kernel(Q, K, V, Index, Mask, Out, Lse,
         m_i = m_new
     has_keys = l_i > 0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
-    tl.store(Out + b * stride_ob + h * stride_oh + q_pos[:, None] * stride_on
-             + d[None, :] * stride_od, out.to(Out.dtype.element_ty),
+    out_offsets = (bh * num_q + q_pos[:, None]) * head_dim + d[None, :]  # Out is contiguous
+    tl.store(Out + out_offsets, out.to(Out.dtype.element_ty),
              mask=row_valid[:, None] & d_valid[None, :])
     lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float('inf'))
     tl.store(Lse + bh * num_q + q_pos, lse, mask=row_valid)
@@ -161,14 +183,13 @@ def _bwd_dq_kernel(Q, K, V, Out, GradOut, Lse, Index, Mask, GradQ, Delta,
                    stride_vb, stride_vh, stride_vn, stride_vd,
                    stride_ob, stride_oh, stride_on, stride_od,
                    stride_gb, stride_gh, stride_gn, stride_gd,
-                   stride_dqb, stride_dqh, stride_dqn, stride_dqd,
                    stride_ib, stride_ih, stride_ig, stride_ik,
                    stride_mb, stride_mn,
                    num_tiles, heads, num_q, head_dim, groups, block_q, block_k, slot_keys,
                    num_steps, GPT, TPG, RPG, CPG, scale, scale_log2,
                    HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """GradQ (B, H, Nq, D) in q's dtype, and Delta = rowsum(dO * O) (B, H, Nq) fp32."""
+    """GradQ (contiguous (B, H, Nq, D), q's dtype) and Delta = rowsum(dO * O) (B, H, Nq) fp32."""
     program = tl.program_id(0).to(tl.int64)  # one flat grid: B*H may exceed grid dim 1
     tile = (program % num_tiles).to(tl.int32)
     bh = program // num_tiles
@@ -205,8 +226,8 @@ def _bwd_dq_kernel(Q, K, V, Out, GradOut, Lse, Index, Mask, GradQ, Delta,
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
-    tl.store(GradQ + b * stride_dqb + h * stride_dqh + q_pos[:, None] * stride_dqn
-             + d[None, :] * stride_dqd, (dq * scale).to(GradQ.dtype.element_ty), mask=row_mask)
+    grad_offsets = (bh * num_q + q_pos[:, None]) * head_dim + d[None, :]
+    tl.store(GradQ + grad_offsets, (dq * scale).to(GradQ.dtype.element_ty), mask=row_mask)
 
 
 @triton.jit
@@ -216,9 +237,8 @@ def _bwd_dkdv_kernel(Q, K, V, GradOut, Lse, Delta, Order, Offsets, Mask, GradK, 
                      stride_vb, stride_vh, stride_vn, stride_vd,
                      stride_gb, stride_gh, stride_gn, stride_gd,
                      stride_mb, stride_mn,
-                     num_tiles, heads, num_q, num_k, head_dim, blocks, block_q, block_k,
-                     list_len,
-                     csr_row_b, csr_row_h, BPT, TPB, RPB, QPB, scale, scale_log2,
+                     num_tiles, heads, num_k, head_dim, blocks, block_k, num_q, block_q,
+                     list_len, csr_row_b, csr_row_h, BPT, TPB, RPB, QPB, scale, scale_log2,
                      HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """GradK, GradV (contiguous (B, H, Nk, D), k's dtype), FlashAttention-2 style per key tile.
@@ -285,19 +305,43 @@ def _bwd_dkdv_kernel(Q, K, V, GradOut, Lse, Delta, Order, Offsets, Mask, GradK, 
     tl.store(GradV + grad_offsets, dv.to(GradV.dtype.element_ty), mask=row_mask)
 
 
-def _transpose_index(index: Tensor, blocks: int):
-    """Per index row (B or B*H of them): the groups sorted by routed block, and the offsets.
+@triton.jit
+def _transpose_index_kernel(Index, Order, Offsets, index_heads, stride_ib, stride_ih,
+                            stride_ig, stride_ik, slots, list_len, blocks, num_chunks,
+                            BLOCK_B: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Transposed index of one index row, for ``BLOCK_B`` of its key blocks ``m``.
 
-    Returns ``order`` int32 (rows, G*K) and ``offsets`` int32 (rows, M+1): the groups that
-    route to block ``m`` are ``order[r, offsets[r, m]:offsets[r, m+1]]`` (-1 slots dropped).
+    ``Offsets[row, m]`` (m in [0, M]) counts the row's entries in [0, m); the groups whose
+    slots name block ``m`` go to ``Order[row, Offsets[row, m]:Offsets[row, m + 1]]`` in row
+    order (a stable counting sort; -1 and out-of-range entries are left out).
     """
-    slots = index.shape[-1]
-    flat = index.reshape(-1, index.shape[-2] * slots)
-    sorted_blocks, position = torch.sort(flat, dim=1, stable=True)
-    order = torch.div(position, slots, rounding_mode='floor').to(torch.int32)
-    bounds = torch.arange(blocks + 1, device=index.device, dtype=flat.dtype)
-    offsets = torch.searchsorted(sorted_blocks, bounds.expand(flat.shape[0], -1).contiguous())
-    return order.contiguous(), offsets.to(torch.int32)
+    program = tl.program_id(0).to(tl.int64)
+    row = program // num_chunks
+    chunk = (program % num_chunks).to(tl.int32)
+    Index += (row // index_heads) * stride_ib + (row % index_heads) * stride_ih
+    Order += row * list_len
+    Offsets += row * (blocks + 1)
+    block = chunk * BLOCK_B + tl.arange(0, BLOCK_B)
+    entries = tl.arange(0, BLOCK_E)
+    before = tl.zeros([BLOCK_B], tl.int32)
+    for start in range(0, list_len, BLOCK_E):
+        e = start + entries
+        routed = tl.load(Index + (e // slots) * stride_ig + (e % slots) * stride_ik,
+                         mask=e < list_len, other=-1).to(tl.int32)
+        below = (routed[None, :] >= 0) & (routed[None, :] < block[:, None])
+        before += tl.sum(below.to(tl.int32), 1)
+    tl.store(Offsets + block, before, mask=block <= blocks)
+    filled = before
+    for start in range(0, list_len, BLOCK_E):
+        e = start + entries
+        routed = tl.load(Index + (e // slots) * stride_ig + (e % slots) * stride_ik,
+                         mask=e < list_len, other=-1).to(tl.int32)
+        hit = (routed[None, :] == block[:, None]) & (block[:, None] < blocks)
+        hits = hit.to(tl.int32)
+        position = filled[:, None] + tl.cumsum(hits, 1) - 1
+        group = tl.broadcast_to((e // slots)[None, :], (BLOCK_B, BLOCK_E))
+        tl.store(Order + position, group, mask=hit)
+        filled += tl.sum(hits, 1)
 
 
 def _index_strides(index: Tensor):
@@ -307,6 +351,76 @@ def _index_strides(index: Tensor):
     return index.stride()
 
 
+def _transpose_index(index: Tensor, blocks: int):
+    """Per index row (B, or B*H for a per-head index): groups listed by routed key block.
+
+    Returns ``order`` int32 (rows, G*K) and ``offsets`` int32 (rows, M+1): the groups that
+    route to block ``m`` are ``order[r, offsets[r, m]:offsets[r, m+1]]``, in group order.
+    Entries of ``order`` past ``offsets[r, M]`` (the -1 slots) are left unwritten.
+    """
+    batch, slots = index.shape[0], index.shape[-1]
+    heads = index.shape[1] if index.dim() == 4 else 1
+    list_len = index.shape[-2] * slots
+    order = torch.empty((batch * heads, list_len), dtype=torch.int32, device=index.device)
+    offsets = torch.empty((batch * heads, blocks + 1), dtype=torch.int32, device=index.device)
+    num_chunks = _cdiv(blocks + 1, _TRANSPOSE_BLOCK_B)
+    _transpose_index_kernel[(batch * heads * num_chunks,)](
+        index, order, offsets, heads, *_index_strides(index), slots, list_len, blocks,
+        num_chunks, BLOCK_B=_TRANSPOSE_BLOCK_B, BLOCK_E=_TRANSPOSE_BLOCK_E, num_warps=4)
+    return order, offsets
+
+
+_TRANSPOSE_BLOCK_B, _TRANSPOSE_BLOCK_E = 16, 256
+
+
+@functools.lru_cache(maxsize=1024)
+def _query_plan(kind: str, batch: int, heads: int, num_q: int, head_dim: int, block_q: int,
+                block_k: int, slots: int, fp32: bool, config: Optional[tuple]):
+    """Grid, scalar arguments and meta-parameters of a kernel that tiles query rows.
+
+    ``config`` overrides the ``_CONFIGS`` row (tuning). The key tile is capped at the next
+    power of two of the routed keys a tile needs, so short rows are not padded far.
+    """
+    groups = num_q // block_q
+    slot_keys = slots * block_k
+    block_m, block_n, num_warps, num_stages = config or tile_config(kind, block_q, head_dim)
+    groups_per_tile = max(1, block_m // block_q)
+    block_n = min(block_n, max(16, _next_power_of_2(slot_keys * groups_per_tile)))
+    tiles_per_group = _cdiv(block_q, block_m)
+    cols_per_group = block_n // groups_per_tile
+    if cols_per_group == 0:
+        raise ValueError(f'{kind} tile BLOCK_N={block_n} is smaller than the {groups_per_tile} '
+                         f'groups packed per tile')
+    num_tiles = _cdiv(groups, groups_per_tile) * tiles_per_group
+    num_steps = _cdiv(slot_keys, cols_per_group)
+    scalars = (num_tiles, heads, num_q, head_dim, groups, block_q, block_k, slot_keys,
+               num_steps, groups_per_tile, tiles_per_group, min(block_q, block_m),
+               cols_per_group)
+    meta = dict(DOT_PRECISION='ieee' if fp32 else 'tf32', BLOCK_M=block_m, BLOCK_N=block_n,
+                BLOCK_D=_block_d(head_dim), num_warps=num_warps, num_stages=num_stages)
+    return (num_tiles * batch * heads,), scalars, meta
+
+
+@functools.lru_cache(maxsize=1024)
+def _key_plan(batch: int, heads: int, num_k: int, head_dim: int, block_k: int, fp32: bool,
+              config: Optional[tuple]):
+    """Grid, scalar arguments and meta-parameters of the dK/dV kernel (tiles key rows)."""
+    blocks = num_k // block_k
+    block_m, block_n, num_warps, num_stages = config or tile_config('dkdv', block_k, head_dim)
+    blocks_per_tile = max(1, block_n // block_k)
+    rows_per_block = block_m // blocks_per_tile
+    if rows_per_block == 0:
+        raise ValueError(f'dkdv tile BLOCK_M={block_m} is smaller than the {blocks_per_tile} '
+                         f'key blocks packed per tile')
+    tiles_per_block = _cdiv(block_k, block_n)
+    num_tiles = _cdiv(blocks, blocks_per_tile) * tiles_per_block
+    scalars = (num_tiles, heads, num_k, head_dim, blocks, block_k)
+    tiling = (blocks_per_tile, tiles_per_block, min(block_k, block_n), rows_per_block)
+    meta = dict(DOT_PRECISION='ieee' if fp32 else 'tf32', BLOCK_M=block_m, BLOCK_N=block_n,
+                BLOCK_D=_block_d(head_dim), num_warps=num_warps, num_stages=num_stages)
+    return (num_tiles * batch * heads,), scalars, tiling, meta
+
+
 def _mask_args(key_padding_mask: Optional[Tensor], like: Tensor):
     if key_padding_mask is None:
         return like, 0, 0, False
@@ -314,27 +428,86 @@ def _mask_args(key_padding_mask: Optional[Tensor], like: Tensor):
     return mask, mask.stride(0), mask.stride(1), True
 
 
-def _query_tiling(q: Tensor, index: Tensor, block_q: int, block_k: int, kind: str):
-    """Launch arguments of the kernels that tile query rows ('fwd', 'dq')."""
+def _is_empty(q: Tensor, k: Tensor, index: Tensor) -> bool:
+    return q.numel() == 0 or k.numel() == 0 or index.shape[-1] == 0
+
+
+def forward(q: Tensor, k: Tensor, v: Tensor, index: Tensor, key_padding_mask: Optional[Tensor],
+            block_q: int, block_k: int, scale: float, config: Optional[tuple] = None):
+    """(out (B, H, Nq, D) contiguous in q's dtype, lse (B, H, Nq) fp32, base 2, +inf if no
+    key). ``config`` overrides the forward tile config (tuning)."""
     batch, heads, num_q, head_dim = q.shape
-    groups = num_q // block_q
-    slot_keys = index.shape[-1] * block_k
-    block_m, block_n, num_warps, num_stages = _launch_config(kind, block_q, slot_keys)
-    gpt, tpg, cpg, num_tiles, num_steps = _tiling(block_q, groups, block_m, block_n, slot_keys)
-    grid = (num_tiles * batch * heads,)
-    scalars = (num_tiles, heads, num_q, head_dim, groups, block_q, block_k, slot_keys, num_steps,
-               gpt, tpg, min(block_q, block_m), cpg)
-    meta = dict(DOT_PRECISION=_dot_precision(q), BLOCK_M=block_m, BLOCK_N=block_n,
-                BLOCK_D=_block_d(head_dim), num_warps=num_warps, num_stages=num_stages)
-    return grid, scalars, meta
+    if _is_empty(q, k, index):
+        return (torch.zeros(q.shape, dtype=q.dtype, device=q.device),
+                torch.full((batch, heads, num_q), float('inf'), dtype=torch.float32,
+                           device=q.device))
+    out = q.new_empty(q.shape)
+    lse = q.new_empty((batch, heads, num_q), dtype=torch.float32)
+    grid, scalars, meta = _query_plan('fwd', batch, heads, num_q, head_dim, block_q, block_k,
+                                      index.shape[-1], q.dtype == torch.float32, config)
+    mask, stride_mb, stride_mn, has_mask = _mask_args(key_padding_mask, index)
+    _fwd_kernel[grid](
+        q, k, v, index, mask, out, lse,
+        *q.stride(), *k.stride(), *v.stride(), *_index_strides(index), stride_mb, stride_mn,
+        *scalars, scale * LOG2E, HAS_MASK=has_mask, **meta)
+    return out, lse
 
 
-def _dot_precision(q: Tensor) -> str:
-    return 'ieee' if q.dtype == torch.float32 else 'tf32'
+def backward_dq(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                index: Tensor, key_padding_mask: Optional[Tensor], block_q: int, block_k: int,
+                scale: float, config: Optional[tuple] = None):
+    """(grad_q contiguous in q's dtype, delta = rowsum(dO * O) (B, H, Nq) fp32); non-empty
+    inputs only."""
+    batch, heads, num_q, head_dim = q.shape
+    grad_q = q.new_empty(q.shape)
+    delta = q.new_empty((batch, heads, num_q), dtype=torch.float32)
+    grid, scalars, meta = _query_plan('dq', batch, heads, num_q, head_dim, block_q, block_k,
+                                      index.shape[-1], q.dtype == torch.float32, config)
+    mask, stride_mb, stride_mn, has_mask = _mask_args(key_padding_mask, index)
+    _bwd_dq_kernel[grid](
+        q, k, v, out, grad_out, lse, index, mask, grad_q, delta,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(),
+        *_index_strides(index), stride_mb, stride_mn,
+        *scalars, scale, scale * LOG2E, HAS_MASK=has_mask, **meta)
+    return grad_q, delta
 
 
-def _block_d(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim))
+def backward_dkdv(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: Tensor,
+                  order: Tensor, offsets: Tensor, index_is_per_head: bool,
+                  key_padding_mask: Optional[Tensor], block_q: int, block_k: int, scale: float,
+                  config: Optional[tuple] = None):
+    """(grad_k, grad_v), contiguous in k's dtype, from the transposed index; non-empty inputs
+    only."""
+    batch, heads, num_q, head_dim = q.shape
+    num_k = k.shape[2]
+    grad_k = k.new_empty(k.shape)
+    grad_v = k.new_empty(k.shape)
+    grid, scalars, tiling, meta = _key_plan(batch, heads, num_k, head_dim, block_k,
+                                            q.dtype == torch.float32, config)
+    mask, stride_mb, stride_mn, has_mask = _mask_args(key_padding_mask, order)
+    csr_row_b, csr_row_h = (heads, 1) if index_is_per_head else (1, 0)
+    _bwd_dkdv_kernel[grid](
+        q, k, v, grad_out, lse, delta, order, offsets, mask, grad_k, grad_v,
+        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), stride_mb, stride_mn,
+        *scalars, num_q, block_q, order.shape[1], csr_row_b, csr_row_h, *tiling, scale, scale * LOG2E, HAS_MASK=has_mask, **meta)
+    return grad_k, grad_v
+
+
+def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+             index: Tensor, key_padding_mask: Optional[Tensor], block_q: int, block_k: int,
+             scale: float):
+    """(grad_q, grad_k, grad_v): dQ per query tile, then dK, dV per key tile (no atomics)."""
+    if _is_empty(q, k, index):
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    grad_q, delta = backward_dq(grad_out, q, k, v, out, lse, index, key_padding_mask, block_q,
+                                block_k, scale)
+    order, offsets = _transpose_index(index, k.shape[2] // block_k)
+    grad_k, grad_v = backward_dkdv(grad_out, q, k, v, lse, delta, order, offsets,
+                                   index.dim() == 4, key_padding_mask, block_q, block_k, scale)
+    return grad_q, grad_k, grad_v
+
+
+# ----------------------------------------------------------------------------- custom ops
 
 
 @torch.library.custom_op('dsa_ops::gather_attention_fwd', mutates_args=())
@@ -342,21 +515,7 @@ def gather_attention_fwd(q: Tensor, k: Tensor, v: Tensor, index: Tensor,
                          key_padding_mask: Optional[Tensor], block_q: int, block_k: int,
                          scale: float) -> tuple[Tensor, Tensor]:
     """Forward: (out (B, H, Nq, D) in q's dtype, lse (B, H, Nq) fp32, base 2, +inf if no key)."""
-    batch, heads, num_q, head_dim = q.shape
-    if q.numel() == 0 or index.shape[-1] == 0 or k.shape[2] == 0:
-        return (torch.zeros(q.shape, dtype=q.dtype, device=q.device),
-                torch.full((batch, heads, num_q), float('inf'), dtype=torch.float32,
-                           device=q.device))
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty((batch, heads, num_q), dtype=torch.float32, device=q.device)
-    grid, scalars, meta = _query_tiling(q, index, block_q, block_k, 'fwd')
-    mask, stride_mb, stride_mn, has_mask = _mask_args(key_padding_mask, index)
-    _fwd_kernel[grid](
-        q, k, v, index, mask, out, lse,
-        *q.stride(), *k.stride(), *v.stride(), *_index_strides(index), stride_mb, stride_mn,
-        *out.stride(), *scalars, scale * LOG2E,
-        HAS_MASK=has_mask, **meta)
-    return out, lse
+    return forward(q, k, v, index, key_padding_mask, block_q, block_k, scale)
 
 
 @gather_attention_fwd.register_fake
@@ -369,47 +528,9 @@ def gather_attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out:
                          lse: Tensor, index: Tensor, key_padding_mask: Optional[Tensor],
                          block_q: int, block_k: int,
                          scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Backward: (grad_q, grad_k, grad_v), each in the shape and dtype of its input.
-
-    Two kernels, no atomics: dQ per query tile (also storing rowsum(dO * O)), then dK, dV per
-    key tile over the transposed index.
-    """
-    batch, heads, num_q, head_dim = q.shape
-    num_k = k.shape[2]
-    if q.numel() == 0 or k.numel() == 0 or index.shape[-1] == 0:
-        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    grad_q = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    grad_k = torch.empty(k.shape, dtype=k.dtype, device=q.device)
-    grad_v = torch.empty(v.shape, dtype=v.dtype, device=q.device)
-    delta = torch.empty((batch, heads, num_q), dtype=torch.float32, device=q.device)
-    mask, stride_mb, stride_mn, has_mask = _mask_args(key_padding_mask, index)
-    grid, scalars, meta = _query_tiling(q, index, block_q, block_k, 'dq')
-    _bwd_dq_kernel[grid](
-        q, k, v, out, grad_out, lse, index, mask, grad_q, delta,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(),
-        *grad_q.stride(), *_index_strides(index), stride_mb, stride_mn,
-        *scalars, scale, scale * LOG2E, HAS_MASK=has_mask, **meta)
-
-    blocks = num_k // block_k
-    order, offsets = _transpose_index(index, blocks)
-    csr_row_b, csr_row_h = (1, 0) if index.dim() == 3 else (heads, 1)
-    block_m, block_n, num_warps, num_stages = _launch_config('dkdv', block_k, 0)
-    blocks_per_tile = max(1, block_n // block_k)
-    rows_per_block = block_m // blocks_per_tile
-    if rows_per_block == 0:
-        raise ValueError(f'dkdv tile BLOCK_M={block_m} is smaller than the {blocks_per_tile} '
-                         f'key blocks packed per tile')
-    tiles_per_block = triton.cdiv(block_k, block_n)
-    num_tiles = triton.cdiv(blocks, blocks_per_tile) * tiles_per_block
-    _bwd_dkdv_kernel[(num_tiles * batch * heads,)](
-        q, k, v, grad_out, lse, delta, order, offsets, mask, grad_k, grad_v,
-        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), stride_mb, stride_mn,
-        num_tiles, heads, num_q, num_k, head_dim, blocks, block_q, block_k, order.shape[1],
-        csr_row_b, csr_row_h, blocks_per_tile, tiles_per_block, min(block_k, block_n),
-        rows_per_block, scale, scale * LOG2E,
-        HAS_MASK=has_mask, DOT_PRECISION=_dot_precision(q), BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_D=_block_d(head_dim), num_warps=num_warps, num_stages=num_stages)
-    return grad_q, grad_k, grad_v
+    """Backward: (grad_q, grad_k, grad_v), each in the shape and dtype of its input."""
+    return backward(grad_out, q, k, v, out, lse, index, key_padding_mask, block_q, block_k,
+                    scale)
 
 
 @gather_attention_bwd.register_fake
@@ -435,9 +556,38 @@ def _backward(ctx, grad_out, grad_lse):
 gather_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+# ----------------------------------------------------------------------------- eager path
+
+
+class _GatherAttention(torch.autograd.Function):
+    """Eager autograd over the launchers, without the custom-op dispatch of the traced path."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, index, key_padding_mask, block_q, block_k, scale):
+        out, lse = forward(q, k, v, index, key_padding_mask, block_q, block_k, scale)
+        ctx.save_for_backward(q, k, v, out, lse, index, key_padding_mask)
+        ctx.block_q, ctx.block_k, ctx.scale = block_q, block_k, scale
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, index, key_padding_mask = ctx.saved_tensors
+        grad_q, grad_k, grad_v = backward(grad_out, q, k, v, out, lse, index, key_padding_mask,
+                                          ctx.block_q, ctx.block_k, ctx.scale)
+        return grad_q, grad_k, grad_v, None, None, None, None, None
+
+
 def triton_gather_attention(q: Tensor, k: Tensor, v: Tensor, index: Tensor, *, block_q: int,
-                            block_k: int, key_padding_mask: Optional[Tensor],
-                            scale: float) -> Tensor:
-    """Fused gather attention (arguments validated by :func:`ops.gather_attention`)."""
-    out, _ = gather_attention_fwd(q, k, v, index, key_padding_mask, block_q, block_k, scale)
-    return out
+                            block_k: int, key_padding_mask: Optional[Tensor], scale: float,
+                            traced: bool) -> Tensor:
+    """Fused gather attention (arguments validated by :func:`ops.gather_attention`).
+
+    ``traced`` (compiling or exporting) routes through the custom ops; eager calls launch the
+    kernels directly, through ``_GatherAttention`` when a gradient is needed.
+    """
+    if traced:
+        return gather_attention_fwd(q, k, v, index, key_padding_mask, block_q, block_k, scale)[0]
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _GatherAttention.apply(q, k, v, index, key_padding_mask, block_q, block_k, scale)
+    return forward(q, k, v, index, key_padding_mask, block_q, block_k, scale)[0]

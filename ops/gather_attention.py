@@ -211,21 +211,23 @@ def gather_attention(q: Tensor, k: Tensor, v: Tensor, index: Tensor, *, block_q:
     if scale is None:
         scale = q.shape[-1] ** -0.5
     num_blocks = k.shape[2] // block_k
+    exporting, compiling = _is_exporting(), _is_compiling()
     use_triton = backend == 'triton' or (
         backend == 'auto' and q.is_cuda and q.dtype in TRITON_DTYPES
-        and q.shape[-1] <= TRITON_MAX_HEAD_DIM and not _is_exporting())
+        and q.shape[-1] <= TRITON_MAX_HEAD_DIM and not exporting)
     if use_triton:
         if q.dtype not in TRITON_DTYPES:
             raise ValueError(f'the triton backend supports q dtypes {TRITON_DTYPES}, got {q.dtype}')
         if q.shape[-1] > TRITON_MAX_HEAD_DIM:
             raise ValueError(f'the triton backend supports head dims D <= {TRITON_MAX_HEAD_DIM}, '
                              f'got {q.shape[-1]}')
-        if _debug and not _is_compiling():
+        if _debug and not compiling:
             _check_index_range(index, num_blocks)
         from ops._triton_gather_attention import triton_gather_attention
         return triton_gather_attention(q, k, v, index, block_q=block_q, block_k=block_k,
-                                       key_padding_mask=key_padding_mask, scale=float(scale))
-    if not (_is_exporting() or _is_compiling()):
+                                       key_padding_mask=key_padding_mask, scale=float(scale),
+                                       traced=exporting or compiling)
+    if not (exporting or compiling):
         _check_index_range(index, num_blocks)
     return gather_attention_reference(q, k, v, index, block_q=block_q, block_k=block_k,
                                       key_padding_mask=key_padding_mask, scale=scale)
