@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import ops
-from ops._triton_gather_attention import gather_attention_fwd
+from ops._triton_gather_attention import _transpose_index, gather_attention_fwd
 from ops.gather_attention import gather_attention_reference
 
 HAS_CUDA = torch.cuda.is_available()
@@ -178,6 +178,23 @@ def test_zero_size_inputs(shape, backend):
         q, k, v, torch.randn_like(q))
     assert out.shape == q.shape and dk.shape == k.shape
     assert not out.any() and not dq.any() and not dk.any() and not dv.any()
+
+
+@pytest.mark.parametrize('per_head', [False, True], ids=['shared', 'per_head'])
+def test_transpose_index_is_a_stable_counting_sort(per_head):
+    # 20 blocks span two programs of 16; 90 groups x 3 slots span two 256-entry steps.
+    blocks, groups, slots = 20, 90, 3
+    shape = (2, 2, groups, slots) if per_head else (2, groups, slots)
+    index = torch.randint(-1, blocks, shape, device=DEVICE)
+    index = index.transpose(-1, -2).contiguous().transpose(-1, -2)  # strided index
+    order, offsets = _transpose_index(index, blocks)
+    rows = index.reshape(-1, groups * slots).cpu()
+    for row, row_order, row_offsets in zip(rows, order.cpu(), offsets.cpu()):
+        expected_offsets = [int(((row >= 0) & (row < m)).sum()) for m in range(blocks + 1)]
+        assert row_offsets.tolist() == expected_offsets
+        for m in range(blocks):
+            groups_of_m = (torch.nonzero(row == m).flatten() // slots).tolist()
+            assert row_order[expected_offsets[m]:expected_offsets[m + 1]].tolist() == groups_of_m
 
 
 # ----------------------------------------------------------------------------- custom op
