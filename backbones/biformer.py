@@ -71,6 +71,14 @@ def _from_regions(x: torch.Tensor, n_win: int, height: int, width: int) -> torch
     return x.reshape(batch, height, width, chans)
 
 
+def _heads_to_map(x: torch.Tensor, n_win: int, height: int, width: int) -> torch.Tensor:
+    """(B, heads, n_win**2, h * w, head_dim) per-region head outputs -> (B, H, W, C), one copy."""
+    batch, heads, _, _, head_dim = x.shape
+    h, w = height // n_win, width // n_win
+    x = x.reshape(batch, heads, n_win, n_win, h, w, head_dim).permute(0, 2, 4, 3, 5, 1, 6)
+    return x.reshape(batch, height, width, heads * head_dim)
+
+
 class BiLevelRoutingAttention(nn.Module):
     """Bi-level routing attention (the official ``bra_legacy`` variant, ``qk_dim == dim``).
 
@@ -139,9 +147,8 @@ class BiLevelRoutingAttention(nn.Module):
         q, k, v = qkv.split(chans, dim=-1)
         region_size = (pad_height // self.n_win) * (pad_width // self.n_win)
         attend = self._fused_attention if self.attn_impl == 'fused' else self._gather_attention
-        out = attend(q, k, v, region_size, padding_mask)
-
-        out = _from_regions(out, self.n_win, pad_height, pad_width)
+        out = _heads_to_map(attend(q, k, v, region_size, padding_mask), self.n_win,
+                            pad_height, pad_width)
         v_map = _from_regions(v, self.n_win, pad_height, pad_width).permute(0, 3, 1, 2)
         out = out + self.lepe(v_map).permute(0, 2, 3, 1)
         if is_padded:
@@ -155,7 +162,8 @@ class BiLevelRoutingAttention(nn.Module):
 
     def _fused_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          region_size: int, padding_mask: Optional[torch.Tensor]) -> torch.Tensor:
-        """Routing and attention through ``ops``; (B, N, C) region-major in and out."""
+        """Routing and attention through ``ops``: (B, N, C) region-major in,
+        (B, heads, regions, region_size, head_dim) out."""
         index = ops.region_routing(q, k, block_q=region_size, block_k=region_size,
                                    topk=self.topk, scale=self.scale,
                                    key_padding_mask=padding_mask)
@@ -163,14 +171,15 @@ class BiLevelRoutingAttention(nn.Module):
                                    self._split_heads(v), index, block_q=region_size,
                                    block_k=region_size, key_padding_mask=padding_mask,
                                    scale=self.scale)
-        batch, _, tokens, _ = out.shape
-        return out.transpose(1, 2).reshape(batch, tokens, self.dim)
+        batch, heads, tokens, head_dim = out.shape
+        return out.view(batch, heads, tokens // region_size, region_size, head_dim)
 
     def _gather_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           region_size: int, padding_mask: Optional[torch.Tensor]) -> torch.Tensor:
         """The official formulation: gather ``topk`` copies of the routed regions' keys/values
-        and run dense attention per region; (B, N, C) region-major in and out."""
-        batch, tokens, chans = q.shape
+        and run dense attention per region: (B, N, C) region-major in,
+        (B, heads, regions, region_size, head_dim) out."""
+        batch, _, chans = q.shape
         regions, heads, head_dim = self.n_win * self.n_win, self.num_heads, chans // self.num_heads
         q, k, v = (t.reshape(batch, regions, region_size, chans) for t in (q, k, v))
 
@@ -209,7 +218,7 @@ class BiLevelRoutingAttention(nn.Module):
         if padding_mask is not None:
             attn = attn.masked_fill(mask_routed, 0.0)
         out = attn @ v_routed  # (B*G, heads, region, head_dim)
-        return out.transpose(1, 2).reshape(batch, tokens, chans)
+        return out.view(batch, regions, heads, region_size, head_dim).transpose(1, 2)
 
 
 class FullAttentionLePE(nn.Module):

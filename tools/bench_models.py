@@ -1,0 +1,257 @@
+"""Backbone throughput and peak memory, side by side: our BiFormer (``ops.gather_attention``),
+the same models on the official gather formulation, and timm peers.
+
+    python tools/benchmark.py models                  # the full table on CUDA (bf16 autocast)
+    python tools/benchmark.py models --models biformer_small swin_tiny_patch4_window7_224 \\
+        --settings cls --iters 20
+    python tools/benchmark.py models --profile biformer_small   # + top CUDA ops of training
+
+A model is a timm name; ``NAME:gather`` runs a BiFormer on the official formulation
+(``attn_impl='gather'``). Two settings: ``cls`` (classifier, 224 px, batch 128) and ``dense``
+(``features_only=True`` at 1024 px, batch 8; BiFormer with ``n_win=16`` as the official
+detection configs). Each cell times inference (``inference_mode``) and a training step
+(forward, backward, AdamW step) under autocast, after warm-up, with CUDA events; peak memory is
+``torch.cuda.max_memory_allocated`` over the timed steps.
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+from typing import Dict, List
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import timm  # noqa: E402
+
+import backbones  # noqa: E402,F401  (registers the BiFormer timm models)
+
+DEFAULT_MODELS = (
+    'biformer_tiny', 'biformer_small', 'biformer_base',
+    'biformer_tiny:gather', 'biformer_small:gather', 'biformer_base:gather',
+    'swin_tiny_patch4_window7_224', 'swin_small_patch4_window7_224', 'convnext_tiny',
+)
+DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog='benchmark.py models', description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--models', nargs='+', default=list(DEFAULT_MODELS),
+                        help='timm names, NAME:gather for the official BiFormer formulation')
+    parser.add_argument('--settings', nargs='+', choices=('cls', 'dense'),
+                        default=['cls', 'dense'])
+    parser.add_argument('--batch', type=int, default=128, help='cls batch size')
+    parser.add_argument('--img', type=int, default=224, help='cls image size')
+    parser.add_argument('--dense-batch', type=int, default=8)
+    parser.add_argument('--dense-img', type=int, default=1024)
+    parser.add_argument('--dense-n-win', type=int, default=16, help='BiFormer n_win (dense)')
+    parser.add_argument('--dtype', choices=tuple(DTYPES), default='bf16',
+                        help='autocast dtype (fp32: no autocast)')
+    parser.add_argument('--warmup', type=int, default=3)
+    parser.add_argument('--iters', type=int, default=10)
+    parser.add_argument('--no-train', action='store_true', help='inference only')
+    parser.add_argument('--channels-last', action='store_true')
+    parser.add_argument('--compile', action='store_true', help='torch.compile every model')
+    parser.add_argument('--profile', default=None, metavar='MODEL',
+                        help='also profile training steps of MODEL (cls setting), top ops')
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--out', default=None, help='write results as JSON here')
+    return parser.parse_args(argv)
+
+
+def build_model(spec: str, setting: str, args) -> torch.nn.Module:
+    """timm model for ``spec`` (``NAME`` or ``NAME:gather``) in ``setting``."""
+    name, _, impl = spec.partition(':')
+    kwargs = {}
+    if impl:
+        if impl != 'gather' or not name.startswith('biformer'):
+            raise ValueError(f'model spec {spec!r}: only biformer_*:gather is understood')
+        kwargs['attn_impl'] = 'gather'
+    if setting == 'dense':
+        kwargs['features_only'] = True
+        if name.startswith('biformer'):
+            kwargs['n_win'] = args.dense_n_win
+        elif name.startswith('swin'):
+            kwargs['img_size'] = args.dense_img
+    return timm.create_model(name, **kwargs)
+
+
+class Timer:
+    """Wall time of device work between start() and stop() (CUDA events, or a host clock)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == 'cuda'
+
+    def start(self):
+        if self.cuda:
+            self.begin = torch.cuda.Event(enable_timing=True)
+            self.end = torch.cuda.Event(enable_timing=True)
+            self.begin.record()
+        else:
+            self.begin = time.perf_counter()
+
+    def stop(self) -> float:
+        """Seconds since start()."""
+        if self.cuda:
+            self.end.record()
+            torch.cuda.synchronize()
+            return self.begin.elapsed_time(self.end) / 1e3
+        return time.perf_counter() - self.begin
+
+
+def _loss(output) -> torch.Tensor:
+    if isinstance(output, (list, tuple)):  # feature pyramid
+        return sum(o.float().square().mean() for o in output)
+    return output.float().square().mean()
+
+
+def _peak_bytes(device) -> int:
+    return torch.cuda.max_memory_allocated(device) if device.type == 'cuda' else 0
+
+
+def _reset_peak(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def measure(model: torch.nn.Module, batch: int, img: int, args) -> Dict:
+    """img/s and peak memory (GB) of inference and of a training step."""
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    autocast = dict(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    model = model.to(device, memory_format=memory_format)
+    runner = torch.compile(model) if args.compile else model
+    x = torch.randn(batch, 3, img, img, device=device).to(memory_format=memory_format)
+    timer, result = Timer(device), {}
+
+    model.eval()
+    with torch.inference_mode(), torch.autocast(**autocast):
+        for _ in range(args.warmup):
+            runner(x)
+        _reset_peak(device)
+        timer.start()
+        for _ in range(args.iters):
+            runner(x)
+        seconds = timer.stop()
+    result['infer_img_s'] = batch * args.iters / seconds
+    result['infer_peak_gb'] = _peak_bytes(device) / 1e9
+    if args.no_train:
+        return result
+
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(**autocast):
+            loss = _loss(runner(x))
+        loss.backward()
+        optimizer.step()
+
+    for _ in range(args.warmup):
+        step()
+    _reset_peak(device)
+    timer.start()
+    for _ in range(args.iters):
+        step()
+    seconds = timer.stop()
+    result['train_img_s'] = batch * args.iters / seconds
+    result['train_peak_gb'] = _peak_bytes(device) / 1e9
+    return result
+
+
+def profile_training(spec: str, args, steps: int = 3, rows: int = 25) -> str:
+    """Table of the CUDA (or CPU) ops of ``steps`` training steps, by self device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    model = build_model(spec, 'cls', args).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randn(args.batch, 3, args.img, args.img, device=device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda'
+                                           else [])
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device_type=device.type, dtype=dtype,
+                            enabled=dtype != torch.float32):
+            loss = _loss(model(x))
+        loss.backward()
+        optimizer.step()
+
+    for _ in range(args.warmup):
+        step()
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        if device.type == 'cuda':
+            torch.cuda.synchronize()
+    sort_by = 'self_cuda_time_total' if device.type == 'cuda' else 'self_cpu_time_total'
+    return prof.key_averages().table(sort_by=sort_by, row_limit=rows, max_name_column_width=60)
+
+
+def environment(args) -> Dict:
+    import triton
+    env = dict(date=datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'),
+               torch=torch.__version__, triton=triton.__version__, timm=timm.__version__,
+               python=platform.python_version(), device=args.device, dtype=args.dtype,
+               command='python tools/benchmark.py models ' + ' '.join(sys.argv[2:]))
+    if args.device.startswith('cuda'):
+        env['gpu'] = torch.cuda.get_device_name()
+    return env
+
+
+def format_table(rows: List[Dict]) -> str:
+    header = ('| setting | model | infer img/s | infer peak GB | train img/s | train peak GB |\n'
+              '|---|---|---:|---:|---:|---:|')
+    lines = [header]
+    for row in rows:
+        def cell(key, fmt):
+            return fmt.format(row[key]) if isinstance(row.get(key), float) else row.get(
+                key, row.get('error', '-'))
+        lines.append(f"| {row['setting']} | {row['model']} | {cell('infer_img_s', '{:.0f}')} | "
+                     f"{cell('infer_peak_gb', '{:.2f}')} | {cell('train_img_s', '{:.0f}')} | "
+                     f"{cell('train_peak_gb', '{:.2f}')} |")
+    return '\n'.join(lines)
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.device.startswith('cuda'):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    env = environment(args)
+    print(json.dumps(env), flush=True)
+    settings = {'cls': (args.batch, args.img), 'dense': (args.dense_batch, args.dense_img)}
+    rows = []
+    for setting in args.settings:
+        batch, img = settings[setting]
+        for spec in args.models:
+            row = dict(setting=f'{setting} {img}px b{batch}', model=spec)
+            try:
+                row.update(measure(build_model(spec, setting, args), batch, img, args))
+            except torch.cuda.OutOfMemoryError:
+                row['error'] = 'OOM'
+            except Exception as err:  # keep the other rows of a long run; the row says why
+                row['error'] = f'{type(err).__name__}: {err}'.replace('|', '/')[:160]
+            if args.device.startswith('cuda'):
+                torch.cuda.empty_cache()
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    table = format_table(rows)
+    report = dict(environment=env, results=rows)
+    if args.profile:
+        report['profile'] = profile_training(args.profile, args)
+        print(f'\nTraining-step profile of {args.profile} ({args.batch}x{args.img}px):')
+        print(report['profile'])
+    if args.out:
+        with open(args.out, 'w') as f:
+            json.dump(report, f, indent=1)
+    print(table)
+    return rows
