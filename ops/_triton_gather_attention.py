@@ -49,10 +49,15 @@ _CONFIGS = {
 KINDS = tuple(_CONFIGS)
 
 
+def head_dim_class(head_dim: int) -> int:
+    """The key of ``_CONFIGS[kind]`` whose rows apply to this head dim."""
+    block_d = _block_d(head_dim)
+    return next(max_d for max_d in HEAD_DIM_CLASSES if block_d <= max_d)
+
+
 def tile_config(kind: str, block_size: int, head_dim: int):
     """The (BLOCK_M, BLOCK_N, num_warps, num_stages) row of ``_CONFIGS`` for one kernel."""
-    block_d = _block_d(head_dim)
-    rows = next(rows for max_d, rows in _CONFIGS[kind].items() if block_d <= max_d)
+    rows = _CONFIGS[kind][head_dim_class(head_dim)]
     return next(config for limit, config in rows if limit is None or block_size <= limit)
 
 

@@ -2,7 +2,13 @@
 
     python tools/benchmark.py ops                      # every shape, every peer, bf16
     python tools/benchmark.py ops --shapes t224_s2 dsvt36_d32 --peers ours flex
-    python tools/benchmark.py ops --tune               # sweep the Triton tile configs
+    python tools/benchmark.py ops --tune --configs tuned.json     # sweep the tile configs
+    python tools/benchmark.py ops --configs tuned.json            # benchmark with them applied
+
+``--tune`` times each kernel of ours (fwd, dq, dkdv) alone, as CUDA-graph replays, for every
+candidate tile config on a few shapes per (head dim, block size) class, and writes the best
+rows as a ``set_tile_configs`` table (JSON). It compiles the candidates first in parallel
+worker processes (Triton's disk cache), so the sweep is not compile-bound.
 
 Columns: fwd ms and fwd+bwd ms timed as CUDA-graph replays (GPU time, no Python launch cost;
 marked "(eager)" where capture fails), fwd+bwd ms launched eagerly from Python (with L2
@@ -85,12 +91,15 @@ SHAPES_BY_NAME = {s.name: s for s in SHAPES}
 TUNE = {  # kind: (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates, see ops._triton_...
     'fwd': [(16, 64, 2, 2), (16, 128, 4, 2), (32, 64, 4, 2), (32, 128, 4, 2), (64, 64, 4, 2),
             (64, 128, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (128, 128, 8, 2)],
-    'dq': [(16, 32, 2, 2), (16, 64, 2, 2), (16, 64, 4, 2), (32, 32, 2, 2), (32, 64, 4, 2),
-           (64, 32, 4, 2), (64, 64, 4, 2), (64, 64, 8, 2), (128, 32, 8, 2), (128, 64, 8, 2)],
+    'dq': [(16, 32, 2, 2), (16, 64, 2, 2), (32, 32, 2, 2), (32, 64, 4, 2), (64, 32, 4, 2),
+           (64, 64, 4, 2), (64, 64, 8, 2), (128, 32, 8, 2), (128, 64, 8, 2)],
     'dkdv': [(32, 16, 2, 2), (64, 16, 2, 2), (64, 16, 4, 2), (128, 16, 4, 2), (32, 32, 2, 2),
              (64, 32, 4, 2), (128, 32, 4, 2), (32, 64, 4, 2), (64, 64, 4, 2), (128, 64, 8, 2),
              (64, 128, 8, 2)],
 }
+# Shapes the sweep times: at least one per (head dim, block size) class that a model uses.
+TUNE_SHAPES = ('t224_s3', 't224_s2', 's_det_s3', 't224_s1', 'b1024_s2', 'dsvt48_d32',
+               's_det_s2', 'dsvt90_d32', 't512_s1', 'dsvt36_d64', 'b1024_s2_d64', 'dsvt90_d64')
 
 
 def make_problem(shape: Shape, dtype, device='cuda', seed=0):
@@ -335,32 +344,156 @@ def flex_in_child(shapes, dtype_name, reps_ms):
     return results
 
 
-def tune(shapes, kinds, dtype, reps_ms):
-    """Time each TUNE config of each kernel kind for ours on each shape; print the best four.
+class KernelInputs:
+    """One shape's inputs to each kernel of ours: q, k, v, index, mask, dO and, from a first
+    pass, the forward's out and lse, the delta and the transposed index."""
 
-    'fwd' configs are timed on the forward, 'dq' and 'dkdv' on forward+backward with the other
-    kernels at their defaults.
-    """
+    def __init__(self, shape, dtype):
+        self.shape = shape
+        self.q, self.k, self.v, self.index, self.mask = make_problem(shape, dtype)
+        self.args = (self.index, self.mask, shape.block_q, shape.block_k, shape.head_dim ** -0.5)
+        self.out, self.lse = kernels.forward(self.q, self.k, self.v, *self.args)
+        self.grad_out = torch.randn_like(self.q)
+        _, self.delta = kernels.backward_dq(self.grad_out, self.q, self.k, self.v, self.out,
+                                            self.lse, *self.args)
+        self.order, self.offsets = kernels._transpose_index(self.index, shape.blocks)
+
+    def effective_config(self, kind, config):
+        """The config a launch really uses (fwd/dq cap BLOCK_N at the routed keys); raises
+        ValueError for a config that does not fit the shape."""
+        s = self.shape
+        if kind == 'dkdv':
+            kernels._key_plan(s.batch, s.heads, s.blocks * s.block_k, s.head_dim, s.block_k,
+                              False, config)
+            return config
+        meta = kernels._query_plan(kind, s.batch, s.heads, s.groups * s.block_q, s.head_dim,
+                                   s.block_q, s.block_k, s.topk, False, config)[2]
+        return meta['BLOCK_M'], meta['BLOCK_N'], meta['num_warps'], meta['num_stages']
+
+    def launcher(self, kind, config):
+        q, k, v, grad_out = self.q, self.k, self.v, self.grad_out
+        if kind == 'fwd':
+            return lambda: kernels.forward(q, k, v, *self.args, config=config)
+        if kind == 'dq':
+            return lambda: kernels.backward_dq(grad_out, q, k, v, self.out, self.lse, *self.args,
+                                               config=config)
+        index, mask, block_q, block_k, scale = self.args
+        return lambda: kernels.backward_dkdv(grad_out, q, k, v, self.lse, self.delta, self.order,
+                                             self.offsets, index.dim() == 4, mask, block_q,
+                                             block_k, scale, config=config)
+
+
+def _candidates(inputs, kind):
+    """{effective config: [candidate configs that launch as it]} of one kind on one shape."""
+    unique = {}
+    for config in TUNE[kind]:
+        try:
+            unique.setdefault(inputs.effective_config(kind, config), []).append(config)
+        except ValueError:  # the tile cannot hold the packed groups/blocks
+            pass
+    return unique
+
+
+def _compile_worker(shape_name, kind, dtype_name):
+    """Launch every candidate of one kind once on one shape (fills Triton's disk cache)."""
+    dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}[dtype_name]
+    inputs = KernelInputs(SHAPES_BY_NAME[shape_name], dtype)
+    for config in _candidates(inputs, kind):
+        try:
+            inputs.launcher(kind, config)()
+        except Exception:  # reported by the timing pass
+            pass
+    torch.cuda.synchronize()
+
+
+def _size_class(block_size):
+    return next(limit for limit in kernels.SIZE_LIMITS if limit is None or block_size <= limit)
+
+
+def choose_configs(timings):
+    """A set_tile_configs table from {kind: {shape: {config: ms}}}: per head-dim class and
+    block-size class, the candidate with the least summed slowdown (time / best time) over
+    that class's shapes; classes without a timed shape keep their current rows."""
+    table = {}
+    for kind, per_shape in timings.items():
+        table[kind] = {}
+        for max_d, rows in kernels._CONFIGS[kind].items():
+            new_rows = []
+            for limit, current in rows:
+                members = [t for name, t in per_shape.items() if t
+                           and _size_class(_block_size(kind, SHAPES_BY_NAME[name])) == limit
+                           and kernels.head_dim_class(SHAPES_BY_NAME[name].head_dim) == max_d]
+                common = set.intersection(*(set(t) for t in members)) if members else set()
+                if common:
+                    current = min(common, key=lambda c: sum(t[c] / min(t.values())
+                                                            for t in members))
+                new_rows.append((limit, tuple(current)))
+            table[kind][max_d] = new_rows
+    return table
+
+
+def _block_size(kind, shape):
+    return shape.block_k if kind == 'dkdv' else shape.block_q
+
+
+def tune(shapes, kinds, dtype, dtype_name, reps_ms, configs_path, workers):
+    """Time each kernel kind alone for every TUNE candidate (CUDA-graph replay) and write the
+    chosen table (and all timings) to ``configs_path`` as JSON after every shape."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+    from triton.testing import do_bench_cudagraph
+    tasks = [(s.name, kind) for s in shapes for kind in kinds]
+    started = time.time()
+    try:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context('spawn')) as pool:
+            list(pool.map(_compile_worker, *zip(*tasks), [dtype_name] * len(tasks)))
+        print(f'compiled the candidates in {time.time() - started:.0f} s', flush=True)
+    except Exception as err:  # the timing pass compiles what is missing, serially
+        print(f'parallel compilation failed ({type(err).__name__}: {err}); compiling serially',
+              flush=True)
+    timings = {kind: {} for kind in kinds}
     for shape in shapes:
-        q, k, v, index, mask = make_problem(shape, dtype)
+        inputs = KernelInputs(shape, dtype)
         for kind in kinds:
-            configs = TUNE[kind]
-            timings = []
-            for config in configs:
-                kernels.TILE_OVERRIDES.clear()
-                kernels.TILE_OVERRIDES[kind] = config
-                timed = 'fwd' if kind == 'fwd' else 'fwd_bwd'
+            default = kernels.tile_config(kind, _block_size(kind, shape), shape.head_dim)
+            measured = {}
+            for effective, requested in _candidates(inputs, kind).items():
                 try:
-                    result = measure(ours, q, k, v, index, mask, shape, reps_ms, only=timed)
+                    ms = do_bench_cudagraph(inputs.launcher(kind, effective), rep=reps_ms,
+                                            return_mode='median')
                 except Exception as err:
-                    print(f'  {shape.name} {kind} {config}: {type(err).__name__}', flush=True)
+                    print(f'  {shape.name} {kind} {effective}: {type(err).__name__}', flush=True)
                     continue
-                timings.append((result[timed], config))
-            kernels.TILE_OVERRIDES.clear()
-            timings.sort()
-            print(f'{shape.name:14s} {kind} (bq={shape.block_q}, D={shape.head_dim}) ' + ', '.join(
-                f'{c}:{t:.3f}' for t, c in timings[:4]), flush=True)
-        del q, k, v
+                measured.update({config: ms for config in requested})
+            timings[kind][shape.name] = measured
+            if measured:
+                best = min(measured, key=measured.get)
+                base = measured.get(default)
+                print(f'{shape.name:13s} {kind:4s} best {best} {measured[best] * 1e3:7.1f} us; '
+                      f'current {default} '
+                      + (f'{base * 1e3:7.1f} us' if base is not None else 'not timed'),
+                      flush=True)
+        del inputs
+        torch.cuda.empty_cache()
+        table = choose_configs(timings)
+        with open(configs_path, 'w') as f:
+            json.dump(dict(configs=table, timings={
+                kind: {name: {str(list(c)): t for c, t in per.items()}
+                       for name, per in per_shape.items()}
+                for kind, per_shape in timings.items()}), f, indent=1)
+    print('chosen rows (set_tile_configs table):', flush=True)
+    for kind, classes in choose_configs(timings).items():
+        for max_d, rows in classes.items():
+            print(f'  {kind} D<={max_d}: {rows}', flush=True)
+
+
+def apply_configs(configs_path):
+    """Apply the table of a --tune JSON file to ours."""
+    with open(configs_path) as f:
+        table = json.load(f)['configs']
+    kernels.set_tile_configs({kind: {int(d): [(limit, tuple(c)) for limit, c in rows]
+                                     for d, rows in classes.items()}
+                              for kind, classes in table.items()})
 
 
 def format_table(shape, rows, floors):
@@ -386,13 +519,17 @@ def format_table(shape, rows, floors):
 def main(argv=None):
     parser = argparse.ArgumentParser(prog='benchmark.py ops', description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--shapes', nargs='+', default=[s.name for s in SHAPES],
-                        choices=list(SHAPES_BY_NAME))
+    parser.add_argument('--shapes', nargs='+', choices=list(SHAPES_BY_NAME))
     parser.add_argument('--peers', nargs='+', default=list(PEERS), choices=PEERS)
     parser.add_argument('--dtype', default='bf16', choices=('bf16', 'fp16', 'fp32'))
     parser.add_argument('--reps-ms', type=int, default=200, help='timing budget per measurement')
     parser.add_argument('--tune', nargs='*', choices=tuple(TUNE),
-                        help='sweep the tile configs of these kernels of ours (default: all)')
+                        help='sweep the tile configs of these kernels of ours (default: all) on '
+                        '--shapes (default: TUNE_SHAPES); writes --configs')
+    parser.add_argument('--configs', help='JSON table of tile configs: written by --tune, '
+                        'applied to ours (benchmark, --profile) otherwise')
+    parser.add_argument('--workers', type=int, default=12,
+                        help='processes compiling the --tune candidates')
     parser.add_argument('--profile', action='store_true',
                         help='print the per-kernel GPU time of ours (torch.profiler)')
     parser.add_argument('--json', help='write all results to this JSON file')
@@ -402,17 +539,23 @@ def main(argv=None):
     if not torch.cuda.is_available():
         sys.exit('benchmark.py ops needs a CUDA GPU')
     dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}[args.dtype]
-    shapes = [SHAPES_BY_NAME[n] for n in args.shapes]
+    default_shapes = TUNE_SHAPES if args.tune is not None else [s.name for s in SHAPES]
+    shapes = [SHAPES_BY_NAME[n] for n in args.shapes or default_shapes]
     if args.child_flex:
         for shape in shapes:
             row = run_peer('flex', shape, dtype, args.reps_ms)
             print(json.dumps(dict(shape=shape.name, **row)), flush=True)
         return
+    if args.tune is not None:
+        if not args.configs:
+            sys.exit('--tune needs --configs FILE to write the chosen table to')
+        tune(shapes, args.tune or list(TUNE), dtype, args.dtype, args.reps_ms, args.configs,
+             args.workers)
+        return
+    if args.configs:
+        apply_configs(args.configs)
     if args.profile:
         profile(shapes, dtype)
-        return
-    if args.tune is not None:
-        tune(shapes, args.tune or list(TUNE), dtype, args.reps_ms)
         return
     import triton
     props = torch.cuda.get_device_properties(0)
