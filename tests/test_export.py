@@ -1,5 +1,7 @@
 """ONNX export: BiFormer and the RetinaNet demo detector through onnxruntime at two sizes, the
 TensorRT operator allow-list, the Triton guard, and bad arguments."""
+import contextlib
+import io
 import os
 import re
 import sys
@@ -48,15 +50,10 @@ def _assert_tensorrt_parsable(path):
 def biformer_tiny_export(tmp_path_factory):
     """tools/export.py biformer_tiny --dynamic: (exit status, stdout, onnx path)."""
     path = str(tmp_path_factory.mktemp('export') / 'biformer_tiny.onnx')
-    capture = pytest.MonkeyPatch()
-    lines = []
-    capture.setattr('builtins.print', lambda *args, **kwargs: lines.append(' '.join(
-        map(str, args))))
-    try:
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
         status = export_cli.main(['biformer_tiny', '--dynamic', '--output', path])
-    finally:
-        capture.undo()
-    return status, lines, path
+    return status, stdout.getvalue().splitlines(), path
 
 
 @pytest.mark.slow

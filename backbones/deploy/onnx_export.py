@@ -123,7 +123,7 @@ def export_onnx(target: ExportTarget, output: str, input_shape: Sequence[int], *
     os.makedirs(osp.dirname(osp.abspath(output)), exist_ok=True)
     with forbid_triton_launches(), torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings('ignore', category=torch.jit.TracerWarning)
-        warnings.filterwarnings('ignore', category=DeprecationWarning, module='torch.onnx')
+        warnings.filterwarnings('ignore', message='You are using the legacy TorchScript-based')
         torch.onnx.export(module, (example,), output, input_names=[input_name],
                           output_names=list(target.output_names), opset_version=opset,
                           dynamic_axes=axes or None, dynamo=False)
