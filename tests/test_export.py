@@ -183,6 +183,8 @@ def test_op_types_include_nested_subgraphs():
     (['resnet18', '--features-only', '--input-shape', '1,3,0,224'], None),
     ([DEMO_CONFIG, '--features-only'], 'features_only applies to timm model names'),
     (['resnet18', '--checkpoint', '/nonexistent.pth'], "checkpoint '/nonexistent.pth' does not"),
+    (['resnet18', '--format', 'tensorrt'],
+     'is the engine file with --format tensorrt'),
 ])
 def test_cli_rejects_bad_arguments(argv, message, capsys, tmp_path):
     argv = argv + ['--output', str(tmp_path / 'out.onnx')]

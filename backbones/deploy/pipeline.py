@@ -66,6 +66,9 @@ def export_model(model: str, *, checkpoint: Optional[str] = None, features_only:
         input_shape = check_input_shape(tuple(input_shape))
     if verify_shape is not None:
         verify_shape = check_input_shape(tuple(verify_shape), 'verify_shape')
+    if fmt == 'tensorrt' and output is not None and output.endswith('.onnx'):
+        raise ValueError(f'output {output!r} is the engine file with --format tensorrt (the '
+                         f'graph is written next to it as .onnx); use e.g. a .engine suffix')
     if fmt == 'tensorrt':  # fail before the (long) export when TensorRT is missing
         from .tensorrt_engine import import_tensorrt
         import_tensorrt()
@@ -87,6 +90,8 @@ def export_model(model: str, *, checkpoint: Optional[str] = None, features_only:
     second = verify_shape or second_input_shape(input_shape, dynamic)
     if second is not None and second != input_shape:
         shapes.append(second)
+    else:
+        log('static export: verified at the export shape only')
     inputs = random_inputs(shapes)
     references = torch_reference_outputs(target.module, inputs)
     differences = compare_with_onnxruntime(onnx_path, target.output_names, inputs, references)
