@@ -1,4 +1,5 @@
-"""TensorRT engines from exported ONNX graphs, with the ``tensorrt`` Python API (>= 8.6).
+"""TensorRT engines from exported ONNX graphs, with the ``tensorrt`` Python API (8.6 to 11.x;
+``fp16`` needs <= 10.x, whose ``BuilderFlag.FP16`` TensorRT 11 removed).
 
 Build: ONNX parser -> network (explicit batch), one optimisation profile covering the given
 min/opt/max input shapes, optional FP16 kernels; run: device buffers from torch CUDA tensors,
@@ -57,7 +58,8 @@ def build_engine(onnx_path: str, engine_path: str, profile: ShapeProfile, *,
 
     Args:
         profile: shapes of ``input_name`` the engine accepts (static axes: min == opt == max).
-        fp16: allow FP16 kernels (``BuilderFlag.FP16``); inputs and outputs stay float32.
+        fp16: allow FP16 kernels (``BuilderFlag.FP16``, TensorRT <= 10.x); inputs and outputs
+            stay float32.
         workspace_gib: builder workspace memory pool limit.
     """
     trt = import_tensorrt()
@@ -76,8 +78,12 @@ def build_engine(onnx_path: str, engine_path: str, profile: ShapeProfile, *,
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
     if fp16:
-        if not builder.platform_has_fast_fp16:
-            raise RuntimeError('fp16 was requested but this GPU has no fast FP16 support')
+        if not hasattr(trt.BuilderFlag, 'FP16'):
+            raise RuntimeError(
+                f'TensorRT {trt.__version__} has no BuilderFlag.FP16 (TensorRT 11 removed weak '
+                f'typing): convert the ONNX graph to mixed precision first (NVIDIA ModelOpt '
+                f"AutoCast, low_precision_type='fp16', keep_io_types=True) and build it without "
+                f'fp16, or use TensorRT 10.x')
         config.set_flag(trt.BuilderFlag.FP16)
     optimization_profile = builder.create_optimization_profile()
     optimization_profile.set_shape(input_name, profile.min, profile.opt, profile.max)
