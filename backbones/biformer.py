@@ -37,7 +37,8 @@ from timm.models._registry import generate_default_cfgs, register_model
 import ops
 
 __all__ = ['BiFormer', 'BiLevelRoutingAttention', 'FullAttentionLePE', 'BiFormerBlock',
-           'BiFormerStage', 'checkpoint_filter_fn', 'ATTN_IMPLS', 'PAD_MODES']
+           'BiFormerStage', 'AutocastLayerNorm', 'checkpoint_filter_fn', 'ATTN_IMPLS',
+           'PAD_MODES']
 
 ATTN_IMPLS = ('fused', 'gather')
 PAD_MODES = ('official', 'masked')
@@ -63,12 +64,13 @@ def _to_regions(x: torch.Tensor, n_win: int) -> torch.Tensor:
     return x.reshape(batch, height * width, chans)
 
 
-def _from_regions(x: torch.Tensor, n_win: int, height: int, width: int) -> torch.Tensor:
-    """Inverse of :func:`_to_regions`: (B, H * W, C) region-major -> (B, H, W, C)."""
+def _regions_to_nchw(x: torch.Tensor, n_win: int, height: int, width: int) -> torch.Tensor:
+    """(B, H * W, C) region-major -> contiguous (B, C, H, W), one copy (what a depthwise conv
+    reads without another copy)."""
     batch, _, chans = x.shape
     h, w = height // n_win, width // n_win
-    x = x.reshape(batch, n_win, n_win, h, w, chans).permute(0, 1, 3, 2, 4, 5)
-    return x.reshape(batch, height, width, chans)
+    x = x.reshape(batch, n_win, n_win, h, w, chans).permute(0, 5, 1, 3, 2, 4)
+    return x.reshape(batch, chans, height, width)
 
 
 def _heads_to_map(x: torch.Tensor, n_win: int, height: int, width: int) -> torch.Tensor:
@@ -149,8 +151,8 @@ class BiLevelRoutingAttention(nn.Module):
         attend = self._fused_attention if self.attn_impl == 'fused' else self._gather_attention
         out = _heads_to_map(attend(q, k, v, region_size, padding_mask), self.n_win,
                             pad_height, pad_width)
-        v_map = _from_regions(v, self.n_win, pad_height, pad_width).permute(0, 3, 1, 2)
-        out = out + self.lepe(v_map).permute(0, 2, 3, 1)
+        out = out + self.lepe(_regions_to_nchw(v, self.n_win, pad_height, pad_width)).permute(
+            0, 2, 3, 1)
         if is_padded:
             out = out[:, :height, :width]
         return self.proj(out)
@@ -261,6 +263,24 @@ class FullAttentionLePE(nn.Module):
         return self.proj(out)
 
 
+class AutocastLayerNorm(nn.LayerNorm):
+    """LayerNorm that returns the autocast dtype under autocast instead of float32.
+
+    The kernel still accumulates statistics in float32; the output equals, to bf16/fp16
+    rounding of the affine parameters, what the following Linear would cast the float32 result
+    to, without writing and re-reading it in float32 (timm's "fast norm" without apex).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        device_type = x.device.type
+        if not torch.is_autocast_enabled(device_type):
+            return super().forward(x)
+        dtype = torch.get_autocast_dtype(device_type)
+        with torch.autocast(device_type=device_type, enabled=False):
+            return F.layer_norm(x.to(dtype), self.normalized_shape, self.weight.to(dtype),
+                                self.bias.to(dtype), self.eps)
+
+
 class BiFormerBlock(nn.Module):
     """``x += dwconv3x3(x)``; ``x += attn(LN(x))``; ``x += mlp(LN(x))``. (B, H, W, C) in/out.
 
@@ -273,7 +293,7 @@ class BiFormerBlock(nn.Module):
                  pad_mode: str = 'official', attn_impl: str = 'fused'):
         super().__init__()
         self.pos_embed = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm1 = AutocastLayerNorm(dim, eps=1e-6)
         if topk > 0:
             self.attn = BiLevelRoutingAttention(dim, head_dim=head_dim, n_win=n_win, topk=topk,
                                                 side_dwconv=side_dwconv, pad_mode=pad_mode,
@@ -283,7 +303,7 @@ class BiFormerBlock(nn.Module):
         else:
             raise ValueError(f'topk must be > 0 (routing attention) or {FULL_ATTENTION} (full '
                              f'attention with LePE), got {topk}')
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm2 = AutocastLayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from timm.optim import create_optimizer_v2
 
 import backbones  # noqa: F401  (registers the timm models)
-from backbones.biformer import BiLevelRoutingAttention, checkpoint_filter_fn, remap_official_keys
+from backbones.biformer import (AutocastLayerNorm, BiLevelRoutingAttention, checkpoint_filter_fn,
+                                remap_official_keys)
 from biformer_official import OfficialBiFormer, randomize, to_official_keys
 
 MODEL_NAMES = timm.list_models('biformer_*')
@@ -318,9 +319,30 @@ def test_n_win_configurable_and_topk_clipped():
         assert model(torch.randn(1, 3, 70, 45)).shape == (1, 10)
 
 
+def test_autocast_layer_norm_returns_autocast_dtype():
+    norm = AutocastLayerNorm(16, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    x = torch.randn(4, 16, dtype=torch.bfloat16)
+    expected = F.layer_norm(x.float(), (16,), norm.weight, norm.bias, 1e-6)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = norm(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(norm(x.float()), expected)  # plain LayerNorm outside autocast
+
+
+def _relative_error(got, expected):
+    return ((got.float() - expected.float()).norm() / expected.float().norm()).item()
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
-def test_triton_path_matches_gather_on_cuda(dtype):
+@pytest.mark.parametrize('dtype, tol', [(torch.float32, 1e-3), (torch.bfloat16, 3e-2)])
+def test_triton_path_matches_gather_on_cuda(dtype, tol):
+    """Triton gather attention vs the official formulation: logits and parameter gradients
+    (relative error norms; gradients that vanish by construction, e.g. conv biases before a
+    training-mode BatchNorm, are skipped)."""
     fused = _small(n_win=7).cuda().train()
     gather = _small(n_win=7, attn_impl='gather').cuda().train()
     gather.load_state_dict(fused.state_dict())
@@ -331,8 +353,9 @@ def test_triton_path_matches_gather_on_cuda(dtype):
             out = model(x)
         out.float().square().mean().backward()
         outputs.append(out.float())
-    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-3, atol=1e-3)
-    torch.testing.assert_close(outputs[0], outputs[1], **tol)
-    for (name, p_fused), p_gather in zip(fused.named_parameters(), gather.parameters()):
-        scale = p_gather.grad.abs().max().clamp(min=1e-6)
-        torch.testing.assert_close(p_fused.grad / scale, p_gather.grad / scale, **tol, msg=name)
+    assert _relative_error(outputs[0], outputs[1]) < tol
+    grads = dict(gather.named_parameters())
+    largest = max(p.grad.norm() for p in grads.values())
+    for name, p_fused in fused.named_parameters():
+        if grads[name].grad.norm() > 1e-4 * largest:
+            assert _relative_error(p_fused.grad, grads[name].grad) < tol, name
