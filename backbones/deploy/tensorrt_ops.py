@@ -8,6 +8,8 @@ Slice/Squeeze/Unsqueeze/Reduce*/Pad are constants.
 """
 from collections import Counter
 
+import numpy as np
+
 TENSORRT_DOCS_SOURCE = 'onnx/onnx-tensorrt docs/operators.md @ 96e7811 (ONNX-TensorRT 10.1 GA)'
 TENSORRT_MIN_OPSET = 9
 TENSORRT_MAX_OPSET = 20
@@ -54,8 +56,8 @@ def _iter_nodes(graph):
 
 def onnx_op_types(model) -> Counter:
     """Count the op types of an ``onnx.ModelProto``, as ``'domain::Op'`` outside ``ai.onnx``."""
-    return Counter(node.op_type if node.domain in ('', 'ai.onnx') else f'{node.domain}::{node.op_type}'
-                   for node in _iter_nodes(model.graph))
+    return Counter(node.op_type if node.domain in ('', 'ai.onnx')
+                   else f'{node.domain}::{node.op_type}' for node in _iter_nodes(model.graph))
 
 
 def _constant_values(graph) -> dict:
@@ -75,7 +77,7 @@ def _constant_values(graph) -> dict:
 
 
 def find_tensorrt_issues(model, allow_data_dependent: bool = False) -> list:
-    """Reasons TensorRT's ONNX parser would reject ``model`` (an ``onnx.ModelProto``); empty if none.
+    """Why TensorRT's ONNX parser would reject ``model`` (an ``onnx.ModelProto``); [] if none.
 
     Checks the default-domain opset range, that every op is in the allow-list (and, unless
     ``allow_data_dependent``, none of :data:`DATA_DEPENDENT_OPS`), that there are no custom
@@ -105,11 +107,13 @@ def find_tensorrt_issues(model, allow_data_dependent: bool = False) -> list:
     for node in model.graph.node:
         if node.op_type == 'TopK':
             k = constants.get(node.input[1]) if len(node.input) > 1 else None
+            k = None if k is None else int(np.asarray(k).reshape(-1)[0])
             sorted_flag = next((a.i for a in node.attribute if a.name == 'sorted'), 1)
             if k is None:
-                issues.append(f'TopK {node.name!r}: K is computed at run time; it must be a constant')
-            elif int(k.reshape(-1)[0]) >= TOPK_MAX_K:
-                issues.append(f'TopK {node.name!r}: K={int(k.reshape(-1)[0])} must be < {TOPK_MAX_K}')
+                issues.append(f'TopK {node.name!r}: K is computed at run time; it must be a '
+                              f'constant')
+            elif k >= TOPK_MAX_K:
+                issues.append(f'TopK {node.name!r}: K={k} must be < {TOPK_MAX_K}')
             if sorted_flag != 1:
                 issues.append(f'TopK {node.name!r}: sorted must be 1')
         axes_input = _CONSTANT_AXES_INPUT.get(node.op_type)
