@@ -31,21 +31,39 @@ from torch.autograd.function import once_differentiable
 LOG2E = 1.4426950408889634
 
 # Tile configs (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel kind and head-dim class.
-# _CONFIGS[kind][max_block_d] holds rows (size limit, config); the first head-dim class with
-# BLOCK_D <= max_block_d applies, then its first row whose limit is >= the block size. 'fwd'
-# and 'dq' tile query rows (BLOCK_M) by routed keys (BLOCK_N) and go by block_q; 'dkdv' tiles
-# key rows (BLOCK_N) by routed query rows (BLOCK_M) and goes by block_k.
-# Source of each row: docs/ops.md ("Tile configs").
+# _CONFIGS[kind][max_block_d] holds one config per block-size class of SIZE_LIMITS: the first
+# head-dim class with BLOCK_D <= max_block_d applies, then the first size limit >= the block
+# size (None: any). 'fwd' and 'dq' tile query rows (BLOCK_M) by routed keys (BLOCK_N) and go by
+# block_q; 'dkdv' tiles key rows (BLOCK_N) by routed query rows (BLOCK_M) and goes by block_k.
+# D <= 32 and D = 64 come from the CUDA-graph-timed sweep `tools/benchmark.py ops --tune` on an
+# H200 (2026-11-28, docs/ops.md "Tile configs" names the shapes behind each row); D > 64 keeps
+# the untuned defaults.
 SIZE_LIMITS = (8, 16, 32, 64, 128, None)
 HEAD_DIM_CLASSES = (32, 64, 256)
-_FWD_ROWS = ((16, 128, 4, 2), (16, 64, 2, 2), (16, 128, 4, 2), (64, 128, 4, 2),
-             (64, 128, 4, 2), (64, 128, 4, 2))
-_DQ_ROWS = ((16, 64, 2, 2),) * 3 + ((64, 64, 4, 2),) * 3
-_DKDV_ROWS = ((64, 16, 2, 2),) * 2 + ((64, 64, 4, 2),) * 4
-_CONFIGS = {
-    kind: {max_d: tuple(zip(SIZE_LIMITS, rows)) for max_d in HEAD_DIM_CLASSES}
-    for kind, rows in (('fwd', _FWD_ROWS), ('dq', _DQ_ROWS), ('dkdv', _DKDV_ROWS))
+_TILES = {  # kind: {max_block_d: one config per SIZE_LIMITS class}
+    'fwd': {
+        32: ((16, 64, 2, 2), (16, 64, 2, 2), (64, 128, 4, 2), (64, 128, 4, 2), (64, 128, 4, 2),
+             (64, 128, 4, 2)),
+        64: ((16, 128, 4, 2), (16, 64, 2, 2), (16, 128, 4, 2), (64, 128, 4, 2), (64, 128, 4, 2),
+             (64, 128, 4, 2)),
+        256: ((16, 128, 4, 2), (16, 64, 2, 2), (16, 128, 4, 2), (64, 128, 4, 2),
+              (64, 128, 4, 2), (64, 128, 4, 2)),
+    },
+    'dq': {
+        32: ((16, 64, 2, 2),) * 6,
+        64: ((16, 64, 2, 2),) * 3 + ((64, 64, 4, 2),) * 3,
+        256: ((16, 64, 2, 2),) * 3 + ((64, 64, 4, 2),) * 3,
+    },
+    'dkdv': {
+        32: ((64, 16, 2, 2), (32, 16, 2, 2), (64, 16, 2, 2), (32, 64, 4, 2), (64, 16, 2, 2),
+             (32, 64, 4, 2)),
+        64: ((64, 16, 2, 2), (64, 16, 2, 2), (64, 64, 4, 2), (32, 64, 4, 2), (64, 64, 4, 2),
+             (64, 64, 4, 2)),
+        256: ((64, 16, 2, 2),) * 2 + ((64, 64, 4, 2),) * 4,
+    },
 }
+_CONFIGS = {kind: {max_d: tuple(zip(SIZE_LIMITS, rows)) for max_d, rows in classes.items()}
+            for kind, classes in _TILES.items()}
 KINDS = tuple(_CONFIGS)
 
 
