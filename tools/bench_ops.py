@@ -4,6 +4,7 @@
     python tools/benchmark.py ops --shapes t224_s2 dsvt36_d32 --peers ours flex
     python tools/benchmark.py ops --tune --configs tuned.json     # sweep the tile configs
     python tools/benchmark.py ops --configs tuned.json            # benchmark with them applied
+    python tools/benchmark.py ops --host-overhead                 # eager Python path, CPU only
 
 ``--tune`` times each kernel of ours (fwd, dq, dkdv) alone, as CUDA-graph replays, for every
 candidate tile config on a few shapes per (head dim, block size) class, and writes the best
@@ -496,6 +497,47 @@ def apply_configs(configs_path):
                               for kind, classes in table.items()})
 
 
+def host_overhead(reps=3000):
+    """Host microseconds per eager call of ours, every Triton launch replaced by a no-op.
+
+    Runs on the CPU with tiny CPU tensors (no GPU needed): it times the Python path around the
+    kernels (validation, launch plans, allocations, autograd, custom-op or autograd.Function
+    dispatch), not Triton's launcher nor the kernels. Best of 5 rounds.
+    """
+    class NoLaunch:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+    launched = {name: getattr(kernels, name) for name in dir(kernels) if name.endswith('_kernel')}
+    for name in launched:
+        setattr(kernels, name, NoLaunch())
+    try:
+        shape = Shape('tiny', 2, 2, 8, 4, 8, 4, 2, 32)
+        q, k, v, index, _ = make_problem(shape, torch.float32, device='cpu')
+        q, k, v = (x.requires_grad_() for x in (q, k, v))
+        grad_out = torch.randn_like(q)
+
+        def forward_backward():
+            torch.autograd.grad(ours(q, k, v, index, None, shape), (q, k, v), grad_out)
+
+        def inference():
+            with torch.no_grad():
+                ours(q, k, v, index, None, shape)
+        for label, fn in (('forward, no grad', inference),
+                          ('forward + backward (autograd.grad)', forward_backward)):
+            for _ in range(100):
+                fn()
+            rounds = []
+            for _ in range(5):
+                started = time.perf_counter()
+                for _ in range(reps // 5):
+                    fn()
+                rounds.append((time.perf_counter() - started) / (reps // 5) * 1e6)
+            print(f'{label:36s} {min(rounds):7.1f} us', flush=True)
+    finally:
+        for name, kernel in launched.items():
+            setattr(kernels, name, kernel)
+
+
 def format_table(shape, rows, floors):
     lines = [f'### {shape.name}: {shape.note}',
              f'B={shape.batch} H={shape.heads} G={shape.groups}x{shape.block_q} '
@@ -534,8 +576,13 @@ def main(argv=None):
                         help='print the per-kernel GPU time of ours (torch.profiler)')
     parser.add_argument('--json', help='write all results to this JSON file')
     parser.add_argument('--markdown', help='write the tables to this markdown file')
+    parser.add_argument('--host-overhead', action='store_true',
+                        help='host microseconds per eager call, kernels stubbed (CPU only)')
     parser.add_argument('--child-flex', action='store_true', help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.host_overhead:
+        host_overhead()
+        return
     if not torch.cuda.is_available():
         sys.exit('benchmark.py ops needs a CUDA GPU')
     dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}[args.dtype]
