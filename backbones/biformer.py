@@ -64,13 +64,12 @@ def _to_regions(x: torch.Tensor, n_win: int) -> torch.Tensor:
     return x.reshape(batch, height * width, chans)
 
 
-def _regions_to_nchw(x: torch.Tensor, n_win: int, height: int, width: int) -> torch.Tensor:
-    """(B, H * W, C) region-major -> contiguous (B, C, H, W), one copy (what a depthwise conv
-    reads without another copy)."""
+def _from_regions(x: torch.Tensor, n_win: int, height: int, width: int) -> torch.Tensor:
+    """Inverse of :func:`_to_regions`: (B, H * W, C) region-major -> (B, H, W, C)."""
     batch, _, chans = x.shape
     h, w = height // n_win, width // n_win
-    x = x.reshape(batch, n_win, n_win, h, w, chans).permute(0, 5, 1, 3, 2, 4)
-    return x.reshape(batch, chans, height, width)
+    x = x.reshape(batch, n_win, n_win, h, w, chans).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(batch, height, width, chans)
 
 
 def _heads_to_map(x: torch.Tensor, n_win: int, height: int, width: int) -> torch.Tensor:
@@ -151,8 +150,10 @@ class BiLevelRoutingAttention(nn.Module):
         attend = self._fused_attention if self.attn_impl == 'fused' else self._gather_attention
         out = _heads_to_map(attend(q, k, v, region_size, padding_mask), self.n_win,
                             pad_height, pad_width)
-        out = out + self.lepe(_regions_to_nchw(v, self.n_win, pad_height, pad_width)).permute(
-            0, 2, 3, 1)
+        # The LePE conv reads a channels_last view: measured faster on an H200 (bf16) than a
+        # contiguous NCHW copy, which sends the 5x5 depthwise conv to the native kernel.
+        v_map = _from_regions(v, self.n_win, pad_height, pad_width).permute(0, 3, 1, 2)
+        out = out + self.lepe(v_map).permute(0, 2, 3, 1)
         if is_padded:
             out = out[:, :height, :width]
         return self.proj(out)
