@@ -338,24 +338,26 @@ def _relative_error(got, expected):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize('dtype, tol', [(torch.float32, 1e-3), (torch.bfloat16, 3e-2)])
-def test_triton_path_matches_gather_on_cuda(dtype, tol):
-    """Triton gather attention vs the official formulation: logits and parameter gradients
-    (relative error norms; gradients that vanish by construction, e.g. conv biases before a
-    training-mode BatchNorm, are skipped)."""
-    fused = _small(n_win=7).cuda().train()
-    gather = _small(n_win=7, attn_impl='gather').cuda().train()
+@pytest.mark.parametrize('dtype, tol', [(torch.float32, 5e-3), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize('pad_mode, size, topk', [('official', 56, 1), ('masked', 45, 4)])
+def test_triton_path_matches_gather_on_cuda(dtype, tol, pad_mode, size, topk):
+    """One routing-attention layer, Triton kernels vs the official formulation: output, input
+    and parameter gradients by relative error norm (fp32 allows for TF32 in Triton's dots)."""
+    fused = BiLevelRoutingAttention(64, n_win=7, topk=topk, pad_mode=pad_mode).cuda()
+    gather = BiLevelRoutingAttention(64, n_win=7, topk=topk, pad_mode=pad_mode,
+                                     attn_impl='gather').cuda()
     gather.load_state_dict(fused.state_dict())
-    x = torch.randn(4, 3, 224, 224, device='cuda')
-    outputs = []
-    for model in (fused, gather):
+    x = torch.randn(8, size, size, 64, device='cuda')
+    grad_out = torch.randn(8, size, size, 64, device='cuda')
+    results = []
+    for layer in (fused, gather):
+        x_in = x.clone().requires_grad_()
         with torch.autocast('cuda', dtype=dtype, enabled=dtype != torch.float32):
-            out = model(x)
-        out.float().square().mean().backward()
-        outputs.append(out.float())
-    assert _relative_error(outputs[0], outputs[1]) < tol
-    grads = dict(gather.named_parameters())
-    largest = max(p.grad.norm() for p in grads.values())
-    for name, p_fused in fused.named_parameters():
-        if grads[name].grad.norm() > 1e-4 * largest:
-            assert _relative_error(p_fused.grad, grads[name].grad) < tol, name
+            out = layer(x_in)
+        out.float().backward(grad_out)
+        results.append((out, x_in.grad, {n: p.grad for n, p in layer.named_parameters()}))
+    (out_f, dx_f, grads_f), (out_g, dx_g, grads_g) = results
+    assert _relative_error(out_f, out_g) < tol
+    assert _relative_error(dx_f, dx_g) < tol
+    for name in grads_g:
+        assert _relative_error(grads_f[name], grads_g[name]) < tol, name
