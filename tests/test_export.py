@@ -82,12 +82,12 @@ def test_demo_retinanet_raw_outputs_and_outside_decoding(tmp_path):
     pytest.importorskip('mmdet')
     path = str(tmp_path / 'retinanet.onnx')
     report = export_model(DEMO_CONFIG, dynamic='all', output=path, log=lambda line: None)
-    raw = report.target.module
+    raw, (_, _, height, width) = report.target.module, report.target.default_input_shape
     assert report.target.kind == 'detector'
     assert raw.output_names == tuple(f'{group}_{level}' for group in ('cls_scores', 'bbox_preds')
                                      for level in range(3))
-    assert [d.input_shape for d in report.onnxruntime[::6]] == [(1, 3, 160, 160),
-                                                                 (2, 3, 320, 320)]
+    assert [d.input_shape for d in report.onnxruntime[::6]] == [(1, 3, height, width),
+                                                                 (2, 3, 2 * height, 2 * width)]
     assert report.failures(ATOL) == [], report.failures(ATOL)
     _assert_tensorrt_parsable(path)
 
@@ -96,13 +96,13 @@ def test_demo_retinanet_raw_outputs_and_outside_decoding(tmp_path):
     from mmdet.structures import DetDataSample
 
     raw.detector.bbox_head.test_cfg.score_thr = 0.0  # keep boxes of the untrained head
-    meta = dict(img_shape=(160, 160), ori_shape=(160, 160), scale_factor=(1.0, 1.0))
-    x = torch.randn(1, 3, 160, 160)
+    meta = dict(img_shape=(height, width), ori_shape=(height, width), scale_factor=(1.0, 1.0))
+    x = torch.randn(1, 3, height, width)
     outputs = ort.InferenceSession(path).run(list(raw.output_names), {'input': x.numpy()})
     decoded = predict_from_raw_outputs(raw, [torch.from_numpy(o) for o in outputs], [meta])[0]
     with torch.no_grad():
         expected = raw.detector.predict(x, [DetDataSample(metainfo=meta)])[0].pred_instances
-    assert len(decoded) == len(expected) == 20  # test_cfg.max_per_img
+    assert len(decoded) == len(expected) == raw.detector.bbox_head.test_cfg.max_per_img
     torch.testing.assert_close(decoded.bboxes, expected.bboxes, atol=1e-3, rtol=0)
     torch.testing.assert_close(decoded.scores, expected.scores, atol=1e-5, rtol=0)
     assert torch.equal(decoded.labels, expected.labels)

@@ -9,8 +9,9 @@ feature maps) or an mmdet config of a single-stage detector (its backbone, neck 
 outputs; box decoding and NMS stay outside the graph, see docs/export.md). After export,
 onnxruntime (and TensorRT with --format tensorrt) runs the graph at the export shape and at a
 second shape exercising the dynamic axes, and the max abs/rel differences to PyTorch are
-printed. Exits with status 1 if a difference exceeds --atol or the graph has operators
-TensorRT's ONNX parser does not support.
+printed. Exits with status 1 if a max abs difference exceeds --atol + --rtol x the largest
+magnitude of that PyTorch output, or the graph has operators TensorRT's ONNX parser does not
+support.
 """
 import argparse
 import sys
@@ -62,7 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help='second verification shape (default: batch+1 if the batch is '
                         'dynamic, H and W doubled if they are)')
     parser.add_argument('--atol', type=float, default=1e-4,
-                        help='max abs difference to PyTorch allowed (default 1e-4)')
+                        help='allowed max abs difference to PyTorch (default 1e-4) ...')
+    parser.add_argument('--rtol', type=float, default=1e-5,
+                        help='... plus rtol times the largest magnitude of that PyTorch output '
+                        '(default 1e-5)')
     return parser
 
 
@@ -77,11 +81,12 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError, ImportError, RuntimeError) as err:
         print(f'error: {err}', file=sys.stderr)
         return 2
-    failures = report.failures(args.atol)
+    failures = report.failures(args.atol, args.rtol)
     for failure in failures:
         print(f'FAILED: {failure}', file=sys.stderr)
     if not failures:
-        print(f'OK: every output within {args.atol:g} of PyTorch; only TensorRT-supported ops')
+        print(f'OK: every output within atol {args.atol:g} + rtol {args.rtol:g} x its largest '
+              f'magnitude of PyTorch; only TensorRT-supported ops')
     return 1 if failures else 0
 
 

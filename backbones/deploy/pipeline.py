@@ -26,12 +26,13 @@ class ExportReport:
     tensorrt: List[OutputDifference] = field(default_factory=list)
     tensorrt_latency_ms: List[Tuple[Tuple[int, ...], float]] = field(default_factory=list)
 
-    def failures(self, atol: float) -> List[str]:
-        """Reasons the export is not usable: TensorRT-incompatible ops, outputs off by > atol."""
+    def failures(self, atol: float, rtol: float = 0.0) -> List[str]:
+        """Reasons the export is not usable: TensorRT-incompatible ops, and outputs whose max
+        abs difference exceeds ``atol + rtol * (largest magnitude of the PyTorch output)``."""
         return self.tensorrt_issues + [
             f'{runtime}: {diff}' for runtime, diffs in (('onnxruntime', self.onnxruntime),
                                                         ('tensorrt', self.tensorrt))
-            for diff in diffs if not diff.within(atol)]
+            for diff in diffs if not diff.within(atol, rtol)]
 
 
 def _default_output(target: ExportTarget, fmt: str) -> str:
@@ -55,7 +56,7 @@ def export_model(model: str, *, checkpoint: Optional[str] = None, features_only:
     which is run at both and timed. ``fp16`` only applies to TensorRT (FP16 kernels in the engine).
 
     Returns:
-        An :class:`ExportReport`; call ``report.failures(atol)`` to judge it.
+        An :class:`ExportReport`; call ``report.failures(atol, rtol)`` to judge it.
     """
     if fmt not in FORMATS:
         raise ValueError(f'format must be one of {FORMATS}, got {fmt!r}')

@@ -17,17 +17,20 @@ __all__ = ['OutputDifference', 'output_differences', 'random_inputs', 'torch_ref
 class OutputDifference:
     """How far one output of a runtime lies from PyTorch at one input shape.
 
-    ``max_rel`` is ``max_abs`` divided by the largest magnitude of the PyTorch output (a
-    per-tensor relative error that stays meaningful where the output is near zero).
+    ``reference_scale`` is the largest magnitude of the PyTorch output and ``max_rel`` is
+    ``max_abs / reference_scale`` (a per-tensor relative error that stays meaningful where the
+    output is near zero).
     """
     input_shape: Tuple[int, ...]
     output: str
     shape: Tuple[int, ...]
     max_abs: float
     max_rel: float
+    reference_scale: float
 
-    def within(self, atol: float) -> bool:
-        return self.max_abs <= atol
+    def within(self, atol: float, rtol: float = 0.0) -> bool:
+        """``max_abs <= atol + rtol * reference_scale``."""
+        return self.max_abs <= atol + rtol * self.reference_scale
 
     def __str__(self) -> str:
         return (f'input {self.input_shape} output {self.output} {self.shape}: '
@@ -77,7 +80,7 @@ def output_differences(input_shape: Sequence[int], names: Sequence[str],
         max_abs = (out - ref).abs().max().item() if ref.numel() else 0.0
         scale = ref.abs().max().item() if ref.numel() else 0.0
         differences.append(OutputDifference(tuple(input_shape), name, tuple(ref.shape), max_abs,
-                                            max_abs / scale if scale > 0 else max_abs))
+                                            max_abs / scale if scale > 0 else max_abs, scale))
     return differences
 
 
