@@ -8,8 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 import torch.nn as nn
+from timm.models import get_pretrained_cfg, model_entrypoint
 
 onnx = pytest.importorskip('onnx')
 pytest.importorskip('onnxruntime')
@@ -46,35 +48,55 @@ def _assert_tensorrt_parsable(path):
     return op_types
 
 
-@pytest.fixture(scope='module')
-def biformer_tiny_export(tmp_path_factory):
-    """tools/export.py biformer_tiny --dynamic: (exit status, stdout, onnx path)."""
-    path = str(tmp_path_factory.mktemp('export') / 'biformer_tiny.onnx')
+def smallest_model_per_family():
+    """The fewest-parameter timm model of each of our families (models registered by one
+    module under ``backbones``), e.g. ``['biformer_tiny']``."""
+    families = {}
+    for name in timm.list_models():
+        module = model_entrypoint(name).__module__
+        if module.startswith('backbones.'):
+            families.setdefault(module, []).append(name)
+
+    def num_params(name):
+        with torch.device('meta'):
+            return sum(p.numel() for p in timm.create_model(name).parameters())
+
+    return sorted(min(names, key=num_params) for names in families.values())
+
+
+@pytest.fixture(scope='module', params=smallest_model_per_family())
+def family_export(request, tmp_path_factory):
+    """tools/export.py MODEL --dynamic --rtol 0: (model, exit status, stdout lines, onnx path)."""
+    path = str(tmp_path_factory.mktemp('export') / f'{request.param}.onnx')
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
-        status = export_cli.main(['biformer_tiny', '--dynamic', '--output', path])
-    return status, stdout.getvalue().splitlines(), path
+        status = export_cli.main([request.param, '--dynamic', '--rtol', '0', '--output', path])
+    return request.param, status, stdout.getvalue().splitlines(), path
 
 
 @pytest.mark.slow
-def test_biformer_tiny_cli_matches_pytorch_at_two_sizes(biformer_tiny_export):
-    status, lines, _ = biformer_tiny_export
+def test_family_cli_export_matches_pytorch_at_two_sizes(family_export):
+    model, status, lines, _ = family_export
+    channels, height, width = get_pretrained_cfg(model).input_size
     comparisons = [line for line in lines if line.startswith('onnxruntime vs PyTorch')]
     assert status == 0, lines
-    assert [c.split(' output ')[0] for c in comparisons] == [
-        'onnxruntime vs PyTorch, input (1, 3, 224, 224)',
-        'onnxruntime vs PyTorch, input (2, 3, 448, 448)']
+    assert sorted({c.split(' output ')[0] for c in comparisons}) == [
+        f'onnxruntime vs PyTorch, input (1, {channels}, {height}, {width})',
+        f'onnxruntime vs PyTorch, input (2, {channels}, {2 * height}, {2 * width})']
     assert all(float(c.split('max abs diff ')[1].split(',')[0]) <= ATOL for c in comparisons)
 
 
 @pytest.mark.slow
-def test_biformer_tiny_graph_uses_tensorrt_ops_and_static_topk(biformer_tiny_export):
-    _, _, path = biformer_tiny_export
-    op_types = _assert_tensorrt_parsable(path)
-    assert op_types['TopK'] == 12  # one per routing-attention block (2 + 2 + 8), K constant
+def test_family_graph_uses_tensorrt_ops_with_dynamic_axes(family_export):
+    _, _, _, path = family_export
+    _assert_tensorrt_parsable(path)  # includes: every TopK has a constant K
     graph = onnx.load(path)
     assert [d.dim_param for d in graph.graph.input[0].type.tensor_type.shape.dim] == [
         'batch', '', 'height', 'width']
+
+
+def test_biformer_is_a_family():
+    assert 'biformer_tiny' in smallest_model_per_family()
 
 
 @pytest.mark.slow
