@@ -2,7 +2,7 @@
 
 Exporter choice: the TorchScript exporter (``torch.onnx.export(..., dynamo=False)``). On torch
 2.14 it writes the requested opset (17 and up), exports BiFormer-T with dynamic batch/H/W in
-about 30 s on 2 CPU cores, and its graphs use only TensorRT-parsable ops. torch 2.14's default,
+16-60 s on 2 shared CPU cores, and its graphs use only TensorRT-parsable ops. torch 2.14's default,
 the torch.export-based exporter, gives a smaller graph (about 1k nodes instead of 5.7k for
 BiFormer-T, the difference being shape arithmetic) but cannot write opset 17 (its lowest is 18
 and the down-conversion fails), took 100 s for BiFormer-T with a dynamic batch alone, over 4 min
