@@ -232,7 +232,7 @@ def test_grad_checkpointing(registered_model):
 
 def test_grad_checkpointing_whole_model():
     model = _small(n_win=2).train()
-    _check_checkpointing(model, model.stages[1].blocks[0], torch.randn(1, 3, 32, 32),
+    _check_checkpointing(model, model.stages[1].blocks[0], torch.randn(2, 3, 32, 32),
                          model.set_grad_checkpointing)
 
 
