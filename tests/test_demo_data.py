@@ -56,7 +56,8 @@ def test_annotations_are_valid_coco_with_exact_masks(tmp_path):
             assert 0 <= x and 0 <= y and x + w <= 64 and y + h <= 64 and w > 0 and h > 0
             mask = coco.annToMask(ann)
             ys, xs = np.nonzero(mask)
-            # The rasterised mask fills the box (to 1.5 px at sharp vertices) and matches the polygon area.
+            # The rasterised mask fills the box (to 1.5 px at sharp vertices) and matches
+            # the polygon area.
             assert abs(xs.min() - x) <= 1.5 and abs(xs.max() + 1 - (x + w)) <= 1.5
             assert abs(ys.min() - y) <= 1.5 and abs(ys.max() + 1 - (y + h)) <= 1.5
             assert abs(mask.sum() - ann['area']) <= 0.2 * ann['area']

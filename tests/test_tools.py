@@ -14,9 +14,9 @@ from mmengine.config import Config  # noqa: E402
 from backbones.datasets import make_shapes_coco  # noqa: E402
 from backbones.mm.classifier import (TimmClassifier, TimmMixupDataPreprocessor,  # noqa: E402
                                      TopKAccuracy)
+from backbones.mm import runner  # noqa: E402
 from backbones.mm.runner import (configure_test, configure_train, load_config,  # noqa: E402
-                                 merge_cfg_options, replace_data_root, test_arg_parser,
-                                 train_arg_parser)
+                                 merge_cfg_options, replace_data_root, train_arg_parser)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DEMO_CONFIG = str(REPO / 'configs' / 'demo' / 'retinanet_biformer-demo_fpn_shapes.py')
@@ -34,7 +34,8 @@ def test_train_flags_match_mmdet():
     assert args.cfg_options == {'a.b': 1, 'c': [1, 2], 'd': ('x', 'y'), 'e': None}
     assert train_arg_parser().parse_args(['c.py', '--resume', 'x.pth']).resume == 'x.pth'
     assert train_arg_parser().parse_args(['c.py']).resume is None
-    args = test_arg_parser().parse_args(['c.py', 'k.pth', '--out', 'r.pkl', '--show-dir', 'v'])
+    args = runner.test_arg_parser().parse_args(
+        ['c.py', 'k.pth', '--out', 'r.pkl', '--show-dir', 'v'])
     assert (args.checkpoint, args.out, args.show_dir, args.launcher) == (
         'k.pth', 'r.pkl', 'v', 'none')
 
@@ -108,7 +109,7 @@ def test_train_flags_change_the_config(tmp_path):
 def test_test_flags_change_the_config(tmp_path):
     checkpoint = tmp_path / 'model.pth'
     checkpoint.write_bytes(b'')
-    args = test_arg_parser().parse_args([DEMO_CONFIG, str(checkpoint), '--out', 'res.pkl',
+    args = runner.test_arg_parser().parse_args([DEMO_CONFIG, str(checkpoint), '--out', 'res.pkl',
                                          '--show-dir', 'painted', '--work-dir', 'w'])
     cfg = configure_test(load_config(DEMO_CONFIG), args)
     assert cfg.load_from == str(checkpoint) and cfg.work_dir == 'w'
@@ -116,14 +117,14 @@ def test_test_flags_change_the_config(tmp_path):
     assert cfg.default_hooks.visualization.test_out_dir == 'painted'
     assert [e['type'] for e in cfg.test_evaluator] == ['CocoMetric', 'mmdet.DumpDetResults']
     with pytest.raises(ValueError, match='--out must be a .pkl'):
-        configure_test(load_config(DEMO_CONFIG), test_arg_parser().parse_args(
+        configure_test(load_config(DEMO_CONFIG), runner.test_arg_parser().parse_args(
             [DEMO_CONFIG, str(checkpoint), '--out', 'res.json']))
     with pytest.raises(FileNotFoundError, match='missing.pth'):
         configure_test(load_config(DEMO_CONFIG),
-                       test_arg_parser().parse_args([DEMO_CONFIG, 'missing.pth']))
+                       runner.test_arg_parser().parse_args([DEMO_CONFIG, 'missing.pth']))
     with pytest.raises(ValueError, match='visualization'):
-        configure_test(load_config(CLS_CONFIG),
-                       test_arg_parser().parse_args([CLS_CONFIG, str(checkpoint), '--show']))
+        configure_test(load_config(CLS_CONFIG), runner.test_arg_parser().parse_args(
+            [CLS_CONFIG, str(checkpoint), '--show']))
 
 
 def test_replace_data_root_moves_datasets_and_evaluators():
@@ -224,6 +225,6 @@ def test_train_resume_test_on_generated_data(tmp_path):
     output = _run_tool('test', DEMO_CONFIG, str(work_dir / 'epoch_2.pth'), '--work-dir',
                        str(work_dir), '--out', str(tmp_path / 'results.pkl'), '--cfg-options',
                        *options, cwd=tmp_path)
-    assert 'Average Precision  (AP) @[ IoU=0.50      | area=   all | maxDets=100 ]' in output
+    assert 'Average Precision  (AP) @[ IoU=0.50      | area=   all' in output
     assert 'coco/bbox_mAP_50' in output
     assert (tmp_path / 'results.pkl').stat().st_size > 0

@@ -53,7 +53,7 @@ def main(argv=None):
           f'in {args.work_dir}', flush=True)
     train_args = train_arg_parser().parse_args([args.config, '--work-dir', args.work_dir])
     cfg = replace_data_root(load_config(args.config), args.data_root)
-    cfg.train_cfg.val_interval = cfg.train_cfg.max_epochs + 1  # step 3 evaluates, once
+    cfg.val_dataloader = cfg.val_evaluator = cfg.val_cfg = None  # step 3 evaluates, once
     build_runner(configure_train(cfg, train_args)).train()
     with open(osp.join(args.work_dir, 'last_checkpoint')) as f:  # written by CheckpointHook
         checkpoint = f.read().strip()

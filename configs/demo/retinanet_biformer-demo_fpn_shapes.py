@@ -111,3 +111,4 @@ default_hooks = dict(
     logger=dict(type='LoggerHook', interval=10),
     checkpoint=dict(type='CheckpointHook', interval=1, max_keep_ckpts=2))
 env_cfg = dict(cudnn_benchmark=False)
+randomness = dict(seed=0)
