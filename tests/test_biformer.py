@@ -242,6 +242,15 @@ def _small(**kwargs):
     return timm.create_model('biformer_tiny', **dict(SMALL_ARCH, **kwargs)).eval()
 
 
+def test_prune_intermediate_layers():
+    model = _small()
+    assert model.prune_intermediate_layers([0, 1], prune_norm=True) == [0, 1]
+    assert len(model.stages) == 2 and model.num_classes == 0
+    with torch.no_grad():
+        features = model.forward_intermediates(torch.randn(1, 3, 64, 64), intermediates_only=True)
+    assert [tuple(f.shape[1:]) for f in features] == [(32, 16, 16), (64, 8, 8)]
+
+
 def test_bad_input_raises():
     model = _small()
     with pytest.raises(ValueError, match=r'4-D image batch \(B, 3, H, W\)'):
