@@ -137,7 +137,9 @@ class BiLevelRoutingAttention(nn.Module):
         batch, height, width, chans = x.shape
         pad_bottom, pad_right = -height % self.n_win, -width % self.n_win
         pad_height, pad_width = height + pad_bottom, width + pad_right
-        is_padded = bool(pad_bottom or pad_right)
+        # While exporting, always take the padded path (padding by zero when the size is a
+        # multiple already): a traced branch would fix the graph to the export size.
+        is_padded = bool(pad_bottom or pad_right) or ops.is_exporting()
         if is_padded:
             x = F.pad(x, (0, 0, 0, pad_right, 0, pad_bottom))
         qkv = self.qkv(_to_regions(x, self.n_win))  # (B, N, 3C) region-major

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ['gather_attention', 'set_debug', 'BACKENDS']
+__all__ = ['gather_attention', 'is_exporting', 'set_debug', 'BACKENDS']
 
 BACKENDS = ('auto', 'triton', 'torch')
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -39,11 +39,11 @@ def set_debug(enabled: bool) -> None:
     _debug = bool(enabled)
 
 
-def _is_exporting() -> bool:
+def is_exporting() -> bool:
     """True while ONNX-exporting, jit-tracing or torch.export-ing (the graph must stay plain)."""
-    is_exporting = getattr(torch.compiler, 'is_exporting', None)
+    compiler_is_exporting = getattr(torch.compiler, 'is_exporting', None)
     return (torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
-            or (is_exporting is not None and is_exporting()))
+            or (compiler_is_exporting is not None and compiler_is_exporting()))
 
 
 def _is_compiling() -> bool:
@@ -211,7 +211,7 @@ def gather_attention(q: Tensor, k: Tensor, v: Tensor, index: Tensor, *, block_q:
     if scale is None:
         scale = q.shape[-1] ** -0.5
     num_blocks = k.shape[2] // block_k
-    exporting, compiling = _is_exporting(), _is_compiling()
+    exporting, compiling = is_exporting(), _is_compiling()
     use_triton = backend == 'triton' or (
         backend == 'auto' and q.is_cuda and q.dtype in TRITON_DTYPES
         and q.shape[-1] <= TRITON_MAX_HEAD_DIM and not exporting)
