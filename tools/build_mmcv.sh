@@ -19,7 +19,7 @@ trap 'rm -rf "$work"' EXIT
 tar -xzf "$work"/mmcv-"$version".tar.gz -C "$work"
 src="$work/mmcv-$version"
 sed -i -E 's/-std=c\+\+1[47]/-std=c++20/g; s/c\+\+1[47]/c++20/g' "$src/setup.py"
-echo "building mmcv $version with ops (20-35 minutes on 2 idle cores)"
+echo "building mmcv $version with ops (about 13 minutes on 2 idle cores)"
 # -g0: no debug info (Python's own CFLAGS carry -g), which shortens the compile of the ~80
 # torch-header-heavy sources
 (cd "$src" && MMCV_WITH_OPS=1 FORCE_CUDA=0 MAX_JOBS=${MAX_JOBS:-2} CFLAGS="${CFLAGS:-} -g0" \
