@@ -9,10 +9,14 @@ group's ``j``-th routed key), and scores only (row group == column group) pairs.
 size works (1, 4, 49, 273, 90...) and the routed keys are never copied.
 
 The forward keeps an online softmax and stores the log-sum-exp (base 2, fp32, B*H*Nq). The
-backward has no atomics: one kernel recomputes the probabilities per query tile for dQ (and
-stores rowsum(dO * O)); a second, per key tile, walks the transposed index (the groups that
+backward's main kernel works per key tile: it walks the transposed index (the groups that
 route to each key block, built by ``_transpose_index_kernel``) for dK and dV,
-FlashAttention-2 style.
+FlashAttention-2 style. dQ comes either from a separate kernel per query tile, which
+recomputes the probabilities and stores rowsum(dO * O) first (the split backward), or from
+the key-tile kernel itself (the one-kernel backward): stored directly when every query group
+routes to a single key block that one tile holds whole (BiFormer's stage 1, DSVT's sets), so
+each query is visited once, or added with fp32 atomics otherwise. :func:`set_backward_mode`
+chooses; by default the one-kernel backward runs where it needs no atomics.
 
 Two entry points share the launchers: :func:`triton_gather_attention` runs eagerly through a
 ``torch.autograd.Function`` (the short launch path), and under ``torch.compile`` or export
@@ -34,7 +38,8 @@ LOG2E = 1.4426950408889634
 # _CONFIGS[kind][max_block_d] holds one config per block-size class of SIZE_LIMITS: the first
 # head-dim class with BLOCK_D <= max_block_d applies, then the first size limit >= the block
 # size (None: any). 'fwd' and 'dq' tile query rows (BLOCK_M) by routed keys (BLOCK_N) and go by
-# block_q; 'dkdv' tiles key rows (BLOCK_N) by routed query rows (BLOCK_M) and goes by block_k.
+# block_q; 'dkdv' tiles key rows (BLOCK_N) by routed query rows (BLOCK_M) and goes by block_k,
+# and so does 'bwd', the dK/dV kernel when it also computes dQ (the one-kernel backward).
 # D <= 32 and D = 64 come from the CUDA-graph-timed sweep `tools/benchmark.py ops --tune` on an
 # H200 (2026-11-28, docs/ops.md "Tile configs" names the shapes behind each row); D > 64 keeps
 # the untuned defaults.
@@ -60,6 +65,13 @@ _TILES = {  # kind: {max_block_d: one config per SIZE_LIMITS class}
         64: ((64, 16, 2, 2), (64, 16, 2, 2), (64, 64, 4, 2), (32, 64, 4, 2), (64, 64, 4, 2),
              (64, 64, 4, 2)),
         256: ((64, 16, 2, 2),) * 2 + ((64, 64, 4, 2),) * 4,
+    },
+    'bwd': {  # the one-kernel backward: whole key blocks per tile up to 256 keys (D <= 64)
+        32: ((64, 16, 2, 2), (64, 16, 2, 2), (64, 32, 4, 2), (32, 64, 4, 2), (32, 128, 4, 2),
+             (32, 256, 8, 2)),
+        64: ((64, 16, 2, 2), (64, 16, 2, 2), (64, 32, 4, 2), (32, 64, 4, 2), (32, 128, 8, 2),
+             (16, 256, 8, 2)),
+        256: ((64, 16, 2, 2),) * 2 + ((32, 64, 4, 2),) * 4,
     },
 }
 _CONFIGS = {kind: {max_d: tuple(zip(SIZE_LIMITS, rows)) for max_d, rows in classes.items()}
@@ -254,21 +266,30 @@ def _bwd_dq_kernel(Q, K, V, Out, GradOut, Lse, Index, Mask, GradQ, Delta,
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, GradOut, Lse, Delta, Order, Offsets, Mask, GradK, GradV,
+def _bwd_dkdv_kernel(Q, K, V, Out, GradOut, Lse, Delta, Order, Offsets, Mask, GradK, GradV,
+                     GradQ,
                      stride_qb, stride_qh, stride_qn, stride_qd,
                      stride_kb, stride_kh, stride_kn, stride_kd,
                      stride_vb, stride_vh, stride_vn, stride_vd,
+                     stride_ob, stride_oh, stride_on, stride_od,
                      stride_gb, stride_gh, stride_gn, stride_gd,
                      stride_mb, stride_mn,
                      num_tiles, heads, num_k, head_dim, blocks, block_k, num_q, block_q,
                      list_len, csr_row_b, csr_row_h, BPT, TPB, RPB, QPB, scale, scale_log2,
-                     HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                     HAS_MASK: tl.constexpr, DQ_MODE: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """GradK, GradV (contiguous (B, H, Nk, D), k's dtype), FlashAttention-2 style per key tile.
 
     The tile's key rows pack ``BPT`` key blocks (or a part of one); each step gathers, for
     every packed block, the next ``QPB`` query rows of the groups that routed to it (the
     transposed index: ``Order[Offsets[m]:Offsets[m+1]]`` lists the groups of block ``m``).
+
+    ``DQ_MODE`` 0 (split backward): Delta = rowsum(dO * O) comes from the dQ kernel and GradQ,
+    Out are unused. Otherwise the kernel is the whole backward: it computes Delta from Out and
+    the dQ contribution of its keys, which it stores into GradQ (contiguous (B, H, Nq, D)) when
+    every query it visits routes to this tile alone (``DQ_MODE`` 1: one slot, whole key blocks
+    per tile) or adds to an fp32 GradQ with atomics (``DQ_MODE`` 2).
     """
     program = tl.program_id(0).to(tl.int64)  # one flat grid: B*H may exceed grid dim 1
     tile = (program % num_tiles).to(tl.int32)
@@ -298,6 +319,7 @@ def _bwd_dkdv_kernel(Q, K, V, GradOut, Lse, Delta, Order, Offsets, Mask, GradK, 
     rows_routed = (tl.load(Offsets + block + 1, mask=col_in_tile, other=0) - start) * block_q
     num_steps = tl.cdiv(tl.max(rows_routed, 0), QPB)
     Q += b * stride_qb + h * stride_qh
+    Out += b * stride_ob + h * stride_oh
     GradOut += b * stride_gb + h * stride_gh
     Lse += bh * num_q
     Delta += bh * num_q
@@ -314,7 +336,12 @@ def _bwd_dkdv_kernel(Q, K, V, GradOut, Lse, Delta, Order, Offsets, Mask, GradK, 
         do = tl.load(GradOut + q_pos[:, None] * stride_gn + d[None, :] * stride_gd,
                      mask=col_mask, other=0.0)
         lse = tl.load(Lse + q_pos, mask=col_valid, other=float('inf'))
-        delta = tl.load(Delta + q_pos, mask=col_valid, other=0.0)
+        if DQ_MODE == 0:
+            delta = tl.load(Delta + q_pos, mask=col_valid, other=0.0)
+        else:
+            o = tl.load(Out + q_pos[:, None] * stride_on + d[None, :] * stride_od,
+                        mask=col_mask, other=0.0)
+            delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
         scores = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * scale_log2
         admissible = (row_block[:, None] == col_block[None, :]) & col_valid[None, :] \
             & row_live[:, None]
@@ -323,6 +350,13 @@ def _bwd_dkdv_kernel(Q, K, V, GradOut, Lse, Delta, Order, Offsets, Mask, GradK, 
         dp = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[None, :])
         dk += tl.dot(ds.to(q.dtype), q, input_precision=DOT_PRECISION)
+        if DQ_MODE != 0:
+            dq = tl.dot(tl.trans(ds.to(k.dtype)), k, input_precision=DOT_PRECISION) * scale
+            dq_offsets = (bh * num_q + q_pos[:, None]) * head_dim + d[None, :]
+            if DQ_MODE == 1:
+                tl.store(GradQ + dq_offsets, dq.to(GradQ.dtype.element_ty), mask=col_mask)
+            else:
+                tl.atomic_add(GradQ + dq_offsets, dq, mask=col_mask, sem='relaxed')
     grad_offsets = bh * num_k * head_dim + key_pos[:, None] * head_dim + d[None, :]
     tl.store(GradK + grad_offsets, (dk * scale).to(GradK.dtype.element_ty), mask=row_mask)
     tl.store(GradV + grad_offsets, dv.to(GradV.dtype.element_ty), mask=row_mask)
@@ -425,11 +459,12 @@ def _query_plan(kind: str, batch: int, heads: int, num_q: int, head_dim: int, bl
 
 
 @functools.lru_cache(maxsize=1024)
-def _key_plan(batch: int, heads: int, num_k: int, head_dim: int, block_k: int, fp32: bool,
-              config: Optional[tuple]):
-    """Grid, scalar arguments and meta-parameters of the dK/dV kernel (tiles key rows)."""
+def _key_plan(kind: str, batch: int, heads: int, num_k: int, head_dim: int, block_k: int,
+              fp32: bool, config: Optional[tuple]):
+    """Grid, scalar arguments and meta-parameters of the dK/dV kernel (tiles key rows), with
+    the tile config of ``kind`` ('dkdv' or 'bwd')."""
     blocks = num_k // block_k
-    block_m, block_n, num_warps, num_stages = config or tile_config('dkdv', block_k, head_dim)
+    block_m, block_n, num_warps, num_stages = config or tile_config(kind, block_k, head_dim)
     blocks_per_tile = max(1, block_n // block_k)
     rows_per_block = block_m // blocks_per_tile
     if rows_per_block == 0:
@@ -495,39 +530,84 @@ def backward_dq(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, 
     return grad_q, delta
 
 
-def backward_dkdv(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: Tensor,
-                  order: Tensor, offsets: Tensor, index_is_per_head: bool,
-                  key_padding_mask: Optional[Tensor], block_q: int, block_k: int, scale: float,
-                  config: Optional[tuple] = None):
+def backward_dkdv(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                  delta: Optional[Tensor], order: Tensor, offsets: Tensor,
+                  index_is_per_head: bool, key_padding_mask: Optional[Tensor], block_q: int,
+                  block_k: int, scale: float, grad_q: Optional[Tensor] = None,
+                  dq_mode: int = 0, config: Optional[tuple] = None):
     """(grad_k, grad_v), contiguous in k's dtype, from the transposed index; non-empty inputs
-    only."""
+    only. ``dq_mode`` 0 reads ``delta`` from the dQ kernel; 1 and 2 (see ``_bwd_dkdv_kernel``)
+    also write the dQ of the visited queries into ``grad_q`` (``out`` gives delta)."""
     batch, heads, num_q, head_dim = q.shape
     num_k = k.shape[2]
     grad_k = k.new_empty(k.shape)
     grad_v = k.new_empty(k.shape)
-    grid, scalars, tiling, meta = _key_plan(batch, heads, num_k, head_dim, block_k,
+    kind = 'dkdv' if dq_mode == 0 else 'bwd'
+    grid, scalars, tiling, meta = _key_plan(kind, batch, heads, num_k, head_dim, block_k,
                                             q.dtype == torch.float32, config)
     mask, stride_mb, stride_mn, has_mask = _mask_args(key_padding_mask, order)
     csr_row_b, csr_row_h = (heads, 1) if index_is_per_head else (1, 0)
     _bwd_dkdv_kernel[grid](
-        q, k, v, grad_out, lse, delta, order, offsets, mask, grad_k, grad_v,
-        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), stride_mb, stride_mn,
-        *scalars, num_q, block_q, order.shape[1], csr_row_b, csr_row_h, *tiling, scale, scale * LOG2E, HAS_MASK=has_mask, **meta)
+        q, k, v, out, grad_out, lse, order if delta is None else delta, order, offsets, mask,
+        grad_k, grad_v, grad_k if grad_q is None else grad_q,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(),
+        stride_mb, stride_mn, *scalars, num_q, block_q, order.shape[1], csr_row_b, csr_row_h,
+        *tiling, scale, scale * LOG2E, HAS_MASK=has_mask, DQ_MODE=dq_mode, **meta)
     return grad_k, grad_v
+
+
+BACKWARD_MODES = ('auto', 'split', 'fused')
+_backward_mode = 'auto'
+
+
+def set_backward_mode(mode: str) -> None:
+    """Choose the backward kernels (benchmarks compare them):
+
+    * ``'split'``: a dQ kernel (which also stores delta = rowsum(dO * O)), then the dK/dV kernel;
+    * ``'fused'``: the dK/dV kernel alone, also computing delta and dQ: dQ stored directly when
+      each query group routes to one key block that a tile holds whole, by fp32 atomics
+      otherwise;
+    * ``'auto'`` (default): ``'fused'`` where dQ is stored directly, ``'split'`` elsewhere.
+    """
+    global _backward_mode
+    if mode not in BACKWARD_MODES:
+        raise ValueError(f'mode must be one of {BACKWARD_MODES}, got {mode!r}')
+    _backward_mode = mode
+
+
+def backward_dq_mode(slots: int, block_k: int, head_dim: int, mode: Optional[str] = None) -> int:
+    """The ``DQ_MODE`` of the backward: 0 split, 1 fused with dQ stored, 2 fused with atomics."""
+    mode = mode or _backward_mode
+    if mode == 'split':
+        return 0
+    whole_blocks = block_k <= tile_config('bwd', block_k, head_dim)[1]
+    if slots == 1 and whole_blocks:
+        return 1
+    return 2 if mode == 'fused' else 0
 
 
 def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
              index: Tensor, key_padding_mask: Optional[Tensor], block_q: int, block_k: int,
              scale: float):
-    """(grad_q, grad_k, grad_v): dQ per query tile, then dK, dV per key tile (no atomics)."""
+    """(grad_q, grad_k, grad_v), contiguous, without atomics unless the backward mode asks:
+    see :func:`set_backward_mode`."""
     if _is_empty(q, k, index):
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    grad_q, delta = backward_dq(grad_out, q, k, v, out, lse, index, key_padding_mask, block_q,
-                                block_k, scale)
+    mode = backward_dq_mode(index.shape[-1], block_k, q.shape[-1])
     order, offsets = _transpose_index(index, k.shape[2] // block_k)
-    grad_k, grad_v = backward_dkdv(grad_out, q, k, v, lse, delta, order, offsets,
-                                   index.dim() == 4, key_padding_mask, block_q, block_k, scale)
-    return grad_q, grad_k, grad_v
+    args = (order, offsets, index.dim() == 4, key_padding_mask, block_q, block_k, scale)
+    if mode == 0:
+        grad_q, delta = backward_dq(grad_out, q, k, v, out, lse, index, key_padding_mask,
+                                    block_q, block_k, scale)
+        grad_k, grad_v = backward_dkdv(grad_out, q, k, v, out, lse, delta, *args)
+        return grad_q, grad_k, grad_v
+    # Queries that no slot routes anywhere are never visited: their dQ stays zero.
+    accumulate = mode == 2 and q.dtype != torch.float32
+    grad_q = torch.zeros(q.shape, dtype=torch.float32 if accumulate else q.dtype,
+                         device=q.device)
+    grad_k, grad_v = backward_dkdv(grad_out, q, k, v, out, lse, None, *args, grad_q=grad_q,
+                                   dq_mode=mode)
+    return (grad_q.to(q.dtype) if accumulate else grad_q), grad_k, grad_v
 
 
 # ----------------------------------------------------------------------------- custom ops

@@ -6,7 +6,8 @@
     python tools/benchmark.py ops --configs tuned.json            # benchmark with them applied
     python tools/benchmark.py ops --host-overhead                 # eager Python path, CPU only
 
-``--tune`` times each kernel of ours (fwd, dq, dkdv) alone, as CUDA-graph replays, for every
+``--tune`` times each kernel of ours (fwd, dq, dkdv, and bwd: the dK/dV kernel that also
+computes dQ) alone, as CUDA-graph replays, for every
 candidate tile config on a few shapes per (head dim, block size) class, and writes the best
 rows as a ``set_tile_configs`` table (JSON). It compiles the candidates first in parallel
 worker processes (Triton's disk cache), so the sweep is not compile-bound.
@@ -16,7 +17,10 @@ marked "(eager)" where capture fails), fwd+bwd ms launched eagerly from Python (
 flushes), peak extra MiB of fwd+bwd over the inputs, and the fraction of the roofline.
 
 Peers:
-* ``ours``: the fused Triton kernels (``backend="triton"``).
+* ``ours``: the fused Triton kernels (``backend="triton"``), default backward.
+* ``ours_split`` / ``ours_fused``: the same with the backward forced to the split (dQ kernel +
+  dK/dV kernel) or the one-kernel form (dQ stored, or added by atomics): see
+  ``ops._triton_gather_attention.set_backward_mode``.
 * ``official``: BiFormer's formulation: ``torch.gather`` of the routed K/V blocks, matmul,
   softmax, matmul (ops' torch reference, which is that formulation plus masking).
 * ``gather_sdpa``: the same gather, then ``F.scaled_dot_product_attention`` per query group.
@@ -47,7 +51,8 @@ import ops  # noqa: E402
 from ops import _triton_gather_attention as kernels  # noqa: E402
 from ops.gather_attention import gather_attention_reference  # noqa: E402
 
-PEERS = ('ours', 'official', 'gather_sdpa', 'flex', 'dense_sdpa')
+PEERS = ('ours', 'ours_split', 'ours_fused', 'official', 'gather_sdpa', 'flex', 'dense_sdpa')
+BACKWARD_MODE_OF_PEER = {'ours_split': 'split', 'ours_fused': 'fused'}
 
 
 @dataclass(frozen=True)
@@ -97,6 +102,9 @@ TUNE = {  # kind: (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates, see ops.
     'dkdv': [(32, 16, 2, 2), (64, 16, 2, 2), (64, 16, 4, 2), (128, 16, 4, 2), (32, 32, 2, 2),
              (64, 32, 4, 2), (128, 32, 4, 2), (32, 64, 4, 2), (64, 64, 4, 2), (128, 64, 8, 2),
              (64, 128, 8, 2)],
+    'bwd': [(32, 16, 2, 2), (64, 16, 2, 2), (32, 32, 2, 2), (64, 32, 4, 2), (16, 64, 4, 2),
+            (32, 64, 4, 2), (64, 64, 4, 2), (16, 128, 4, 2), (32, 128, 4, 2), (32, 128, 8, 2),
+            (16, 256, 8, 2), (32, 256, 8, 2)],
 }
 # Shapes the sweep times: at least one per (head dim, block size) class that a model uses.
 TUNE_SHAPES = ('t224_s3', 't224_s2', 's_det_s3', 't224_s1', 'b1024_s2', 'dsvt48_d32',
@@ -313,15 +321,17 @@ def check_ours(shape, q, k, v, index, mask):
 def run_peer(peer, shape, dtype, reps_ms):
     q, k, v, index, mask = make_problem(shape, dtype)
     fn = {'ours': ours, 'official': official_gather, 'gather_sdpa': gather_sdpa,
-          'dense_sdpa': dense_sdpa}.get(peer)
+          'dense_sdpa': dense_sdpa, **{p: ours for p in BACKWARD_MODE_OF_PEER}}.get(peer)
     if peer == 'flex':
         fn = FlexPeer(shape, index, mask)
+    kernels.set_backward_mode(BACKWARD_MODE_OF_PEER.get(peer, 'auto'))
     try:
         return measure(fn, q, k, v, index, mask, shape, reps_ms)
     except Exception as err:  # one peer's failure must not stop the run
         torch.cuda.synchronize()
         return dict(error=f'{type(err).__name__}: {str(err).splitlines()[0][:160]}')
     finally:
+        kernels.set_backward_mode('auto')
         del q, k, v
         torch.cuda.empty_cache()
 
@@ -363,9 +373,9 @@ class KernelInputs:
         """The config a launch really uses (fwd/dq cap BLOCK_N at the routed keys); raises
         ValueError for a config that does not fit the shape."""
         s = self.shape
-        if kind == 'dkdv':
-            kernels._key_plan(s.batch, s.heads, s.blocks * s.block_k, s.head_dim, s.block_k,
-                              False, config)
+        if kind in ('dkdv', 'bwd'):
+            kernels._key_plan(kind, s.batch, s.heads, s.blocks * s.block_k, s.head_dim,
+                              s.block_k, False, config)
             return config
         meta = kernels._query_plan(kind, s.batch, s.heads, s.groups * s.block_q, s.head_dim,
                                    s.block_q, s.block_k, s.topk, False, config)[2]
@@ -379,9 +389,19 @@ class KernelInputs:
             return lambda: kernels.backward_dq(grad_out, q, k, v, self.out, self.lse, *self.args,
                                                config=config)
         index, mask, block_q, block_k, scale = self.args
-        return lambda: kernels.backward_dkdv(grad_out, q, k, v, self.lse, self.delta, self.order,
-                                             self.offsets, index.dim() == 4, mask, block_q,
-                                             block_k, scale, config=config)
+        tail = (self.order, self.offsets, index.dim() == 4, mask, block_q, block_k, scale)
+        if kind == 'dkdv':
+            return lambda: kernels.backward_dkdv(grad_out, q, k, v, self.out, self.lse,
+                                                 self.delta, *tail, config=config)
+        # the one-kernel backward with this tile: dQ stored if the tile holds whole blocks
+        dq_mode = 1 if index.shape[-1] == 1 and block_k <= config[1] else 2
+
+        def one_kernel_backward():
+            grad_q = torch.zeros(q.shape, dtype=torch.float32, device=q.device) \
+                if dq_mode == 2 else torch.zeros_like(q)
+            kernels.backward_dkdv(grad_out, q, k, v, self.out, self.lse, None, *tail,
+                                  grad_q=grad_q, dq_mode=dq_mode, config=config)
+        return one_kernel_backward
 
 
 def _candidates(inputs, kind):
@@ -434,7 +454,7 @@ def choose_configs(timings):
 
 
 def _block_size(kind, shape):
-    return shape.block_k if kind == 'dkdv' else shape.block_q
+    return shape.block_k if kind in ('dkdv', 'bwd') else shape.block_q
 
 
 def tune(shapes, kinds, dtype, dtype_name, reps_ms, configs_path, workers):

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import ops
+from ops import _triton_gather_attention as kernels
 from ops._triton_gather_attention import _transpose_index, gather_attention_fwd
 from ops.gather_attention import gather_attention_reference
 
@@ -138,6 +139,43 @@ def test_triton_matches_fp64(case, dtype):
                                        head_dim, dtype=dtype, per_head=per_head,
                                        masked_fraction=masked)
     compare_to_fp64(q, k, v, index, mask, block_q, block_k)
+
+
+@pytest.fixture
+def backward_mode(request):
+    """Run the test under ``kernels.set_backward_mode(request.param)``, then restore 'auto'."""
+    kernels.set_backward_mode(request.param)
+    yield request.param
+    kernels.set_backward_mode('auto')
+
+
+BACKWARD_CASES = {
+    # as TRITON_CASES; each reaches a different DQ_MODE of the one-kernel backward
+    'one_slot_4_blocks_per_tile': (1, 2, 8, 4, 8, 4, 1, 16, False, 0.2),    # dQ stored
+    'one_slot_block_wider_than_tile': (1, 1, 2, 8, 2, 300, 1, 16, False, 0.1),  # atomics
+    'three_slots_per_head': (1, 2, 4, 8, 5, 8, 3, 32, True, 0.2),          # atomics
+}
+
+
+@pytest.mark.parametrize('backward_mode', ['split', 'fused'], indirect=True)
+@pytest.mark.parametrize('case', list(BACKWARD_CASES), ids=list(BACKWARD_CASES))
+def test_backward_modes_match_fp64(case, backward_mode):
+    batch, heads, groups, block_q, blocks, block_k, slots, head_dim, per_head, masked = \
+        BACKWARD_CASES[case]
+    q, k, v, index, mask = make_inputs(batch, heads, groups, block_q, blocks, block_k, slots,
+                                       head_dim, per_head=per_head, masked_fraction=masked)
+    index[0, ..., 0, :] = -1  # group 0 routes nowhere: its dQ must be zero in every mode
+    compare_to_fp64(q, k, v, index, mask, block_q, block_k)
+
+
+def test_backward_mode_choice():
+    choose = kernels.backward_dq_mode
+    assert choose(1, 64, 32, 'auto') == 1 and choose(1, 64, 32, 'fused') == 1
+    assert choose(1, 300, 32, 'auto') == 0 and choose(1, 300, 32, 'fused') == 2
+    assert choose(4, 16, 32, 'auto') == 0 and choose(4, 16, 32, 'fused') == 2
+    assert choose(1, 64, 32, 'split') == 0
+    with pytest.raises(ValueError, match='mode must be one of'):
+        kernels.set_backward_mode('atomic')
 
 
 def test_triton_fully_masked_queries_give_zeros():
@@ -286,8 +324,9 @@ GPU_SHAPES = {
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize('backward_mode', ['auto', 'split', 'fused'], indirect=True)
 @pytest.mark.parametrize('case', list(GPU_SHAPES), ids=list(GPU_SHAPES))
-def test_triton_bf16_matches_fp64_on_gpu(case):
+def test_triton_bf16_matches_fp64_on_gpu(case, backward_mode):
     batch, heads, groups, block_q, blocks, block_k, slots, head_dim, masked = GPU_SHAPES[case]
     q, k, v, index, mask = make_inputs(batch, heads, groups, block_q, blocks, block_k, slots,
                                        head_dim, dtype=torch.bfloat16, masked_fraction=masked,
