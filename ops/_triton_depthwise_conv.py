@@ -1,0 +1,337 @@
+"""Fused Triton kernels for :func:`ops.depthwise_conv2d` (NHWC): launchers, autograd, custom ops.
+
+Tiling. A program owns ``BLOCK_H x BLOCK_W`` output positions of one image, flattened to
+``BLOCK_H * BLOCK_W`` rows, by ``BLOCK_C`` channels; the grid is
+``(B * tiles_h * tiles_w, cdiv(C, BLOCK_C))``. Channels are the fast axis, so loads from an NHWC
+tensor with unit channel stride vectorize. The ``kh * kw`` taps are unrolled: each loads the
+shifted input tile (zeros outside the map, so 'same' zero padding needs no copy) and
+accumulates ``x * w`` in fp32.
+
+* Forward: the conv, plus bias and the add-tensor, stored once in the output dtype.
+* Backward, one kernel: dx is the conv of dy with the flipped kernel (the same tap loop). For
+  dweight, each tap's sum over the tile of ``x_shifted * dy`` goes to an fp32 partial buffer
+  (programs, kh * kw + 1, C), whose last row holds the tile's sum of dy (dbias); torch
+  ``sum(0)`` reduces it. No atomics, so results are deterministic.
+
+Eager calls go through a ``torch.autograd.Function`` straight to the launchers; under
+``torch.compile`` or export through the custom ops ``dsa_ops::depthwise_conv2d_fwd`` / ``_bwd``
+(fake implementations for tracing, ``register_autograd``).
+"""
+import functools
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+# (positions per program BLOCK_P, widest BLOCK_W, widest BLOCK_C, num_warps) per kernel.
+# Untuned defaults: `python tools/benchmark.py dwconv --tune` sweeps candidates on a GPU.
+KINDS = ('fwd', 'bwd')
+_CONFIGS = {'fwd': (64, 16, 64, 4), 'bwd': (64, 16, 64, 4)}
+
+_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _is_power_of_2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def tile_config(kind: str, height: int, width: int, channels: int):
+    """(BLOCK_H, BLOCK_W, BLOCK_C, num_warps) of one launch, from the ``_CONFIGS`` row:
+    BLOCK_W = min(widest, next_pow2(W)), BLOCK_H = BLOCK_P // BLOCK_W (at most next_pow2(H)),
+    BLOCK_C = min(widest, next_pow2(C))."""
+    block_p, widest_w, widest_c, num_warps = _CONFIGS[kind]
+    block_w = min(widest_w, _next_power_of_2(width), block_p)
+    block_h = min(block_p // block_w, _next_power_of_2(height))
+    return block_h, block_w, min(widest_c, _next_power_of_2(channels)), num_warps
+
+
+def set_tile_configs(table: dict) -> None:
+    """Replace rows of ``_CONFIGS``: ``{kind: (BLOCK_P, BLOCK_W, BLOCK_C, num_warps)}``, powers
+    of two (tuning sweeps)."""
+    for kind, config in table.items():
+        if kind not in _CONFIGS:
+            raise ValueError(f'kind must be one of {KINDS}, got {kind!r}')
+        config = tuple(int(v) for v in config)
+        if len(config) != 4 or not all(_is_power_of_2(v) for v in config):
+            raise ValueError(f'{kind} config must be 4 powers of two (BLOCK_P, BLOCK_W, BLOCK_C, '
+                             f'num_warps), got {config}')
+        _CONFIGS[kind] = config
+    _plan.cache_clear()
+
+
+@triton.jit
+def _tile(height, width, channels, tiles_w, tiles_per_image,
+          BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's image (int64), rows i and columns j of its positions, channels, and
+    which positions and channels exist."""
+    program = tl.program_id(0)
+    b = (program // tiles_per_image).to(tl.int64)
+    tile = program % tiles_per_image
+    p = tl.arange(0, BLOCK_H * BLOCK_W)
+    i = (tile // tiles_w) * BLOCK_H + p // BLOCK_W
+    j = (tile % tiles_w) * BLOCK_W + p % BLOCK_W
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    return b, i, j, c, (i < height) & (j < width), c < channels
+
+
+@triton.jit
+def _offsets(b, i, j, c, stride_b, stride_h, stride_w, stride_c):
+    """int64 element offsets (positions, channels) of image b, positions (i, j), channels c."""
+    rows = b * stride_b + i.to(tl.int64) * stride_h + j.to(tl.int64) * stride_w
+    return rows[:, None] + (c * stride_c)[None, :]
+
+
+@triton.jit
+def _load_shifted(X, offsets, i, j, c_valid, height, width, stride_h, stride_w, di, dj):
+    """X at positions (i + di, j + dj) as fp32, zero outside the map."""
+    ii, jj = i + di, j + dj
+    valid = (ii >= 0) & (ii < height) & (jj >= 0) & (jj < width)
+    return tl.load(X + offsets + (di * stride_h + dj * stride_w),
+                   mask=valid[:, None] & c_valid[None, :], other=0.0)
+
+
+@triton.jit
+def _conv_taps(X, offsets, i, j, c, c_valid, height, width, stride_h, stride_w,
+               Wt, stride_wc, stride_wh, stride_ww,
+               KH: tl.constexpr, KW: tl.constexpr, SIGN: tl.constexpr,
+               ROUND_X: tl.constexpr, ROUND_W: tl.constexpr,
+               BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """fp32 sum over taps (u, v) of X[i + SIGN (u - KH//2), j + SIGN (v - KW//2)] * W[c, u, v];
+    SIGN = -1 is the flipped kernel (dx). X and W are rounded to ROUND_X / ROUND_W first."""
+    acc = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
+    for u in tl.static_range(KH):
+        for v in tl.static_range(KW):
+            xv = _load_shifted(X, offsets, i, j, c_valid, height, width, stride_h, stride_w,
+                               SIGN * (u - KH // 2), SIGN * (v - KW // 2))
+            wv = tl.load(Wt + c * stride_wc + u * stride_wh + v * stride_ww, mask=c_valid,
+                         other=0.0)
+            acc += xv.to(ROUND_X).to(tl.float32) * wv.to(ROUND_W).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
+def _fwd_kernel(X, Wt, Bias, Add, Out,
+                stride_xb, stride_xh, stride_xw, stride_xc,
+                stride_wc, stride_wh, stride_ww, stride_bias,
+                stride_ab, stride_ah, stride_aw, stride_ac,
+                height, width, channels, tiles_w, tiles_per_image,
+                KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr,
+                HAS_ADD: tl.constexpr, COMPUTE: tl.constexpr,
+                BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+    b, i, j, c, pos_valid, c_valid = _tile(height, width, channels, tiles_w, tiles_per_image,
+                                           BLOCK_H, BLOCK_W, BLOCK_C)
+    x_offsets = _offsets(b, i, j, c, stride_xb, stride_xh, stride_xw, stride_xc)
+    acc = _conv_taps(X, x_offsets, i, j, c, c_valid, height, width, stride_xh, stride_xw,
+                     Wt, stride_wc, stride_wh, stride_ww, KH, KW, 1, COMPUTE, COMPUTE,
+                     BLOCK_H * BLOCK_W, BLOCK_C)
+    mask = pos_valid[:, None] & c_valid[None, :]
+    if HAS_BIAS:
+        bias = tl.load(Bias + c * stride_bias, mask=c_valid, other=0.0)
+        acc += bias.to(COMPUTE).to(tl.float32)[None, :]
+    if HAS_ADD:
+        add_offsets = _offsets(b, i, j, c, stride_ab, stride_ah, stride_aw, stride_ac)
+        acc += tl.load(Add + add_offsets, mask=mask, other=0.0).to(tl.float32)
+    out_offsets = _offsets(b, i, j, c, height * width * channels, width * channels, channels, 1)
+    tl.store(Out + out_offsets, acc.to(Out.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bwd_kernel(X, Wt, GradOut, GradX, Partials,
+                stride_xb, stride_xh, stride_xw, stride_xc,
+                stride_wc, stride_wh, stride_ww,
+                stride_gb, stride_gh, stride_gw, stride_gc,
+                height, width, channels, tiles_w, tiles_per_image,
+                KH: tl.constexpr, KW: tl.constexpr, NEED_DX: tl.constexpr,
+                NEED_DW: tl.constexpr, COMPUTE: tl.constexpr,
+                BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+    b, i, j, c, pos_valid, c_valid = _tile(height, width, channels, tiles_w, tiles_per_image,
+                                           BLOCK_H, BLOCK_W, BLOCK_C)
+    g_offsets = _offsets(b, i, j, c, stride_gb, stride_gh, stride_gw, stride_gc)
+    if NEED_DX:
+        acc = _conv_taps(GradOut, g_offsets, i, j, c, c_valid, height, width, stride_gh,
+                         stride_gw, Wt, stride_wc, stride_wh, stride_ww, KH, KW, -1, tl.float32,
+                         COMPUTE, BLOCK_H * BLOCK_W, BLOCK_C)
+        dx_offsets = _offsets(b, i, j, c, height * width * channels, width * channels,
+                              channels, 1)
+        tl.store(GradX + dx_offsets, acc.to(GradX.dtype.element_ty),
+                 mask=pos_valid[:, None] & c_valid[None, :])
+    if NEED_DW:
+        dy = tl.load(GradOut + g_offsets, mask=pos_valid[:, None] & c_valid[None, :],
+                     other=0.0).to(tl.float32)
+        x_offsets = _offsets(b, i, j, c, stride_xb, stride_xh, stride_xw, stride_xc)
+        row = tl.program_id(0).to(tl.int64) * ((KH * KW + 1) * channels)
+        for u in tl.static_range(KH):
+            for v in tl.static_range(KW):
+                xv = _load_shifted(X, x_offsets, i, j, c_valid, height, width, stride_xh,
+                                   stride_xw, u - KH // 2, v - KW // 2)
+                tl.store(Partials + row + (u * KW + v) * channels + c,
+                         tl.sum(xv.to(COMPUTE).to(tl.float32) * dy, 0), mask=c_valid)
+        tl.store(Partials + row + KH * KW * channels + c, tl.sum(dy, 0), mask=c_valid)
+
+
+@functools.lru_cache(maxsize=1024)
+def _plan(kind: str, batch: int, height: int, width: int, channels: int,
+          config: Optional[tuple]):
+    """Grid, scalar arguments and meta-parameters of one launch. ``config`` (BLOCK_H, BLOCK_W,
+    BLOCK_C, num_warps) overrides ``tile_config`` (tuning)."""
+    block_h, block_w, block_c, num_warps = config or tile_config(kind, height, width, channels)
+    tiles_w = _cdiv(width, block_w)
+    tiles_per_image = _cdiv(height, block_h) * tiles_w
+    grid = (batch * tiles_per_image, _cdiv(channels, block_c))
+    meta = dict(BLOCK_H=block_h, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=num_warps)
+    return grid, (height, width, channels, tiles_w, tiles_per_image), meta
+
+
+def output_dtype(compute_dtype: torch.dtype, add: Optional[Tensor]) -> torch.dtype:
+    """conv in ``compute_dtype``, plus ``add``: torch's type promotion."""
+    return compute_dtype if add is None else torch.promote_types(compute_dtype, add.dtype)
+
+
+def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], add: Optional[Tensor],
+            compute_dtype: torch.dtype, config: Optional[tuple] = None) -> Tensor:
+    """conv(x) + bias + add, (B, H, W, C) contiguous in ``output_dtype``. x and weight (and
+    bias) are rounded to ``compute_dtype`` before the fp32 accumulation."""
+    out = torch.empty(x.shape, dtype=output_dtype(compute_dtype, add), device=x.device)
+    if x.numel() == 0:
+        return out
+    batch, height, width, channels = x.shape
+    grid, scalars, meta = _plan('fwd', batch, height, width, channels, config)
+    _fwd_kernel[grid](
+        x, weight, x if bias is None else bias, x if add is None else add, out,
+        *x.stride(), weight.stride(0), weight.stride(2), weight.stride(3),
+        0 if bias is None else bias.stride(0), *(x.stride() if add is None else add.stride()),
+        *scalars, KH=weight.shape[2], KW=weight.shape[3], HAS_BIAS=bias is not None,
+        HAS_ADD=add is not None, COMPUTE=_TL_DTYPES[compute_dtype], **meta)
+    return out
+
+
+def backward(grad_out: Tensor, x: Tensor, weight: Tensor, compute_dtype: torch.dtype,
+             need_dx: bool, need_dw: bool, config: Optional[tuple] = None):
+    """(grad_x in x's dtype or None, grad_weight and grad_bias in weight's dtype or None)."""
+    batch, height, width, channels = x.shape
+    kernel_h, kernel_w = weight.shape[2:]
+    if not (need_dx or need_dw):
+        return None, None, None
+    if x.numel() == 0:
+        return (torch.zeros_like(x) if need_dx else None,
+                torch.zeros_like(weight) if need_dw else None,
+                weight.new_zeros(channels) if need_dw else None)
+    grid, scalars, meta = _plan('bwd', batch, height, width, channels, config)
+    grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_dx else None
+    taps = kernel_h * kernel_w
+    partials = (x.new_empty((grid[0], taps + 1, channels), dtype=torch.float32) if need_dw
+                else None)
+    _bwd_kernel[grid](
+        x, weight, grad_out, x if grad_x is None else grad_x, x if partials is None else partials,
+        *x.stride(), weight.stride(0), weight.stride(2), weight.stride(3), *grad_out.stride(),
+        *scalars, KH=kernel_h, KW=kernel_w, NEED_DX=need_dx, NEED_DW=need_dw,
+        COMPUTE=_TL_DTYPES[compute_dtype], **meta)
+    if not need_dw:
+        return grad_x, None, None
+    sums = partials.sum(0)
+    grad_weight = sums[:taps].t().contiguous().view(weight.shape).to(weight.dtype)
+    return grad_x, grad_weight, sums[taps].to(weight.dtype)
+
+
+# ----------------------------------------------------------------------------- custom ops
+
+
+@torch.library.custom_op('dsa_ops::depthwise_conv2d_fwd', mutates_args=())
+def depthwise_conv2d_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor],
+                         add: Optional[Tensor], compute_dtype: torch.dtype) -> Tensor:
+    """Forward: conv(x) + bias + add, (B, H, W, C) contiguous."""
+    return forward(x, weight, bias, add, compute_dtype)
+
+
+@depthwise_conv2d_fwd.register_fake
+def _(x, weight, bias, add, compute_dtype):
+    return x.new_empty(x.shape, dtype=output_dtype(compute_dtype, add))
+
+
+@torch.library.custom_op('dsa_ops::depthwise_conv2d_bwd', mutates_args=())
+def depthwise_conv2d_bwd(grad_out: Tensor, x: Tensor, weight: Tensor,
+                         compute_dtype: torch.dtype, need_dx: bool,
+                         need_dw: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Backward: (grad_x, grad_weight, grad_bias); an unneeded one is an empty (0,) tensor."""
+    grad_x, grad_weight, grad_bias = backward(grad_out, x, weight, compute_dtype, need_dx,
+                                              need_dw)
+    return (x.new_empty(0) if grad_x is None else grad_x,
+            weight.new_empty(0) if grad_weight is None else grad_weight,
+            weight.new_empty(0) if grad_bias is None else grad_bias)
+
+
+@depthwise_conv2d_bwd.register_fake
+def _(grad_out, x, weight, compute_dtype, need_dx, need_dw):
+    return (x.new_empty(x.shape if need_dx else 0),
+            weight.new_empty(weight.shape if need_dw else 0),
+            weight.new_empty(weight.shape[0] if need_dw else 0))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, add, compute_dtype = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.compute_dtype = compute_dtype
+
+
+def _backward(ctx, grad_out):
+    x, weight = ctx.saved_tensors
+    need_x, need_w, need_b, need_add = ctx.needs_input_grad[:4]
+    grad_x = grad_weight = grad_bias = None
+    if need_x or need_w or need_b:
+        grad_x, grad_weight, grad_bias = depthwise_conv2d_bwd(
+            grad_out, x, weight, ctx.compute_dtype, need_x, need_w or need_b)
+    return (grad_x if need_x else None, grad_weight if need_w else None,
+            grad_bias if need_b else None, grad_out if need_add else None, None)
+
+
+depthwise_conv2d_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- eager path
+
+
+class _DepthwiseConv2d(torch.autograd.Function):
+    """Eager autograd over the launchers, without the custom-op dispatch of the traced path."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, add, compute_dtype):
+        ctx.save_for_backward(x, weight)
+        ctx.compute_dtype = compute_dtype
+        return forward(x, weight, bias, add, compute_dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        need_x, need_w, need_b, need_add = ctx.needs_input_grad[:4]
+        grad_x, grad_weight, grad_bias = backward(grad_out, x, weight, ctx.compute_dtype,
+                                                  need_x, need_w or need_b)
+        return (grad_x, grad_weight if need_w else None, grad_bias if need_b else None,
+                grad_out if need_add else None, None)
+
+
+def triton_depthwise_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor],
+                            add: Optional[Tensor], compute_dtype: torch.dtype,
+                            traced: bool) -> Tensor:
+    """Fused depthwise conv (arguments validated by :func:`ops.depthwise_conv2d`).
+
+    ``traced`` (compiling or exporting) routes through the custom ops; eager calls launch the
+    kernels directly, through ``_DepthwiseConv2d`` when a gradient is needed.
+    """
+    if traced:
+        return depthwise_conv2d_fwd(x, weight, bias, add, compute_dtype)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                       for t in (x, weight, bias, add)):
+        return _DepthwiseConv2d.apply(x, weight, bias, add, compute_dtype)
+    return forward(x, weight, bias, add, compute_dtype)
