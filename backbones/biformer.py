@@ -19,7 +19,11 @@ code, each of which changes the numbers:
 Attention runs through :func:`ops.gather_attention` (``attn_impl='fused'``: a Triton kernel on
 CUDA that reads routed key/value regions in place, the torch reference on CPU) or through the
 official formulation (``attn_impl='gather'``: ``torch.gather`` of ``topk``-fold key/value copies
-and dense attention, kept for comparison and parity tests).
+and dense attention, kept for comparison and parity tests). The depthwise convolutions (the
+block's 3x3 positional embedding, the 5x5 LePE) stay ``nn.Conv2d`` modules (checkpoint keys
+unchanged). With ``attn_impl='fused'`` they run through :func:`ops.depthwise_conv2d` on the
+NHWC map with the residual add fused (a Triton kernel on CUDA; ``F.conv2d`` with the modules'
+weights on CPU and while exporting); ``'gather'`` keeps the official permute, conv, permute, add.
 """
 import re
 from typing import Dict, List, Optional, Tuple, Union
@@ -72,6 +76,15 @@ def _from_regions(x: torch.Tensor, n_win: int, height: int, width: int) -> torch
     return x.reshape(batch, height, width, chans)
 
 
+def _depthwise(conv: nn.Conv2d, x: torch.Tensor, add: torch.Tensor,
+               official: bool) -> torch.Tensor:
+    """``add + conv(x)`` for (B, H, W, C) maps: fused (:func:`ops.depthwise_conv2d`) or the
+    official permute, ``conv``, permute, add."""
+    if official:
+        return add + conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+    return ops.depthwise_conv2d(x, conv.weight, conv.bias, add=add)
+
+
 def _heads_to_map(x: torch.Tensor, n_win: int, height: int, width: int) -> torch.Tensor:
     """(B, heads, n_win**2, h * w, head_dim) per-region head outputs -> (B, H, W, C), one copy."""
     batch, heads, _, _, head_dim = x.shape
@@ -95,7 +108,8 @@ class BiLevelRoutingAttention(nn.Module):
         topk: routed regions per query region, clipped to ``n_win ** 2`` (all regions).
         side_dwconv: LePE kernel size.
         pad_mode: ``'official'`` or ``'masked'`` (see the module docstring).
-        attn_impl: ``'fused'`` (:func:`ops.gather_attention`) or ``'gather'`` (official).
+        attn_impl: ``'fused'`` (:func:`ops.gather_attention`, :func:`ops.depthwise_conv2d`) or
+            ``'gather'`` (official).
     """
 
     def __init__(self, dim: int, head_dim: int = 32, n_win: int = 7, topk: int = 4,
@@ -152,10 +166,9 @@ class BiLevelRoutingAttention(nn.Module):
         attend = self._fused_attention if self.attn_impl == 'fused' else self._gather_attention
         out = _heads_to_map(attend(q, k, v, region_size, padding_mask), self.n_win,
                             pad_height, pad_width)
-        # The LePE conv reads a channels_last view: measured faster on an H200 (bf16) than a
-        # contiguous NCHW copy, which sends the 5x5 depthwise conv to the native kernel.
-        v_map = _from_regions(v, self.n_win, pad_height, pad_width).permute(0, 3, 1, 2)
-        out = out + self.lepe(v_map).permute(0, 2, 3, 1)
+        # LePE of the (padded) value map, added to the attention output.
+        v_map = _from_regions(v, self.n_win, pad_height, pad_width)
+        out = _depthwise(self.lepe, v_map, out, official=self.attn_impl == 'gather')
         if is_padded:
             out = out[:, :height, :width]
         return self.proj(out)
@@ -234,8 +247,9 @@ class FullAttentionLePE(nn.Module):
     Args:
         dim: channels C, a multiple of 8.
         side_dwconv: LePE kernel size.
-        attn_impl: ``'fused'`` (``F.scaled_dot_product_attention``) or ``'gather'``
-            (explicit softmax attention, as the official code).
+        attn_impl: ``'fused'`` (``F.scaled_dot_product_attention``, LePE through
+            :func:`ops.depthwise_conv2d`) or ``'gather'`` (explicit softmax attention and LePE,
+            as the official code).
     """
 
     def __init__(self, dim: int, side_dwconv: int = 5, attn_impl: str = 'fused'):
@@ -262,7 +276,7 @@ class FullAttentionLePE(nn.Module):
         else:
             out = ((q @ k.transpose(-1, -2)) * self.scale).softmax(dim=-1) @ v
         out = out.transpose(1, 2).reshape(batch, height, width, chans)
-        out = out + self.lepe(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        out = _depthwise(self.lepe, x, out, official=self.attn_impl == 'gather')
         return self.proj(out)
 
 
@@ -296,6 +310,7 @@ class BiFormerBlock(nn.Module):
                  pad_mode: str = 'official', attn_impl: str = 'fused'):
         super().__init__()
         self.pos_embed = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        self.official_dwconv = attn_impl == 'gather'
         self.norm1 = AutocastLayerNorm(dim, eps=1e-6)
         if topk > 0:
             self.attn = BiLevelRoutingAttention(dim, head_dim=head_dim, n_win=n_win, topk=topk,
@@ -311,7 +326,7 @@ class BiFormerBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.pos_embed(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        x = _depthwise(self.pos_embed, x, x, official=self.official_dwconv)
         x = x + self.drop_path(self.attn(self.norm1(x)))
         x = x + self.drop_path(self.mlp(self.norm2(x)))
         return x
@@ -406,7 +421,8 @@ class BiFormer(nn.Module):
         n_win: regions per side in routing attention (7 on ImageNet, 16 for detection).
         side_dwconv: LePE kernel size.
         pad_mode: ``'official'`` (zero-pad before the projection, unmasked) or ``'masked'``.
-        attn_impl: ``'fused'`` (:func:`ops.gather_attention`) or ``'gather'`` (official).
+        attn_impl: ``'fused'`` (:func:`ops.gather_attention`, :func:`ops.depthwise_conv2d`) or
+            ``'gather'`` (the official formulation).
         in_chans, num_classes, global_pool, drop_rate, drop_path_rate: as in timm.
     """
 

@@ -287,3 +287,28 @@ def test_triton_bf16_biformer_shape_on_gpu(kernel):
     again = run('triton', torch.bfloat16)
     for got, repeat in zip(tested, again):
         assert torch.equal(got, repeat)  # deterministic (no atomics)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize('topk', [49, -2], ids=['routing_all_regions', 'full_attention'])
+def test_biformer_block_matches_official_convs_on_gpu(topk):
+    """A BiFormer block (3x3 pos_embed, 5x5 LePE through depthwise_conv2d) under bf16 autocast
+    vs the same weights on the official formulation (permute, cuDNN conv, permute, add). Every
+    region is routed, so rounding differences cannot flip the routing."""
+    from backbones.biformer import BiFormerBlock
+    fused = BiFormerBlock(64, topk=topk, n_win=7).cuda()
+    official = BiFormerBlock(64, topk=topk, n_win=7, attn_impl='gather').cuda()
+    official.load_state_dict(fused.state_dict())
+    x = torch.randn(4, 28, 28, 64, device='cuda')
+    results = []
+    for block in (fused, official):
+        x_in = x.clone().requires_grad_()
+        with torch.autocast('cuda', dtype=torch.bfloat16):
+            out = block(x_in)
+        out.float().square().mean().backward()
+        results.append((out, x_in.grad, {n: p.grad for n, p in block.named_parameters()}))
+    (out_f, dx_f, grads_f), (out_o, dx_o, grads_o) = results
+    assert out_f.dtype == out_o.dtype == torch.float32  # the residual stream stays fp32
+    assert _relative_l2(out_f, out_o) < 2e-2 and _relative_l2(dx_f, dx_o) < 3e-2
+    for name in ('pos_embed.weight', 'pos_embed.bias', 'attn.lepe.weight', 'attn.lepe.bias'):
+        assert _relative_l2(grads_f[name], grads_o[name]) < 3e-2, name
