@@ -16,7 +16,7 @@ recomputes the probabilities and stores rowsum(dO * O) first (the split backward
 the key-tile kernel itself (the one-kernel backward): stored directly when every query group
 routes to a single key block that one tile holds whole (BiFormer's stage 1, DSVT's sets), so
 each query is visited once, or added with fp32 atomics otherwise. :func:`set_backward_mode`
-chooses; by default the one-kernel backward runs where it needs no atomics.
+chooses; by default the one-kernel backward runs where each query group routes to one block.
 
 Two entry points share the launchers: :func:`triton_gather_attention` runs eagerly through a
 ``torch.autograd.Function`` (the short launch path), and under ``torch.compile`` or export
@@ -66,10 +66,10 @@ _TILES = {  # kind: {max_block_d: one config per SIZE_LIMITS class}
              (64, 64, 4, 2)),
         256: ((64, 16, 2, 2),) * 2 + ((64, 64, 4, 2),) * 4,
     },
-    'bwd': {  # the one-kernel backward: whole key blocks per tile up to 256 keys (D <= 64)
-        32: ((64, 16, 2, 2), (64, 16, 2, 2), (64, 32, 4, 2), (32, 64, 4, 2), (32, 128, 4, 2),
-             (32, 256, 8, 2)),
-        64: ((64, 16, 2, 2), (64, 16, 2, 2), (64, 32, 4, 2), (32, 64, 4, 2), (32, 128, 8, 2),
+    'bwd': {  # the one-kernel backward (its rows: `--tune bwd`, 2026-12-01, docs/ops.md)
+        32: ((64, 16, 2, 2), (64, 16, 2, 2), (64, 32, 4, 2), (16, 64, 4, 2), (32, 128, 4, 2),
+             (32, 128, 4, 2)),
+        64: ((64, 16, 2, 2), (64, 16, 2, 2), (64, 32, 4, 2), (64, 64, 4, 2), (32, 128, 4, 2),
              (16, 256, 8, 2)),
         256: ((64, 16, 2, 2),) * 2 + ((32, 64, 4, 2),) * 4,
     },
@@ -567,7 +567,10 @@ def set_backward_mode(mode: str) -> None:
     * ``'fused'``: the dK/dV kernel alone, also computing delta and dQ: dQ stored directly when
       each query group routes to one key block that a tile holds whole, by fp32 atomics
       otherwise;
-    * ``'auto'`` (default): ``'fused'`` where dQ is stored directly, ``'split'`` elsewhere.
+    * ``'auto'`` (default): ``'fused'`` where each query group routes to one key block (one
+      slot: BiFormer's stage 1, DSVT's sets), ``'split'`` for several slots. Measured on an
+      H200 (docs/ops.md): with one slot the one-kernel backward was faster at every shape, with
+      atomics too (blocks wider than a tile); with 4-16 slots the atomics made it 3-75% slower.
     """
     global _backward_mode
     if mode not in BACKWARD_MODES:
@@ -580,9 +583,8 @@ def backward_dq_mode(slots: int, block_k: int, head_dim: int, mode: Optional[str
     mode = mode or _backward_mode
     if mode == 'split':
         return 0
-    whole_blocks = block_k <= tile_config('bwd', block_k, head_dim)[1]
-    if slots == 1 and whole_blocks:
-        return 1
+    if slots == 1:
+        return 1 if block_k <= tile_config('bwd', block_k, head_dim)[1] else 2
     return 2 if mode == 'fused' else 0
 
 

@@ -171,7 +171,7 @@ def test_backward_modes_match_fp64(case, backward_mode):
 def test_backward_mode_choice():
     choose = kernels.backward_dq_mode
     assert choose(1, 64, 32, 'auto') == 1 and choose(1, 64, 32, 'fused') == 1
-    assert choose(1, 300, 32, 'auto') == 0 and choose(1, 300, 32, 'fused') == 2
+    assert choose(1, 300, 32, 'auto') == 2 and choose(1, 300, 32, 'fused') == 2
     assert choose(4, 16, 32, 'auto') == 0 and choose(4, 16, 32, 'fused') == 2
     assert choose(1, 64, 32, 'split') == 0
     with pytest.raises(ValueError, match='mode must be one of'):
