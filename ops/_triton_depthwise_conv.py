@@ -46,14 +46,19 @@ def _is_power_of_2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
-def tile_config(kind: str, height: int, width: int, channels: int):
-    """(BLOCK_H, BLOCK_W, BLOCK_C, num_warps) of one launch, from the ``_CONFIGS`` row:
-    BLOCK_W = min(widest, next_pow2(W)), BLOCK_H = BLOCK_P // BLOCK_W (at most next_pow2(H)),
-    BLOCK_C = min(widest, next_pow2(C))."""
-    block_p, widest_w, widest_c, num_warps = _CONFIGS[kind]
+def config_for(row: tuple, height: int, width: int, channels: int):
+    """(BLOCK_H, BLOCK_W, BLOCK_C, num_warps) that a row (BLOCK_P, widest BLOCK_W, widest
+    BLOCK_C, num_warps) gives for an H x W x C map: BLOCK_W = min(widest, next_pow2(W)),
+    BLOCK_H = BLOCK_P // BLOCK_W (at most next_pow2(H)), BLOCK_C = min(widest, next_pow2(C))."""
+    block_p, widest_w, widest_c, num_warps = row
     block_w = min(widest_w, _next_power_of_2(width), block_p)
     block_h = min(block_p // block_w, _next_power_of_2(height))
     return block_h, block_w, min(widest_c, _next_power_of_2(channels)), num_warps
+
+
+def tile_config(kind: str, height: int, width: int, channels: int):
+    """(BLOCK_H, BLOCK_W, BLOCK_C, num_warps) of one launch of kernel ``kind`` (``_CONFIGS``)."""
+    return config_for(_CONFIGS[kind], height, width, channels)
 
 
 def set_tile_configs(table: dict) -> None:

@@ -2,6 +2,7 @@
 
     python tools/benchmark.py ops     [options]   # gather-attention kernel vs peers
     python tools/benchmark.py models  [options]   # backbone throughput and memory vs peers
+    python tools/benchmark.py dwconv  [options]   # NHWC depthwise-conv kernel vs peers
 
 Each subcommand forwards its options to tools/bench_<name>.py (`--help` lists them).
 """
@@ -9,7 +10,7 @@ import importlib
 import os
 import sys
 
-SUBCOMMANDS = ('ops', 'models')
+SUBCOMMANDS = ('ops', 'models', 'dwconv')
 
 
 def main(argv=None):
