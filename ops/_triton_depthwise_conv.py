@@ -1,17 +1,17 @@
 """Fused Triton kernels for :func:`ops.depthwise_conv2d` (NHWC): launchers, autograd, custom ops.
 
-Tiling. A program owns ``BLOCK_H x BLOCK_W`` output positions of one image, flattened to
-``BLOCK_H * BLOCK_W`` rows, by ``BLOCK_C`` channels; the grid is
-``(B * tiles_h * tiles_w, cdiv(C, BLOCK_C))``. Channels are the fast axis, so loads from an NHWC
-tensor with unit channel stride vectorize. The ``kh * kw`` taps are unrolled: each loads the
-shifted input tile (zeros outside the map, so 'same' zero padding needs no copy) and
-accumulates ``x * w`` in fp32.
+Tiling. A program owns ``BLOCK_H x BLOCK_W`` positions of one image, flattened to
+``BLOCK_H * BLOCK_W`` rows, by ``BLOCK_C`` channels. Channels are the fast axis, so loads from
+an NHWC tensor with unit channel stride vectorize. The ``kh * kw`` taps are unrolled: each
+loads the shifted tile (zeros outside the map, so 'same' zero padding needs no copy).
 
-* Forward: the conv, plus bias and the add-tensor, stored once in the output dtype.
-* Backward, one kernel: dx is the conv of dy with the flipped kernel (the same tap loop). For
-  dweight, each tap's sum over the tile of ``x_shifted * dy`` goes to an fp32 partial buffer
-  (programs, kh * kw + 1, C), whose last row holds the tile's sum of dy (dbias); torch
-  ``sum(0)`` reduces it. No atomics, so results are deterministic.
+* Forward (``_conv_kernel``, grid ``(B * tiles, cdiv(C, BLOCK_C))``): the conv accumulated in
+  fp32, plus bias and the add-tensor, stored once in the output dtype.
+* dx: the same kernel on dy with the flipped kernel.
+* dweight, dbias (``_dw_kernel``): a program walks a strip of up to ``TILES`` consecutive tiles
+  of one image; per tap it accumulates ``x_shifted * dy`` over the strip in registers and
+  reduces once, writing fp32 partial sums to a (programs, kh * kw + 1, C) buffer (the last row
+  sums dy, for dbias) that torch ``sum(0)`` reduces. No atomics, so results are deterministic.
 
 Eager calls go through a ``torch.autograd.Function`` straight to the launchers; under
 ``torch.compile`` or export through the custom ops ``dsa_ops::depthwise_conv2d_fwd`` / ``_bwd``
@@ -26,10 +26,12 @@ import triton.language as tl
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-# (positions per program BLOCK_P, widest BLOCK_W, widest BLOCK_C, num_warps) per kernel.
-# Untuned defaults: `python tools/benchmark.py dwconv --tune` sweeps candidates on a GPU.
-KINDS = ('fwd', 'bwd')
-_CONFIGS = {'fwd': (64, 16, 64, 4), 'bwd': (64, 16, 64, 4)}
+# Rows per kernel: (positions per program BLOCK_P, widest BLOCK_W, widest BLOCK_C, num_warps),
+# and for 'dw' the most tiles per strip. Untuned defaults: `python tools/benchmark.py dwconv
+# --tune` sweeps candidates on a GPU.
+KINDS = ('fwd', 'dx', 'dw')
+_CONFIGS = {'fwd': (64, 16, 64, 4), 'dx': (64, 16, 64, 4), 'dw': (64, 16, 64, 4, 8)}
+ROW_LENGTHS = {'fwd': 4, 'dx': 4, 'dw': 5}
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
@@ -47,31 +49,34 @@ def _is_power_of_2(n: int) -> bool:
 
 
 def config_for(row: tuple, height: int, width: int, channels: int):
-    """(BLOCK_H, BLOCK_W, BLOCK_C, num_warps) that a row (BLOCK_P, widest BLOCK_W, widest
-    BLOCK_C, num_warps) gives for an H x W x C map: BLOCK_W = min(widest, next_pow2(W)),
-    BLOCK_H = BLOCK_P // BLOCK_W (at most next_pow2(H)), BLOCK_C = min(widest, next_pow2(C))."""
-    block_p, widest_w, widest_c, num_warps = row
+    """(BLOCK_H, BLOCK_W, BLOCK_C, num_warps, *rest) that a row (BLOCK_P, widest BLOCK_W,
+    widest BLOCK_C, num_warps, *rest) gives for an H x W x C map: BLOCK_W = min(widest,
+    next_pow2(W)), BLOCK_H = BLOCK_P // BLOCK_W (at most next_pow2(H)), BLOCK_C = min(widest,
+    next_pow2(C))."""
+    block_p, widest_w, widest_c, num_warps = row[:4]
     block_w = min(widest_w, _next_power_of_2(width), block_p)
     block_h = min(block_p // block_w, _next_power_of_2(height))
-    return block_h, block_w, min(widest_c, _next_power_of_2(channels)), num_warps
+    block_c = min(widest_c, _next_power_of_2(channels))
+    return (block_h, block_w, block_c, num_warps) + tuple(row[4:])
 
 
 def tile_config(kind: str, height: int, width: int, channels: int):
-    """(BLOCK_H, BLOCK_W, BLOCK_C, num_warps) of one launch of kernel ``kind`` (``_CONFIGS``)."""
+    """The launch config of kernel ``kind`` for an H x W x C map (``_CONFIGS``)."""
     return config_for(_CONFIGS[kind], height, width, channels)
 
 
 def set_tile_configs(table: dict) -> None:
     """Replace rows of ``_CONFIGS``: ``{kind: (BLOCK_P, BLOCK_W, BLOCK_C, num_warps)}``, powers
-    of two (tuning sweeps)."""
-    for kind, config in table.items():
+    of two, plus the most tiles per strip for ``'dw'`` (tuning sweeps)."""
+    for kind, row in table.items():
         if kind not in _CONFIGS:
             raise ValueError(f'kind must be one of {KINDS}, got {kind!r}')
-        config = tuple(int(v) for v in config)
-        if len(config) != 4 or not all(_is_power_of_2(v) for v in config):
-            raise ValueError(f'{kind} config must be 4 powers of two (BLOCK_P, BLOCK_W, BLOCK_C, '
-                             f'num_warps), got {config}')
-        _CONFIGS[kind] = config
+        row = tuple(int(v) for v in row)
+        if (len(row) != ROW_LENGTHS[kind] or not all(_is_power_of_2(v) for v in row[:4])
+                or min(row) < 1):
+            raise ValueError(f'{kind} row must be (BLOCK_P, BLOCK_W, BLOCK_C, num_warps) in '
+                             f'powers of two{", TILES" if kind == "dw" else ""}, got {row}')
+        _CONFIGS[kind] = row
     _plan.cache_clear()
 
 
@@ -126,19 +131,22 @@ def _conv_taps(X, offsets, i, j, c, c_valid, height, width, stride_h, stride_w,
 
 
 @triton.jit
-def _fwd_kernel(X, Wt, Bias, Add, Out,
-                stride_xb, stride_xh, stride_xw, stride_xc,
-                stride_wc, stride_wh, stride_ww, stride_bias,
-                stride_ab, stride_ah, stride_aw, stride_ac,
-                height, width, channels, tiles_w, tiles_per_image,
-                KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr,
-                HAS_ADD: tl.constexpr, COMPUTE: tl.constexpr,
-                BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+def _conv_kernel(X, Wt, Bias, Add, Out,
+                 stride_xb, stride_xh, stride_xw, stride_xc,
+                 stride_wc, stride_wh, stride_ww, stride_bias,
+                 stride_ab, stride_ah, stride_aw, stride_ac,
+                 height, width, channels, tiles_w, tiles_per_image,
+                 KH: tl.constexpr, KW: tl.constexpr, SIGN: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, HAS_ADD: tl.constexpr, ROUND_X: tl.constexpr,
+                 COMPUTE: tl.constexpr,
+                 BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Out = conv(X) (the flipped kernel if SIGN = -1) + bias + add; X rounded to ROUND_X,
+    weight and bias to COMPUTE."""
     b, i, j, c, pos_valid, c_valid = _tile(height, width, channels, tiles_w, tiles_per_image,
                                            BLOCK_H, BLOCK_W, BLOCK_C)
     x_offsets = _offsets(b, i, j, c, stride_xb, stride_xh, stride_xw, stride_xc)
     acc = _conv_taps(X, x_offsets, i, j, c, c_valid, height, width, stride_xh, stride_xw,
-                     Wt, stride_wc, stride_wh, stride_ww, KH, KW, 1, COMPUTE, COMPUTE,
+                     Wt, stride_wc, stride_wh, stride_ww, KH, KW, SIGN, ROUND_X, COMPUTE,
                      BLOCK_H * BLOCK_W, BLOCK_C)
     mask = pos_valid[:, None] & c_valid[None, :]
     if HAS_BIAS:
@@ -152,50 +160,61 @@ def _fwd_kernel(X, Wt, Bias, Add, Out,
 
 
 @triton.jit
-def _bwd_kernel(X, Wt, GradOut, GradX, Partials,
-                stride_xb, stride_xh, stride_xw, stride_xc,
-                stride_wc, stride_wh, stride_ww,
-                stride_gb, stride_gh, stride_gw, stride_gc,
-                height, width, channels, tiles_w, tiles_per_image,
-                KH: tl.constexpr, KW: tl.constexpr, NEED_DX: tl.constexpr,
-                NEED_DW: tl.constexpr, COMPUTE: tl.constexpr,
-                BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
-    b, i, j, c, pos_valid, c_valid = _tile(height, width, channels, tiles_w, tiles_per_image,
-                                           BLOCK_H, BLOCK_W, BLOCK_C)
-    g_offsets = _offsets(b, i, j, c, stride_gb, stride_gh, stride_gw, stride_gc)
-    if NEED_DX:
-        acc = _conv_taps(GradOut, g_offsets, i, j, c, c_valid, height, width, stride_gh,
-                         stride_gw, Wt, stride_wc, stride_wh, stride_ww, KH, KW, -1, tl.float32,
-                         COMPUTE, BLOCK_H * BLOCK_W, BLOCK_C)
-        dx_offsets = _offsets(b, i, j, c, height * width * channels, width * channels,
-                              channels, 1)
-        tl.store(GradX + dx_offsets, acc.to(GradX.dtype.element_ty),
-                 mask=pos_valid[:, None] & c_valid[None, :])
-    if NEED_DW:
-        dy = tl.load(GradOut + g_offsets, mask=pos_valid[:, None] & c_valid[None, :],
-                     other=0.0).to(tl.float32)
-        x_offsets = _offsets(b, i, j, c, stride_xb, stride_xh, stride_xw, stride_xc)
-        row = tl.program_id(0).to(tl.int64) * ((KH * KW + 1) * channels)
-        for u in tl.static_range(KH):
-            for v in tl.static_range(KW):
-                xv = _load_shifted(X, x_offsets, i, j, c_valid, height, width, stride_xh,
-                                   stride_xw, u - KH // 2, v - KW // 2)
-                tl.store(Partials + row + (u * KW + v) * channels + c,
-                         tl.sum(xv.to(COMPUTE).to(tl.float32) * dy, 0), mask=c_valid)
-        tl.store(Partials + row + KH * KW * channels + c, tl.sum(dy, 0), mask=c_valid)
+def _dw_kernel(X, GradOut, Partials,
+               stride_xb, stride_xh, stride_xw, stride_xc,
+               stride_gb, stride_gh, stride_gw, stride_gc,
+               height, width, channels, tiles_w, tiles_per_image, strips_per_image,
+               tiles_per_strip,
+               KH: tl.constexpr, KW: tl.constexpr, COMPUTE: tl.constexpr,
+               BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Partials[program, u * KW + v, c] = sum over the strip of x[i + u - KH//2, j + v - KW//2]
+    * dy[i, j] (x rounded to COMPUTE); Partials[program, KH * KW, c] = sum of dy."""
+    program = tl.program_id(0)
+    b = (program // strips_per_image).to(tl.int64)
+    first_tile = (program % strips_per_image) * tiles_per_strip
+    p = tl.arange(0, BLOCK_H * BLOCK_W)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_valid = c < channels
+    row = program.to(tl.int64) * ((KH * KW + 1) * channels)
+    for tap in tl.static_range(KH * KW + 1):
+        acc = tl.zeros([BLOCK_H * BLOCK_W, BLOCK_C], tl.float32)
+        for step in range(tiles_per_strip):
+            tile = first_tile + step
+            i = (tile // tiles_w) * BLOCK_H + p // BLOCK_W
+            j = (tile % tiles_w) * BLOCK_W + p % BLOCK_W
+            valid = (i < height) & (j < width) & (tile < tiles_per_image)
+            dy = tl.load(GradOut + _offsets(b, i, j, c, stride_gb, stride_gh, stride_gw,
+                                            stride_gc),
+                         mask=valid[:, None] & c_valid[None, :], other=0.0).to(tl.float32)
+            if tap < KH * KW:
+                xv = _load_shifted(X, _offsets(b, i, j, c, stride_xb, stride_xh, stride_xw,
+                                               stride_xc),
+                                   i, j, c_valid, height, width, stride_xh, stride_xw,
+                                   tap // KW - KH // 2, tap % KW - KW // 2)
+                acc += xv.to(COMPUTE).to(tl.float32) * dy
+            else:
+                acc += dy
+        tl.store(Partials + row + tap * channels + c, tl.sum(acc, 0), mask=c_valid)
 
 
 @functools.lru_cache(maxsize=1024)
 def _plan(kind: str, batch: int, height: int, width: int, channels: int,
           config: Optional[tuple]):
     """Grid, scalar arguments and meta-parameters of one launch. ``config`` (BLOCK_H, BLOCK_W,
-    BLOCK_C, num_warps) overrides ``tile_config`` (tuning)."""
-    block_h, block_w, block_c, num_warps = config or tile_config(kind, height, width, channels)
+    BLOCK_C, num_warps[, TILES]) overrides ``tile_config`` (tuning)."""
+    block_h, block_w, block_c, num_warps, *rest = config or tile_config(kind, height, width,
+                                                                        channels)
     tiles_w = _cdiv(width, block_w)
     tiles_per_image = _cdiv(height, block_h) * tiles_w
-    grid = (batch * tiles_per_image, _cdiv(channels, block_c))
+    scalars = (height, width, channels, tiles_w, tiles_per_image)
+    programs = tiles_per_image
+    if kind == 'dw':  # strips of at most TILES consecutive tiles, of balanced lengths
+        tiles_per_strip = _cdiv(tiles_per_image, _cdiv(tiles_per_image, rest[0]))
+        programs = _cdiv(tiles_per_image, tiles_per_strip)
+        scalars += (programs, tiles_per_strip)
+    grid = (batch * programs, _cdiv(channels, block_c))
     meta = dict(BLOCK_H=block_h, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=num_warps)
-    return grid, (height, width, channels, tiles_w, tiles_per_image), meta
+    return grid, scalars, meta
 
 
 def output_dtype(compute_dtype: torch.dtype, add: Optional[Tensor]) -> torch.dtype:
@@ -208,45 +227,57 @@ def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], add: Optional[Ten
     """conv(x) + bias + add, (B, H, W, C) contiguous in ``output_dtype``. x and weight (and
     bias) are rounded to ``compute_dtype`` before the fp32 accumulation."""
     out = torch.empty(x.shape, dtype=output_dtype(compute_dtype, add), device=x.device)
-    if x.numel() == 0:
-        return out
-    batch, height, width, channels = x.shape
-    grid, scalars, meta = _plan('fwd', batch, height, width, channels, config)
-    _fwd_kernel[grid](
-        x, weight, x if bias is None else bias, x if add is None else add, out,
-        *x.stride(), weight.stride(0), weight.stride(2), weight.stride(3),
-        0 if bias is None else bias.stride(0), *(x.stride() if add is None else add.stride()),
-        *scalars, KH=weight.shape[2], KW=weight.shape[3], HAS_BIAS=bias is not None,
-        HAS_ADD=add is not None, COMPUTE=_TL_DTYPES[compute_dtype], **meta)
+    if x.numel():
+        _launch_conv('fwd', x, weight, bias, add, out, 1, compute_dtype, compute_dtype, config)
     return out
 
 
-def backward(grad_out: Tensor, x: Tensor, weight: Tensor, compute_dtype: torch.dtype,
-             need_dx: bool, need_dw: bool, config: Optional[tuple] = None):
-    """(grad_x in x's dtype or None, grad_weight and grad_bias in weight's dtype or None)."""
+def _launch_conv(kind, x, weight, bias, add, out, sign, round_x, compute_dtype, config):
     batch, height, width, channels = x.shape
-    kernel_h, kernel_w = weight.shape[2:]
-    if not (need_dx or need_dw):
-        return None, None, None
-    if x.numel() == 0:
-        return (torch.zeros_like(x) if need_dx else None,
-                torch.zeros_like(weight) if need_dw else None,
-                weight.new_zeros(channels) if need_dw else None)
-    grid, scalars, meta = _plan('bwd', batch, height, width, channels, config)
-    grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_dx else None
-    taps = kernel_h * kernel_w
-    partials = (x.new_empty((grid[0], taps + 1, channels), dtype=torch.float32) if need_dw
-                else None)
-    _bwd_kernel[grid](
-        x, weight, grad_out, x if grad_x is None else grad_x, x if partials is None else partials,
-        *x.stride(), weight.stride(0), weight.stride(2), weight.stride(3), *grad_out.stride(),
-        *scalars, KH=kernel_h, KW=kernel_w, NEED_DX=need_dx, NEED_DW=need_dw,
+    grid, scalars, meta = _plan(kind, batch, height, width, channels, config)
+    _conv_kernel[grid](
+        x, weight, x if bias is None else bias, x if add is None else add, out,
+        *x.stride(), weight.stride(0), weight.stride(2), weight.stride(3),
+        0 if bias is None else bias.stride(0), *(x.stride() if add is None else add.stride()),
+        *scalars, KH=weight.shape[2], KW=weight.shape[3], SIGN=sign, HAS_BIAS=bias is not None,
+        HAS_ADD=add is not None, ROUND_X=_TL_DTYPES[round_x],
         COMPUTE=_TL_DTYPES[compute_dtype], **meta)
-    if not need_dw:
-        return grad_x, None, None
+
+
+def backward_dx(grad_out: Tensor, x: Tensor, weight: Tensor, compute_dtype: torch.dtype,
+                config: Optional[tuple] = None) -> Tensor:
+    """grad_x (contiguous, x's dtype): dy convolved with the flipped kernel."""
+    grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if x.numel():
+        _launch_conv('dx', grad_out, weight, None, None, grad_x, -1, torch.float32,
+                     compute_dtype, config)
+    return grad_x
+
+
+def backward_dw(grad_out: Tensor, x: Tensor, weight: Tensor, compute_dtype: torch.dtype,
+                config: Optional[tuple] = None):
+    """(grad_weight, grad_bias) in weight's dtype, from fp32 per-strip partial sums."""
+    batch, height, width, channels = x.shape
+    if x.numel() == 0:
+        return torch.zeros_like(weight), weight.new_zeros(channels)
+    kernel_h, kernel_w = weight.shape[2:]
+    taps = kernel_h * kernel_w
+    grid, scalars, meta = _plan('dw', batch, height, width, channels, config)
+    partials = x.new_empty((grid[0], taps + 1, channels), dtype=torch.float32)
+    _dw_kernel[grid](x, grad_out, partials, *x.stride(), *grad_out.stride(), *scalars,
+                     KH=kernel_h, KW=kernel_w, COMPUTE=_TL_DTYPES[compute_dtype], **meta)
     sums = partials.sum(0)
     grad_weight = sums[:taps].t().contiguous().view(weight.shape).to(weight.dtype)
-    return grad_x, grad_weight, sums[taps].to(weight.dtype)
+    return grad_weight, sums[taps].to(weight.dtype)
+
+
+def backward(grad_out: Tensor, x: Tensor, weight: Tensor, compute_dtype: torch.dtype,
+             need_dx: bool, need_dw: bool):
+    """(grad_x in x's dtype or None, grad_weight and grad_bias in weight's dtype or None)."""
+    grad_x = backward_dx(grad_out, x, weight, compute_dtype) if need_dx else None
+    grad_weight, grad_bias = (backward_dw(grad_out, x, weight, compute_dtype) if need_dw
+                              else (None, None))
+    return grad_x, grad_weight, grad_bias
 
 
 # ----------------------------------------------------------------------------- custom ops

@@ -16,20 +16,20 @@ copy bandwidth measured in the same run). Above each table: relative L2 errors a
 reference (ours, and the biformer peer in the same dtype).
 
 Peers:
-* ``ours``: ``ops.depthwise_conv2d(x, weight, bias, add=add, backend='triton')``, one kernel
-  forward, one backward kernel plus a small torch sum for dweight/dbias.
+* ``ours``: ``ops.depthwise_conv2d(x, weight, bias, add=add, backend='triton')``: one kernel
+  forward; backward one kernel for dx and one for dweight/dbias partials plus a torch sum.
 * ``biformer``: BiFormer's formulation before this op,
   ``add + F.conv2d(x.permute(0, 3, 1, 2), weight, bias, groups=C).permute(0, 2, 3, 1)`` with
   the module's NCHW-contiguous weight (the channels_last view of x).
 * ``cudnn_cl``: x and weight as channels_last NCHW tensors (the cuDNN channels_last path), then
   a separate add; the output stays NCHW channels_last (no permute back).
 
-``--tune`` times our forward and backward launchers alone (CUDA-graph replay) for each
-candidate row ``(BLOCK_P, BLOCK_W, BLOCK_C, num_warps)`` of ``ops/_triton_depthwise_conv.py``
-on every shape (after compiling the candidates in parallel worker processes into Triton's disk
-cache), prints each shape's best and, per kernel, the row with the least summed slowdown over
-the shapes. ``--configs`` receives those rows (a ``set_tile_configs`` table) and all timings,
-rewritten after every shape.
+``--tune`` times each of our launchers (fwd, dx, dw) alone (CUDA-graph replay) for each
+candidate row ``(BLOCK_P, BLOCK_W, BLOCK_C, num_warps[, TILES])`` of
+``ops/_triton_depthwise_conv.py`` on every shape (after compiling the candidates in parallel
+worker processes into Triton's disk cache), prints each shape's best and, per kernel, the row
+with the least summed slowdown over the shapes. ``--configs`` receives those rows (a
+``set_tile_configs`` table) and all timings, rewritten after every shape.
 """
 import argparse
 import json
@@ -70,11 +70,13 @@ SHAPES.append(Shape('det256_c64_k3', 8, 256, 256, 64, 3,
                     'BiFormer 1024 px detection, batch 8, stage 1 pos_embed 3x3'))
 SHAPES_BY_NAME = {s.name: s for s in SHAPES}
 
-# Candidate rows (BLOCK_P, widest BLOCK_W, widest BLOCK_C, num_warps) for --tune.
-TUNE_ROWS = [(p, w, c, nw) for p, w in ((32, 16), (64, 16), (64, 32), (128, 16), (128, 32),
-                                        (64, 8), (256, 32))
-             for c in (32, 64, 128) for nw in (4, 8)
-             if p * c <= 16384 and not (nw == 8 and p * c < 4096)]
+# Candidate rows for --tune: (BLOCK_P, widest BLOCK_W, widest BLOCK_C, num_warps), with 32 or
+# 64 fp32 accumulator elements per thread; 'dw' rows add the most tiles per strip.
+_BASE_ROWS = [(p, w, c, nw) for p, w in ((32, 16), (64, 8), (64, 16), (64, 32), (128, 16),
+                                         (128, 32), (256, 32))
+              for c in (32, 64, 128) for nw in (1, 2, 4, 8) if 32 <= p * c // (32 * nw) <= 64]
+TUNE_ROWS = dict(fwd=_BASE_ROWS, dx=_BASE_ROWS,
+                 dw=[row + (tiles,) for row in _BASE_ROWS for tiles in (4, 16)])
 
 
 def make_problem(shape: Shape, dtype, seed=0):
@@ -225,14 +227,15 @@ def _launcher(kind, problem, config, compute_dtype):
     x, weight, bias, add, grad_out = problem
     if kind == 'fwd':
         return lambda: kernels.forward(x, weight, bias, add, compute_dtype, config=config)
-    return lambda: kernels.backward(grad_out, x, weight, compute_dtype, True, True,
-                                    config=config)
+    if kind == 'dx':
+        return lambda: kernels.backward_dx(grad_out, x, weight, compute_dtype, config=config)
+    return lambda: kernels.backward_dw(grad_out, x, weight, compute_dtype, config=config)
 
 
-def _candidates(shape):
-    """{effective (BLOCK_H, BLOCK_W, BLOCK_C, num_warps): [TUNE_ROWS rows giving it]}."""
+def _candidates(kind, shape):
+    """{effective (BLOCK_H, BLOCK_W, BLOCK_C, num_warps[, TILES]): [TUNE_ROWS rows giving it]}."""
     unique = {}
-    for row in TUNE_ROWS:
+    for row in TUNE_ROWS[kind]:
         config = kernels.config_for(row, shape.height, shape.width, shape.chans)
         unique.setdefault(config, []).append(row)
     return unique
@@ -242,7 +245,7 @@ def _compile_worker(shape_name, kind, dtype_name, autocast):
     """Launch every candidate of one kernel once on one shape (fills Triton's disk cache)."""
     dtype, compute_dtype = _dtypes(dtype_name, autocast)
     problem = make_problem(SHAPES_BY_NAME[shape_name], dtype)
-    for config in _candidates(SHAPES_BY_NAME[shape_name]):
+    for config in _candidates(kind, SHAPES_BY_NAME[shape_name]):
         _launcher(kind, problem, config, compute_dtype)()
     torch.cuda.synchronize()
 
@@ -253,7 +256,7 @@ def choose_rows(timings):
     chosen = {}
     for kind, per_shape in timings.items():
         if per_shape:
-            chosen[kind] = min(TUNE_ROWS, key=lambda row: sum(
+            chosen[kind] = min(TUNE_ROWS[kind], key=lambda row: sum(
                 t[row] / min(t.values()) for t in per_shape.values()))
     return chosen
 
@@ -280,7 +283,7 @@ def tune(shapes, dtype_name, autocast, reps_ms, configs_path, workers):
         problem = make_problem(shape, dtype)
         for kind in kernels.KINDS:
             measured = {}
-            for config, rows in _candidates(shape).items():
+            for config, rows in _candidates(kind, shape).items():
                 ms = do_bench_cudagraph(_launcher(kind, problem, config, compute_dtype),
                                         rep=reps_ms, return_mode='median')
                 measured.update({row: ms for row in rows})
@@ -303,8 +306,8 @@ def tune(shapes, dtype_name, autocast, reps_ms, configs_path, workers):
     for kind, row in choose_rows(timings).items():
         per_shape = timings[kind].values()
         slowdown = sum(t[row] / min(t.values()) for t in per_shape) / len(per_shape)
-        print(f'chosen {kind} row (BLOCK_P, BLOCK_W, BLOCK_C, num_warps) {row}: mean slowdown '
-              f'{slowdown:.3f} vs the per-shape best', flush=True)
+        print(f'chosen {kind} row (BLOCK_P, BLOCK_W, BLOCK_C, num_warps[, TILES]) {row}: mean '
+              f'slowdown {slowdown:.3f} vs the per-shape best', flush=True)
     print(f'wrote {configs_path}')
 
 
