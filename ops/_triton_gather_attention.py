@@ -140,8 +140,11 @@ def _tile_rows(tile, block_q, groups, GPT, TPG, RPG, BLOCK_M: tl.constexpr):
 @triton.jit
 def _step_columns(step, group_tile, block_k, groups, slot_keys, GPT, CPG,
                   index_ptr, stride_ig, stride_ik, mask_ptr, stride_mn,
-                  HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Key positions read in this step, their packed-group slot, and whether each is admissible."""
+                  counts_ptr, stride_cg, count_block,
+                  HAS_MASK: tl.constexpr, HAS_COUNTS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key positions read in this step, their packed-group slot, whether each is admissible,
+    and (``HAS_COUNTS``) each key's weight: how often its group routes to its
+    ``count_block``-key block."""
     cols = tl.arange(0, BLOCK_N)
     local_group = cols // CPG
     j = step * CPG + cols % CPG
@@ -154,14 +157,12 @@ def _step_columns(step, group_tile, block_k, groups, slot_keys, GPT, CPG,
     if HAS_MASK:
         padded = tl.load(mask_ptr + key * stride_mn, mask=valid, other=1)
         valid = valid & (padded == 0)
-    return key, local_group, valid
-
-
-@triton.jit
-def _route_weights(counts_ptr, stride_cg, q_pos, key, valid, count_block_q, count_block_k):
-    """Dense routing: how often the index row of each query's group names each key's block."""
-    return tl.load(counts_ptr + (q_pos // count_block_q) * stride_cg + key // count_block_k,
-                   mask=valid, other=0).to(tl.float32)
+    weight = valid
+    if HAS_COUNTS:
+        weight = tl.load(counts_ptr + group * stride_cg + key // count_block, mask=valid,
+                         other=0).to(tl.float32)
+        valid = valid & (weight > 0)
+    return key, local_group, valid, weight
 
 
 @triton.jit
@@ -170,8 +171,7 @@ def _fwd_kernel(Q, K, V, Index, Mask, Counts, Out, Lse,
                 stride_kb, stride_kh, stride_kn, stride_kd,
                 stride_vb, stride_vh, stride_vn, stride_vd,
                 stride_ib, stride_ih, stride_ig, stride_ik,
-                stride_mb, stride_mn, stride_cb, stride_ch, stride_cg, count_block_q,
-                count_block_k,
+                stride_mb, stride_mn, stride_cb, stride_ch, stride_cg, count_block,
                 num_tiles, heads, num_q, head_dim, groups, block_q, block_k, slot_keys,
                 num_steps, GPT, TPG, RPG, CPG, scale_log2,
                 HAS_MASK: tl.constexpr, HAS_COUNTS: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -195,25 +195,20 @@ def _fwd_kernel(Q, K, V, Index, Mask, Counts, Out, Lse,
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for step in range(num_steps):
-        key, col_group, col_valid = _step_columns(step, group_tile, block_k, groups, slot_keys,
-                                                  GPT, CPG, Index, stride_ig, stride_ik, Mask,
-                                                  stride_mn, HAS_MASK, BLOCK_N)
+        key, col_group, col_valid, weight = _step_columns(
+            step, group_tile, block_k, groups, slot_keys, GPT, CPG, Index, stride_ig, stride_ik,
+            Mask, stride_mn, Counts, stride_cg, count_block, HAS_MASK, HAS_COUNTS, BLOCK_N)
         kv_mask = col_valid[:, None] & d_valid[None, :]
         k = tl.load(K + key[:, None] * stride_kn + d[None, :] * stride_kd, mask=kv_mask, other=0.0)
         v = tl.load(V + key[:, None] * stride_vn + d[None, :] * stride_vd, mask=kv_mask, other=0.0)
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
         admissible = (row_group[:, None] == col_group[None, :]) & col_valid[None, :]
-        if HAS_COUNTS:
-            weight = _route_weights(Counts, stride_cg, q_pos[:, None], key[None, :],
-                                    admissible & row_valid[:, None], count_block_q,
-                                    count_block_k)
-            admissible = admissible & (weight > 0)
         scores = tl.where(admissible, scores, float('-inf'))
         m_new = tl.maximum(m_i, tl.max(scores, 1))
         m_safe = tl.where(m_new == float('-inf'), 0.0, m_new)
         p = tl.exp2(scores - m_safe[:, None])
         if HAS_COUNTS:
-            p = p * weight
+            p = p * weight[None, :]
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
@@ -235,8 +230,7 @@ def _bwd_dq_kernel(Q, K, V, Out, GradOut, Lse, Index, Mask, Counts, GradQ, Delta
                    stride_ob, stride_oh, stride_on, stride_od,
                    stride_gb, stride_gh, stride_gn, stride_gd,
                    stride_ib, stride_ih, stride_ig, stride_ik,
-                   stride_mb, stride_mn, stride_cb, stride_ch, stride_cg, count_block_q,
-                count_block_k,
+                   stride_mb, stride_mn, stride_cb, stride_ch, stride_cg, count_block,
                    num_tiles, heads, num_q, head_dim, groups, block_q, block_k, slot_keys,
                    num_steps, GPT, TPG, RPG, CPG, scale, scale_log2,
                    HAS_MASK: tl.constexpr, HAS_COUNTS: tl.constexpr,
@@ -268,9 +262,9 @@ def _bwd_dq_kernel(Q, K, V, Out, GradOut, Lse, Index, Mask, Counts, GradQ, Delta
     Counts += b * stride_cb + h * stride_ch
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for step in range(num_steps):
-        key, col_group, col_valid = _step_columns(step, group_tile, block_k, groups, slot_keys,
-                                                  GPT, CPG, Index, stride_ig, stride_ik, Mask,
-                                                  stride_mn, HAS_MASK, BLOCK_N)
+        key, col_group, col_valid, weight = _step_columns(
+            step, group_tile, block_k, groups, slot_keys, GPT, CPG, Index, stride_ig, stride_ik,
+            Mask, stride_mn, Counts, stride_cg, count_block, HAS_MASK, HAS_COUNTS, BLOCK_N)
         kv_mask = col_valid[:, None] & d_valid[None, :]
         k = tl.load(K + key[:, None] * stride_kn + d[None, :] * stride_kd, mask=kv_mask, other=0.0)
         v = tl.load(V + key[:, None] * stride_vn + d[None, :] * stride_vd, mask=kv_mask, other=0.0)
@@ -278,9 +272,7 @@ def _bwd_dq_kernel(Q, K, V, Out, GradOut, Lse, Index, Mask, Counts, GradQ, Delta
         admissible = (row_group[:, None] == col_group[None, :]) & col_valid[None, :]
         p = tl.where(admissible, tl.exp2(scores - lse[:, None]), 0.0)
         if HAS_COUNTS:
-            p = p * _route_weights(Counts, stride_cg, q_pos[:, None], key[None, :],
-                                   admissible & row_valid[:, None], count_block_q,
-                                   count_block_k)
+            p = p * weight[None, :]
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
@@ -296,8 +288,7 @@ def _bwd_dkdv_kernel(Q, K, V, Out, GradOut, Lse, Delta, Order, Offsets, Mask, Co
                      stride_vb, stride_vh, stride_vn, stride_vd,
                      stride_ob, stride_oh, stride_on, stride_od,
                      stride_gb, stride_gh, stride_gn, stride_gd,
-                     stride_mb, stride_mn, stride_cb, stride_ch, stride_cg, count_block_q,
-                count_block_k,
+                     stride_mb, stride_mn, stride_cb, stride_ch, stride_cg, count_block,
                      num_tiles, heads, num_k, head_dim, blocks, block_k, num_q, block_q,
                      list_len, csr_row_b, csr_row_h, BPT, TPB, RPB, QPB, scale, scale_log2,
                      HAS_MASK: tl.constexpr, HAS_COUNTS: tl.constexpr, DQ_MODE: tl.constexpr,
@@ -372,8 +363,8 @@ def _bwd_dkdv_kernel(Q, K, V, Out, GradOut, Lse, Delta, Order, Offsets, Mask, Co
             & row_live[:, None]
         p = tl.where(admissible, tl.exp2(scores - lse[None, :]), 0.0)
         if HAS_COUNTS:
-            p = p * _route_weights(Counts, stride_cg, q_pos[None, :], key_pos[:, None],
-                                   admissible, count_block_q, count_block_k)
+            p = p * tl.load(Counts + group[None, :] * stride_cg + (key_pos // count_block)[:, None],
+                            mask=admissible, other=0).to(tl.float32)
         dv += tl.dot(p.to(do.dtype), do, input_precision=DOT_PRECISION)
         dp = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[None, :])
@@ -551,20 +542,20 @@ def uses_dense_routing(slots: int, blocks: int, block_k: int, mode: Optional[str
                                and blocks <= DENSE_MAX_BLOCKS_PER_SLOT * slots)
 
 
-def _routing(index: Tensor, block_q: int, block_k: int, num_q: int, num_k: int):
-    """(index, block_q, block_k, routing) the kernels run with: the arguments as given and no
-    routing counts, or for dense routing one query group of all ``num_q`` queries routed to one
-    block of all ``num_k`` keys, and ``routing = dict(counts=, count_blocks=(block_q,
-    block_k))``, counts (B, 1 or H, G, M) uint8: how often each index row names each block."""
+def _routing(index: Tensor, block_k: int, num_k: int):
+    """(index, block_k, counts) the kernels run with: the arguments as given, or for dense
+    routing a one-slot index naming one block of all ``num_k`` keys, ``num_k``, and ``counts``
+    (B, 1 or H, G, M) uint8: how often each index row names each key block."""
     blocks = num_k // block_k
     if not uses_dense_routing(index.shape[-1], blocks, block_k):
-        return index, block_q, block_k, {}
+        return index, block_k, None
     rows = index if index.dim() == 4 else index.unsqueeze(1)
     count_dtype = torch.uint8 if index.shape[-1] < 256 else torch.int32
     counts = (rows.unsqueeze(-1) == torch.arange(blocks, device=index.device)).sum(
         -2, dtype=count_dtype)
-    whole = torch.zeros((index.shape[0], 1, 1), dtype=torch.int32, device=index.device)
-    return whole, num_q, num_k, dict(counts=counts, count_blocks=(block_q, block_k))
+    whole = torch.zeros((index.shape[0], index.shape[-2], 1), dtype=torch.int32,
+                        device=index.device)
+    return whole, num_k, counts
 
 
 def _counts_args(counts: Optional[Tensor], like: Tensor):
@@ -584,8 +575,8 @@ def forward(q: Tensor, k: Tensor, v: Tensor, index: Tensor, key_padding_mask: Op
         return (torch.zeros(q.shape, dtype=q.dtype, device=q.device),
                 torch.full((batch, heads, num_q), float('inf'), dtype=torch.float32,
                            device=q.device))
-    index, block_q, block_k, routing = _routing(index, block_q, block_k, num_q, k.shape[2])
-    counts, count_blocks = routing.get('counts'), routing.get('count_blocks', (1, 1))
+    count_block = block_k
+    index, block_k, counts = _routing(index, block_k, k.shape[2])
     out = q.new_empty(q.shape)
     lse = q.new_empty((batch, heads, num_q), dtype=torch.float32)
     grid, scalars, meta = _query_plan('fwd', batch, heads, num_q, head_dim, block_q, block_k,
@@ -595,17 +586,17 @@ def forward(q: Tensor, k: Tensor, v: Tensor, index: Tensor, key_padding_mask: Op
     _fwd_kernel[grid](
         q, k, v, index, mask, counts, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *_index_strides(index), stride_mb, stride_mn,
-        stride_cb, stride_ch, stride_cg, *count_blocks,
+        stride_cb, stride_ch, stride_cg, count_block,
         *scalars, scale * LOG2E, HAS_MASK=has_mask, HAS_COUNTS=has_counts, **meta)
     return out, lse
 
 
 def backward_dq(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                 index: Tensor, key_padding_mask: Optional[Tensor], block_q: int, block_k: int,
-                scale: float, counts: Optional[Tensor] = None, count_blocks: tuple = (1, 1),
+                scale: float, counts: Optional[Tensor] = None, count_block: int = 1,
                 config: Optional[tuple] = None):
     """(grad_q contiguous in q's dtype, delta = rowsum(dO * O) (B, H, Nq) fp32); non-empty
-    inputs only. ``counts`` and ``count_blocks`` as :func:`_routing` returns them."""
+    inputs only. ``counts`` and ``count_block`` as :func:`_routing` returns them."""
     batch, heads, num_q, head_dim = q.shape
     grad_q = q.new_empty(q.shape)
     delta = q.new_empty((batch, heads, num_q), dtype=torch.float32)
@@ -617,7 +608,7 @@ def backward_dq(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, 
         q, k, v, out, grad_out, lse, index, mask, counts, grad_q, delta,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(),
         *_index_strides(index), stride_mb, stride_mn, stride_cb, stride_ch, stride_cg,
-        *count_blocks, *scalars, scale, scale * LOG2E, HAS_MASK=has_mask, HAS_COUNTS=has_counts,
+        count_block, *scalars, scale, scale * LOG2E, HAS_MASK=has_mask, HAS_COUNTS=has_counts,
         **meta)
     return grad_q, delta
 
@@ -626,12 +617,12 @@ def backward_dkdv(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor
                   delta: Optional[Tensor], order: Tensor, offsets: Tensor,
                   index_is_per_head: bool, key_padding_mask: Optional[Tensor], block_q: int,
                   block_k: int, scale: float, grad_q: Optional[Tensor] = None,
-                  dq_mode: int = 0, counts: Optional[Tensor] = None, count_blocks: tuple = (1, 1),
+                  dq_mode: int = 0, counts: Optional[Tensor] = None, count_block: int = 1,
                   config: Optional[tuple] = None):
     """(grad_k, grad_v), contiguous in k's dtype, from the transposed index; non-empty inputs
     only. ``dq_mode`` 0 reads ``delta`` from the dQ kernel; 1 and 2 (see ``_bwd_dkdv_kernel``)
     also write the dQ of the visited queries into ``grad_q`` (``out`` gives delta).
-    ``counts`` and ``count_blocks`` as :func:`_routing` returns them."""
+    ``counts`` and ``count_block`` as :func:`_routing` returns them."""
     batch, heads, num_q, head_dim = q.shape
     num_k = k.shape[2]
     grad_k = k.new_empty(k.shape)
@@ -646,7 +637,7 @@ def backward_dkdv(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor
         q, k, v, out, grad_out, lse, order if delta is None else delta, order, offsets, mask,
         counts, grad_k, grad_v, grad_k if grad_q is None else grad_q,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(),
-        stride_mb, stride_mn, stride_cb, stride_ch, stride_cg, *count_blocks, *scalars, num_q,
+        stride_mb, stride_mn, stride_cb, stride_ch, stride_cg, count_block, *scalars, num_q,
         block_q, order.shape[1], csr_row_b, csr_row_h, *tiling, scale, scale * LOG2E,
         HAS_MASK=has_mask, HAS_COUNTS=has_counts, DQ_MODE=dq_mode, **meta)
     return grad_k, grad_v
@@ -691,7 +682,9 @@ def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
     see :func:`set_backward_mode`."""
     if _is_empty(q, k, index):
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    index, block_q, block_k, routing = _routing(index, block_q, block_k, q.shape[2], k.shape[2])
+    count_block = block_k
+    index, block_k, counts = _routing(index, block_k, k.shape[2])
+    routing = dict(counts=counts, count_block=count_block)
     mode = backward_dq_mode(index.shape[-1], block_k, q.shape[-1])
     order, offsets = _transpose_index(index, k.shape[2] // block_k)
     args = (order, offsets, index.dim() == 4, key_padding_mask, block_q, block_k, scale)
