@@ -140,11 +140,8 @@ def _tile_rows(tile, block_q, groups, GPT, TPG, RPG, BLOCK_M: tl.constexpr):
 @triton.jit
 def _step_columns(step, group_tile, block_k, groups, slot_keys, GPT, CPG,
                   index_ptr, stride_ig, stride_ik, mask_ptr, stride_mn,
-                  counts_ptr, stride_cg, count_block,
-                  HAS_MASK: tl.constexpr, HAS_COUNTS: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Key positions read in this step, their packed-group slot, whether each is admissible,
-    and (``HAS_COUNTS``) each key's weight: how often its group routes to its
-    ``count_block``-key block."""
+                  HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key positions read in this step, their packed-group slot, and whether each is admissible."""
     cols = tl.arange(0, BLOCK_N)
     local_group = cols // CPG
     j = step * CPG + cols % CPG
@@ -157,24 +154,19 @@ def _step_columns(step, group_tile, block_k, groups, slot_keys, GPT, CPG,
     if HAS_MASK:
         padded = tl.load(mask_ptr + key * stride_mn, mask=valid, other=1)
         valid = valid & (padded == 0)
-    weight = valid
-    if HAS_COUNTS:
-        weight = tl.load(counts_ptr + group * stride_cg + key // count_block, mask=valid,
-                         other=0).to(tl.float32)
-        valid = valid & (weight > 0)
-    return key, local_group, valid, weight
+    return key, local_group, valid
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, Index, Mask, Counts, Out, Lse,
+def _fwd_kernel(Q, K, V, Index, Mask, Out, Lse,
                 stride_qb, stride_qh, stride_qn, stride_qd,
                 stride_kb, stride_kh, stride_kn, stride_kd,
                 stride_vb, stride_vh, stride_vn, stride_vd,
                 stride_ib, stride_ih, stride_ig, stride_ik,
-                stride_mb, stride_mn, stride_cb, stride_ch, stride_cg, count_block,
+                stride_mb, stride_mn,
                 num_tiles, heads, num_q, head_dim, groups, block_q, block_k, slot_keys,
                 num_steps, GPT, TPG, RPG, CPG, scale_log2,
-                HAS_MASK: tl.constexpr, HAS_COUNTS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     program = tl.program_id(0).to(tl.int64)  # one flat grid: B*H may exceed grid dim 1
     tile = (program % num_tiles).to(tl.int32)
@@ -190,14 +182,13 @@ def _fwd_kernel(Q, K, V, Index, Mask, Counts, Out, Lse,
     V += b * stride_vb + h * stride_vh
     Index += b * stride_ib + h * stride_ih
     Mask += b * stride_mb
-    Counts += b * stride_cb + h * stride_ch
     m_i = tl.full([BLOCK_M], float('-inf'), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for step in range(num_steps):
-        key, col_group, col_valid, weight = _step_columns(
-            step, group_tile, block_k, groups, slot_keys, GPT, CPG, Index, stride_ig, stride_ik,
-            Mask, stride_mn, Counts, stride_cg, count_block, HAS_MASK, HAS_COUNTS, BLOCK_N)
+        key, col_group, col_valid = _step_columns(step, group_tile, block_k, groups, slot_keys,
+                                                  GPT, CPG, Index, stride_ig, stride_ik, Mask,
+                                                  stride_mn, HAS_MASK, BLOCK_N)
         kv_mask = col_valid[:, None] & d_valid[None, :]
         k = tl.load(K + key[:, None] * stride_kn + d[None, :] * stride_kd, mask=kv_mask, other=0.0)
         v = tl.load(V + key[:, None] * stride_vn + d[None, :] * stride_vd, mask=kv_mask, other=0.0)
@@ -207,8 +198,6 @@ def _fwd_kernel(Q, K, V, Index, Mask, Counts, Out, Lse,
         m_new = tl.maximum(m_i, tl.max(scores, 1))
         m_safe = tl.where(m_new == float('-inf'), 0.0, m_new)
         p = tl.exp2(scores - m_safe[:, None])
-        if HAS_COUNTS:
-            p = p * weight[None, :]
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
@@ -223,18 +212,17 @@ def _fwd_kernel(Q, K, V, Index, Mask, Counts, Out, Lse,
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, Out, GradOut, Lse, Index, Mask, Counts, GradQ, Delta,
+def _bwd_dq_kernel(Q, K, V, Out, GradOut, Lse, Index, Mask, GradQ, Delta,
                    stride_qb, stride_qh, stride_qn, stride_qd,
                    stride_kb, stride_kh, stride_kn, stride_kd,
                    stride_vb, stride_vh, stride_vn, stride_vd,
                    stride_ob, stride_oh, stride_on, stride_od,
                    stride_gb, stride_gh, stride_gn, stride_gd,
                    stride_ib, stride_ih, stride_ig, stride_ik,
-                   stride_mb, stride_mn, stride_cb, stride_ch, stride_cg, count_block,
+                   stride_mb, stride_mn,
                    num_tiles, heads, num_q, head_dim, groups, block_q, block_k, slot_keys,
                    num_steps, GPT, TPG, RPG, CPG, scale, scale_log2,
-                   HAS_MASK: tl.constexpr, HAS_COUNTS: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr,
+                   HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """GradQ (contiguous (B, H, Nq, D), q's dtype) and Delta = rowsum(dO * O) (B, H, Nq) fp32."""
     program = tl.program_id(0).to(tl.int64)  # one flat grid: B*H may exceed grid dim 1
@@ -259,20 +247,17 @@ def _bwd_dq_kernel(Q, K, V, Out, GradOut, Lse, Index, Mask, Counts, GradQ, Delta
     V += b * stride_vb + h * stride_vh
     Index += b * stride_ib + h * stride_ih
     Mask += b * stride_mb
-    Counts += b * stride_cb + h * stride_ch
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for step in range(num_steps):
-        key, col_group, col_valid, weight = _step_columns(
-            step, group_tile, block_k, groups, slot_keys, GPT, CPG, Index, stride_ig, stride_ik,
-            Mask, stride_mn, Counts, stride_cg, count_block, HAS_MASK, HAS_COUNTS, BLOCK_N)
+        key, col_group, col_valid = _step_columns(step, group_tile, block_k, groups, slot_keys,
+                                                  GPT, CPG, Index, stride_ig, stride_ik, Mask,
+                                                  stride_mn, HAS_MASK, BLOCK_N)
         kv_mask = col_valid[:, None] & d_valid[None, :]
         k = tl.load(K + key[:, None] * stride_kn + d[None, :] * stride_kd, mask=kv_mask, other=0.0)
         v = tl.load(V + key[:, None] * stride_vn + d[None, :] * stride_vd, mask=kv_mask, other=0.0)
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
         admissible = (row_group[:, None] == col_group[None, :]) & col_valid[None, :]
         p = tl.where(admissible, tl.exp2(scores - lse[:, None]), 0.0)
-        if HAS_COUNTS:
-            p = p * weight[None, :]
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
@@ -281,17 +266,17 @@ def _bwd_dq_kernel(Q, K, V, Out, GradOut, Lse, Index, Mask, Counts, GradQ, Delta
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, Out, GradOut, Lse, Delta, Order, Offsets, Mask, Counts, GradK,
-                     GradV, GradQ,
+def _bwd_dkdv_kernel(Q, K, V, Out, GradOut, Lse, Delta, Order, Offsets, Mask, GradK, GradV,
+                     GradQ,
                      stride_qb, stride_qh, stride_qn, stride_qd,
                      stride_kb, stride_kh, stride_kn, stride_kd,
                      stride_vb, stride_vh, stride_vn, stride_vd,
                      stride_ob, stride_oh, stride_on, stride_od,
                      stride_gb, stride_gh, stride_gn, stride_gd,
-                     stride_mb, stride_mn, stride_cb, stride_ch, stride_cg, count_block,
+                     stride_mb, stride_mn,
                      num_tiles, heads, num_k, head_dim, blocks, block_k, num_q, block_q,
                      list_len, csr_row_b, csr_row_h, BPT, TPB, RPB, QPB, scale, scale_log2,
-                     HAS_MASK: tl.constexpr, HAS_COUNTS: tl.constexpr, DQ_MODE: tl.constexpr,
+                     HAS_MASK: tl.constexpr, DQ_MODE: tl.constexpr,
                      DOT_PRECISION: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """GradK, GradV (contiguous (B, H, Nk, D), k's dtype), FlashAttention-2 style per key tile.
@@ -338,7 +323,6 @@ def _bwd_dkdv_kernel(Q, K, V, Out, GradOut, Lse, Delta, Order, Offsets, Mask, Co
     GradOut += b * stride_gb + h * stride_gh
     Lse += bh * num_q
     Delta += bh * num_q
-    Counts += b * stride_cb + h * stride_ch
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for step in range(num_steps):
@@ -362,9 +346,6 @@ def _bwd_dkdv_kernel(Q, K, V, Out, GradOut, Lse, Delta, Order, Offsets, Mask, Co
         admissible = (row_block[:, None] == col_block[None, :]) & col_valid[None, :] \
             & row_live[:, None]
         p = tl.where(admissible, tl.exp2(scores - lse[None, :]), 0.0)
-        if HAS_COUNTS:
-            p = p * tl.load(Counts + group[None, :] * stride_cg + (key_pos // count_block)[:, None],
-                            mask=admissible, other=0).to(tl.float32)
         dv += tl.dot(p.to(do.dtype), do, input_precision=DOT_PRECISION)
         dp = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[None, :])
@@ -509,63 +490,6 @@ def _is_empty(q: Tensor, k: Tensor, index: Tensor) -> bool:
     return q.numel() == 0 or k.numel() == 0 or index.shape[-1] == 0
 
 
-ROUTING_MODES = ('auto', 'gather', 'dense')
-_routing_mode = 'auto'
-DENSE_MAX_KEYS = 256  # 'auto' scans all keys of a (batch, head) when there are at most this many
-DENSE_MAX_BLOCKS_PER_SLOT = 4  # ... and index rows name at least a quarter of the key blocks
-
-
-def set_routing_mode(mode: str) -> None:
-    """How the kernels find the routed keys (benchmarks compare them):
-
-    * ``'gather'``: through the index, block by block (the routed keys are never copied);
-    * ``'dense'``: every key of the (batch, head) in order, each weighted by how often its
-      query's index row names its block (0 = not routed). Fewer, larger, contiguous tiles, at
-      the cost of scoring unrouted keys; for small maps that most rows route widely into
-      (BiFormer's stage 3 at 224: 196 keys, 16 of 49 blocks routed);
-    * ``'auto'`` (default): ``'dense'`` when there are at most ``DENSE_MAX_KEYS`` keys and
-      index rows of several slots name at least ``1 / DENSE_MAX_BLOCKS_PER_SLOT`` of the key
-      blocks, ``'gather'`` otherwise.
-    """
-    global _routing_mode
-    if mode not in ROUTING_MODES:
-        raise ValueError(f'mode must be one of {ROUTING_MODES}, got {mode!r}')
-    _routing_mode = mode
-
-
-def uses_dense_routing(slots: int, blocks: int, block_k: int, mode: Optional[str] = None) -> bool:
-    """Whether the kernels scan all keys (see :func:`set_routing_mode`)."""
-    mode = mode or _routing_mode
-    if mode == 'gather' or slots < 2 or blocks < 2:  # one slot: nothing to gain
-        return False
-    return mode == 'dense' or (blocks * block_k <= DENSE_MAX_KEYS
-                               and blocks <= DENSE_MAX_BLOCKS_PER_SLOT * slots)
-
-
-def _routing(index: Tensor, block_k: int, num_k: int):
-    """(index, block_k, counts) the kernels run with: the arguments as given, or for dense
-    routing a one-slot index naming one block of all ``num_k`` keys, ``num_k``, and ``counts``
-    (B, 1 or H, G, M) uint8: how often each index row names each key block."""
-    blocks = num_k // block_k
-    if not uses_dense_routing(index.shape[-1], blocks, block_k):
-        return index, block_k, None
-    rows = index if index.dim() == 4 else index.unsqueeze(1)
-    count_dtype = torch.uint8 if index.shape[-1] < 256 else torch.int32
-    counts = (rows.unsqueeze(-1) == torch.arange(blocks, device=index.device)).sum(
-        -2, dtype=count_dtype)
-    whole = torch.zeros((index.shape[0], index.shape[-2], 1), dtype=torch.int32,
-                        device=index.device)
-    return whole, num_k, counts
-
-
-def _counts_args(counts: Optional[Tensor], like: Tensor):
-    """Pointer, (batch, head, group) strides and flag of the routing counts."""
-    if counts is None:
-        return like, 0, 0, 0, False
-    head_stride = counts.stride(1) if counts.shape[1] > 1 else 0
-    return counts, counts.stride(0), head_stride, counts.stride(2), True
-
-
 def forward(q: Tensor, k: Tensor, v: Tensor, index: Tensor, key_padding_mask: Optional[Tensor],
             block_q: int, block_k: int, scale: float, config: Optional[tuple] = None):
     """(out (B, H, Nq, D) contiguous in q's dtype, lse (B, H, Nq) fp32, base 2, +inf if no
@@ -575,41 +499,34 @@ def forward(q: Tensor, k: Tensor, v: Tensor, index: Tensor, key_padding_mask: Op
         return (torch.zeros(q.shape, dtype=q.dtype, device=q.device),
                 torch.full((batch, heads, num_q), float('inf'), dtype=torch.float32,
                            device=q.device))
-    count_block = block_k
-    index, block_k, counts = _routing(index, block_k, k.shape[2])
     out = q.new_empty(q.shape)
     lse = q.new_empty((batch, heads, num_q), dtype=torch.float32)
     grid, scalars, meta = _query_plan('fwd', batch, heads, num_q, head_dim, block_q, block_k,
                                       index.shape[-1], q.dtype == torch.float32, config)
     mask, stride_mb, stride_mn, has_mask = _mask_args(key_padding_mask, index)
-    counts, stride_cb, stride_ch, stride_cg, has_counts = _counts_args(counts, index)
     _fwd_kernel[grid](
-        q, k, v, index, mask, counts, out, lse,
+        q, k, v, index, mask, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *_index_strides(index), stride_mb, stride_mn,
-        stride_cb, stride_ch, stride_cg, count_block,
-        *scalars, scale * LOG2E, HAS_MASK=has_mask, HAS_COUNTS=has_counts, **meta)
+        *scalars, scale * LOG2E, HAS_MASK=has_mask, **meta)
     return out, lse
 
 
 def backward_dq(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                 index: Tensor, key_padding_mask: Optional[Tensor], block_q: int, block_k: int,
-                scale: float, counts: Optional[Tensor] = None, count_block: int = 1,
-                config: Optional[tuple] = None):
+                scale: float, config: Optional[tuple] = None):
     """(grad_q contiguous in q's dtype, delta = rowsum(dO * O) (B, H, Nq) fp32); non-empty
-    inputs only. ``counts`` and ``count_block`` as :func:`_routing` returns them."""
+    inputs only."""
     batch, heads, num_q, head_dim = q.shape
     grad_q = q.new_empty(q.shape)
     delta = q.new_empty((batch, heads, num_q), dtype=torch.float32)
     grid, scalars, meta = _query_plan('dq', batch, heads, num_q, head_dim, block_q, block_k,
                                       index.shape[-1], q.dtype == torch.float32, config)
     mask, stride_mb, stride_mn, has_mask = _mask_args(key_padding_mask, index)
-    counts, stride_cb, stride_ch, stride_cg, has_counts = _counts_args(counts, index)
     _bwd_dq_kernel[grid](
-        q, k, v, out, grad_out, lse, index, mask, counts, grad_q, delta,
+        q, k, v, out, grad_out, lse, index, mask, grad_q, delta,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(),
-        *_index_strides(index), stride_mb, stride_mn, stride_cb, stride_ch, stride_cg,
-        count_block, *scalars, scale, scale * LOG2E, HAS_MASK=has_mask, HAS_COUNTS=has_counts,
-        **meta)
+        *_index_strides(index), stride_mb, stride_mn,
+        *scalars, scale, scale * LOG2E, HAS_MASK=has_mask, **meta)
     return grad_q, delta
 
 
@@ -617,12 +534,10 @@ def backward_dkdv(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor
                   delta: Optional[Tensor], order: Tensor, offsets: Tensor,
                   index_is_per_head: bool, key_padding_mask: Optional[Tensor], block_q: int,
                   block_k: int, scale: float, grad_q: Optional[Tensor] = None,
-                  dq_mode: int = 0, counts: Optional[Tensor] = None, count_block: int = 1,
-                  config: Optional[tuple] = None):
+                  dq_mode: int = 0, config: Optional[tuple] = None):
     """(grad_k, grad_v), contiguous in k's dtype, from the transposed index; non-empty inputs
     only. ``dq_mode`` 0 reads ``delta`` from the dQ kernel; 1 and 2 (see ``_bwd_dkdv_kernel``)
-    also write the dQ of the visited queries into ``grad_q`` (``out`` gives delta).
-    ``counts`` and ``count_block`` as :func:`_routing` returns them."""
+    also write the dQ of the visited queries into ``grad_q`` (``out`` gives delta)."""
     batch, heads, num_q, head_dim = q.shape
     num_k = k.shape[2]
     grad_k = k.new_empty(k.shape)
@@ -631,15 +546,13 @@ def backward_dkdv(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor
     grid, scalars, tiling, meta = _key_plan(kind, batch, heads, num_k, head_dim, block_k,
                                             q.dtype == torch.float32, config)
     mask, stride_mb, stride_mn, has_mask = _mask_args(key_padding_mask, order)
-    counts, stride_cb, stride_ch, stride_cg, has_counts = _counts_args(counts, order)
     csr_row_b, csr_row_h = (heads, 1) if index_is_per_head else (1, 0)
     _bwd_dkdv_kernel[grid](
         q, k, v, out, grad_out, lse, order if delta is None else delta, order, offsets, mask,
-        counts, grad_k, grad_v, grad_k if grad_q is None else grad_q,
+        grad_k, grad_v, grad_k if grad_q is None else grad_q,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(),
-        stride_mb, stride_mn, stride_cb, stride_ch, stride_cg, count_block, *scalars, num_q,
-        block_q, order.shape[1], csr_row_b, csr_row_h, *tiling, scale, scale * LOG2E,
-        HAS_MASK=has_mask, HAS_COUNTS=has_counts, DQ_MODE=dq_mode, **meta)
+        stride_mb, stride_mn, *scalars, num_q, block_q, order.shape[1], csr_row_b, csr_row_h,
+        *tiling, scale, scale * LOG2E, HAS_MASK=has_mask, DQ_MODE=dq_mode, **meta)
     return grad_k, grad_v
 
 
@@ -682,23 +595,20 @@ def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
     see :func:`set_backward_mode`."""
     if _is_empty(q, k, index):
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    count_block = block_k
-    index, block_k, counts = _routing(index, block_k, k.shape[2])
-    routing = dict(counts=counts, count_block=count_block)
     mode = backward_dq_mode(index.shape[-1], block_k, q.shape[-1])
     order, offsets = _transpose_index(index, k.shape[2] // block_k)
     args = (order, offsets, index.dim() == 4, key_padding_mask, block_q, block_k, scale)
     if mode == 0:
         grad_q, delta = backward_dq(grad_out, q, k, v, out, lse, index, key_padding_mask,
-                                    block_q, block_k, scale, **routing)
-        grad_k, grad_v = backward_dkdv(grad_out, q, k, v, out, lse, delta, *args, **routing)
+                                    block_q, block_k, scale)
+        grad_k, grad_v = backward_dkdv(grad_out, q, k, v, out, lse, delta, *args)
         return grad_q, grad_k, grad_v
     # Queries that no slot routes anywhere are never visited: their dQ stays zero.
     accumulate = mode == 2 and q.dtype != torch.float32
     grad_q = torch.zeros(q.shape, dtype=torch.float32 if accumulate else q.dtype,
                          device=q.device)
     grad_k, grad_v = backward_dkdv(grad_out, q, k, v, out, lse, None, *args, grad_q=grad_q,
-                                   dq_mode=mode, **routing)
+                                   dq_mode=mode)
     return (grad_q.to(q.dtype) if accumulate else grad_q), grad_k, grad_v
 
 

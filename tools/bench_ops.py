@@ -21,8 +21,6 @@ Peers:
 * ``ours_split`` / ``ours_fused``: the same with the backward forced to the split (dQ kernel +
   dK/dV kernel) or the one-kernel form (dQ stored, or added by atomics): see
   ``ops._triton_gather_attention.set_backward_mode``.
-* ``ours_gather`` / ``ours_dense``: the same with the routed keys forced to be read through
-  the index or by scanning every key with routing counts (``set_routing_mode``).
 * ``official``: BiFormer's formulation: ``torch.gather`` of the routed K/V blocks, matmul,
   softmax, matmul (ops' torch reference, which is that formulation plus masking).
 * ``gather_sdpa``: the same gather, then ``F.scaled_dot_product_attention`` per query group.
@@ -53,11 +51,8 @@ import ops  # noqa: E402
 from ops import _triton_gather_attention as kernels  # noqa: E402
 from ops.gather_attention import gather_attention_reference  # noqa: E402
 
-PEERS = ('ours', 'ours_split', 'ours_fused', 'ours_gather', 'ours_dense', 'official',
-         'gather_sdpa', 'flex', 'dense_sdpa')
-# ours with one kernel choice forced: peer -> (backward mode, routing mode)
-MODES_OF_PEER = {'ours_split': ('split', 'auto'), 'ours_fused': ('fused', 'auto'),
-                 'ours_gather': ('auto', 'gather'), 'ours_dense': ('auto', 'dense')}
+PEERS = ('ours', 'ours_split', 'ours_fused', 'official', 'gather_sdpa', 'flex', 'dense_sdpa')
+BACKWARD_MODE_OF_PEER = {'ours_split': 'split', 'ours_fused': 'fused'}
 
 
 @dataclass(frozen=True)
@@ -326,12 +321,10 @@ def check_ours(shape, q, k, v, index, mask):
 def run_peer(peer, shape, dtype, reps_ms):
     q, k, v, index, mask = make_problem(shape, dtype)
     fn = {'ours': ours, 'official': official_gather, 'gather_sdpa': gather_sdpa,
-          'dense_sdpa': dense_sdpa, **{p: ours for p in MODES_OF_PEER}}.get(peer)
+          'dense_sdpa': dense_sdpa, **{p: ours for p in BACKWARD_MODE_OF_PEER}}.get(peer)
     if peer == 'flex':
         fn = FlexPeer(shape, index, mask)
-    backward_mode, routing_mode = MODES_OF_PEER.get(peer, ('auto', 'auto'))
-    kernels.set_backward_mode(backward_mode)
-    kernels.set_routing_mode(routing_mode)
+    kernels.set_backward_mode(BACKWARD_MODE_OF_PEER.get(peer, 'auto'))
     try:
         return measure(fn, q, k, v, index, mask, shape, reps_ms)
     except Exception as err:  # one peer's failure must not stop the run
@@ -339,7 +332,6 @@ def run_peer(peer, shape, dtype, reps_ms):
         return dict(error=f'{type(err).__name__}: {str(err).splitlines()[0][:160]}')
     finally:
         kernels.set_backward_mode('auto')
-        kernels.set_routing_mode('auto')
         del q, k, v
         torch.cuda.empty_cache()
 

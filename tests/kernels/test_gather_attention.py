@@ -130,18 +130,9 @@ TRITON_CASES = {
 }
 
 
-@pytest.fixture
-def routing_mode(request):
-    """Run the test under ``kernels.set_routing_mode(request.param)``, then restore 'auto'."""
-    kernels.set_routing_mode(request.param)
-    yield request.param
-    kernels.set_routing_mode('auto')
-
-
-@pytest.mark.parametrize('routing_mode', ['gather', 'dense'], indirect=True)
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float16], ids=['fp32', 'fp16'])
 @pytest.mark.parametrize('case', list(TRITON_CASES), ids=list(TRITON_CASES))
-def test_triton_matches_fp64(case, dtype, routing_mode):
+def test_triton_matches_fp64(case, dtype):
     batch, heads, groups, block_q, blocks, block_k, slots, head_dim, per_head, masked = \
         TRITON_CASES[case]
     q, k, v, index, mask = make_inputs(batch, heads, groups, block_q, blocks, block_k, slots,
@@ -175,17 +166,6 @@ def test_backward_modes_match_fp64(case, backward_mode):
                                        head_dim, per_head=per_head, masked_fraction=masked)
     index[0, ..., 0, :] = -1  # group 0 routes nowhere: its dQ must be zero in every mode
     compare_to_fp64(q, k, v, index, mask, block_q, block_k)
-
-
-def test_routing_mode_choice():
-    dense = kernels.uses_dense_routing
-    assert dense(16, 49, 4, 'auto')                                  # BiFormer-T stage 3 at 224
-    assert not dense(4, 49, 16, 'auto')                              # stage 2: 4 of 49 blocks
-    assert not dense(16, 64, 16, 'auto')                             # 1024 keys
-    assert not dense(1, 4, 4, 'dense') and dense(4, 49, 16, 'dense')  # one slot: never
-    assert not dense(16, 49, 4, 'gather')
-    with pytest.raises(ValueError, match='mode must be one of'):
-        kernels.set_routing_mode('sparse')
 
 
 def test_backward_mode_choice():
@@ -344,11 +324,9 @@ GPU_SHAPES = {
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize('backward_mode, routing_mode', [
-    ('auto', 'auto'), ('split', 'gather'), ('fused', 'gather'), ('auto', 'dense')],
-    indirect=True, ids=['auto', 'split_gather', 'fused_gather', 'dense'])
+@pytest.mark.parametrize('backward_mode', ['auto', 'split', 'fused'], indirect=True)
 @pytest.mark.parametrize('case', list(GPU_SHAPES), ids=list(GPU_SHAPES))
-def test_triton_bf16_matches_fp64_on_gpu(case, backward_mode, routing_mode):
+def test_triton_bf16_matches_fp64_on_gpu(case, backward_mode):
     batch, heads, groups, block_q, blocks, block_k, slots, head_dim, masked = GPU_SHAPES[case]
     q, k, v, index, mask = make_inputs(batch, heads, groups, block_q, blocks, block_k, slots,
                                        head_dim, dtype=torch.bfloat16, masked_fraction=masked,
