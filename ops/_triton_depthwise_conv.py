@@ -8,10 +8,10 @@ loads the shifted tile (zeros outside the map, so 'same' zero padding needs no c
 * Forward (``_conv_kernel``, grid ``(B * tiles, cdiv(C, BLOCK_C))``): the conv accumulated in
   fp32, plus bias and the add-tensor, stored once in the output dtype.
 * dx: the same kernel on dy with the flipped kernel.
-* dweight, dbias (``_dw_kernel``): a program walks a strip of up to ``TILES`` consecutive tiles
-  of one image; per tap it accumulates ``x_shifted * dy`` over the strip in registers and
-  reduces once, writing fp32 partial sums to a (programs, kh * kw + 1, C) buffer (the last row
-  sums dy, for dbias) that torch ``sum(0)`` reduces. No atomics, so results are deterministic.
+* dweight, dbias (``_dw_kernel``, the forward's grid): a program loads its dy tile once, and
+  per tap the shifted x tile, and writes the tile's sum of ``x_shifted * dy`` to an fp32
+  partial buffer (tiles, kh * kw + 1, C) (the last row sums dy, for dbias) that torch
+  ``sum(0)`` reduces. No atomics, so results are deterministic.
 
 Eager calls go through a ``torch.autograd.Function`` straight to the launchers; under
 ``torch.compile`` or export through the custom ops ``dsa_ops::depthwise_conv2d_fwd`` / ``_bwd``
@@ -26,12 +26,12 @@ import triton.language as tl
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-# Rows per kernel: (positions per program BLOCK_P, widest BLOCK_W, widest BLOCK_C, num_warps),
-# and for 'dw' the most tiles per strip. Untuned defaults: `python tools/benchmark.py dwconv
-# --tune` sweeps candidates on a GPU.
+# One row per kernel: (positions per program BLOCK_P, widest BLOCK_W, widest BLOCK_C,
+# num_warps). From a probe of a few rows on an H200 at 128x56x56x64 bf16 (docs/ops.md), not a
+# sweep: `python tools/benchmark.py dwconv --tune` sweeps candidates. fwd/dx spill at more
+# than 32 fp32 accumulator elements per thread; dw is fastest with one warp.
 KINDS = ('fwd', 'dx', 'dw')
-_CONFIGS = {'fwd': (64, 16, 64, 4), 'dx': (64, 16, 64, 4), 'dw': (64, 16, 64, 4, 8)}
-ROW_LENGTHS = {'fwd': 4, 'dx': 4, 'dw': 5}
+_CONFIGS = {'fwd': (64, 16, 64, 4), 'dx': (64, 16, 64, 4), 'dw': (32, 16, 64, 1)}
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
@@ -49,33 +49,30 @@ def _is_power_of_2(n: int) -> bool:
 
 
 def config_for(row: tuple, height: int, width: int, channels: int):
-    """(BLOCK_H, BLOCK_W, BLOCK_C, num_warps, *rest) that a row (BLOCK_P, widest BLOCK_W,
-    widest BLOCK_C, num_warps, *rest) gives for an H x W x C map: BLOCK_W = min(widest,
-    next_pow2(W)), BLOCK_H = BLOCK_P // BLOCK_W (at most next_pow2(H)), BLOCK_C = min(widest,
-    next_pow2(C))."""
-    block_p, widest_w, widest_c, num_warps = row[:4]
+    """(BLOCK_H, BLOCK_W, BLOCK_C, num_warps) that a row (BLOCK_P, widest BLOCK_W, widest
+    BLOCK_C, num_warps) gives for an H x W x C map: BLOCK_W = min(widest, next_pow2(W)),
+    BLOCK_H = BLOCK_P // BLOCK_W (at most next_pow2(H)), BLOCK_C = min(widest, next_pow2(C))."""
+    block_p, widest_w, widest_c, num_warps = row
     block_w = min(widest_w, _next_power_of_2(width), block_p)
     block_h = min(block_p // block_w, _next_power_of_2(height))
-    block_c = min(widest_c, _next_power_of_2(channels))
-    return (block_h, block_w, block_c, num_warps) + tuple(row[4:])
+    return block_h, block_w, min(widest_c, _next_power_of_2(channels)), num_warps
 
 
 def tile_config(kind: str, height: int, width: int, channels: int):
-    """The launch config of kernel ``kind`` for an H x W x C map (``_CONFIGS``)."""
+    """(BLOCK_H, BLOCK_W, BLOCK_C, num_warps) of kernel ``kind`` for an H x W x C map."""
     return config_for(_CONFIGS[kind], height, width, channels)
 
 
 def set_tile_configs(table: dict) -> None:
     """Replace rows of ``_CONFIGS``: ``{kind: (BLOCK_P, BLOCK_W, BLOCK_C, num_warps)}``, powers
-    of two, plus the most tiles per strip for ``'dw'`` (tuning sweeps)."""
+    of two (tuning sweeps)."""
     for kind, row in table.items():
         if kind not in _CONFIGS:
             raise ValueError(f'kind must be one of {KINDS}, got {kind!r}')
         row = tuple(int(v) for v in row)
-        if (len(row) != ROW_LENGTHS[kind] or not all(_is_power_of_2(v) for v in row[:4])
-                or min(row) < 1):
-            raise ValueError(f'{kind} row must be (BLOCK_P, BLOCK_W, BLOCK_C, num_warps) in '
-                             f'powers of two{", TILES" if kind == "dw" else ""}, got {row}')
+        if len(row) != 4 or not all(_is_power_of_2(v) for v in row):
+            raise ValueError(f'{kind} row must be 4 powers of two (BLOCK_P, BLOCK_W, BLOCK_C, '
+                             f'num_warps), got {row}')
         _CONFIGS[kind] = row
     _plan.cache_clear()
 
@@ -163,58 +160,37 @@ def _conv_kernel(X, Wt, Bias, Add, Out,
 def _dw_kernel(X, GradOut, Partials,
                stride_xb, stride_xh, stride_xw, stride_xc,
                stride_gb, stride_gh, stride_gw, stride_gc,
-               height, width, channels, tiles_w, tiles_per_image, strips_per_image,
-               tiles_per_strip,
+               height, width, channels, tiles_w, tiles_per_image,
                KH: tl.constexpr, KW: tl.constexpr, COMPUTE: tl.constexpr,
                BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Partials[program, u * KW + v, c] = sum over the strip of x[i + u - KH//2, j + v - KW//2]
-    * dy[i, j] (x rounded to COMPUTE); Partials[program, KH * KW, c] = sum of dy."""
-    program = tl.program_id(0)
-    b = (program // strips_per_image).to(tl.int64)
-    first_tile = (program % strips_per_image) * tiles_per_strip
-    p = tl.arange(0, BLOCK_H * BLOCK_W)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_valid = c < channels
-    row = program.to(tl.int64) * ((KH * KW + 1) * channels)
-    for tap in tl.static_range(KH * KW + 1):
-        acc = tl.zeros([BLOCK_H * BLOCK_W, BLOCK_C], tl.float32)
-        for step in range(tiles_per_strip):
-            tile = first_tile + step
-            i = (tile // tiles_w) * BLOCK_H + p // BLOCK_W
-            j = (tile % tiles_w) * BLOCK_W + p % BLOCK_W
-            valid = (i < height) & (j < width) & (tile < tiles_per_image)
-            dy = tl.load(GradOut + _offsets(b, i, j, c, stride_gb, stride_gh, stride_gw,
-                                            stride_gc),
-                         mask=valid[:, None] & c_valid[None, :], other=0.0).to(tl.float32)
-            if tap < KH * KW:
-                xv = _load_shifted(X, _offsets(b, i, j, c, stride_xb, stride_xh, stride_xw,
-                                               stride_xc),
-                                   i, j, c_valid, height, width, stride_xh, stride_xw,
-                                   tap // KW - KH // 2, tap % KW - KW // 2)
-                acc += xv.to(COMPUTE).to(tl.float32) * dy
-            else:
-                acc += dy
-        tl.store(Partials + row + tap * channels + c, tl.sum(acc, 0), mask=c_valid)
+    """Partials[tile, u * KW + v, c] = sum over the tile of x[i + u - KH//2, j + v - KW//2]
+    * dy[i, j] (x rounded to COMPUTE); Partials[tile, KH * KW, c] = sum of dy."""
+    b, i, j, c, pos_valid, c_valid = _tile(height, width, channels, tiles_w, tiles_per_image,
+                                           BLOCK_H, BLOCK_W, BLOCK_C)
+    dy = tl.load(GradOut + _offsets(b, i, j, c, stride_gb, stride_gh, stride_gw, stride_gc),
+                 mask=pos_valid[:, None] & c_valid[None, :], other=0.0).to(tl.float32)
+    x_offsets = _offsets(b, i, j, c, stride_xb, stride_xh, stride_xw, stride_xc)
+    row = tl.program_id(0).to(tl.int64) * ((KH * KW + 1) * channels)
+    for u in tl.static_range(KH):
+        for v in tl.static_range(KW):
+            xv = _load_shifted(X, x_offsets, i, j, c_valid, height, width, stride_xh, stride_xw,
+                               u - KH // 2, v - KW // 2)
+            tl.store(Partials + row + (u * KW + v) * channels + c,
+                     tl.sum(xv.to(COMPUTE).to(tl.float32) * dy, 0), mask=c_valid)
+    tl.store(Partials + row + KH * KW * channels + c, tl.sum(dy, 0), mask=c_valid)
 
 
 @functools.lru_cache(maxsize=1024)
 def _plan(kind: str, batch: int, height: int, width: int, channels: int,
           config: Optional[tuple]):
     """Grid, scalar arguments and meta-parameters of one launch. ``config`` (BLOCK_H, BLOCK_W,
-    BLOCK_C, num_warps[, TILES]) overrides ``tile_config`` (tuning)."""
-    block_h, block_w, block_c, num_warps, *rest = config or tile_config(kind, height, width,
-                                                                        channels)
+    BLOCK_C, num_warps) overrides ``tile_config`` (tuning)."""
+    block_h, block_w, block_c, num_warps = config or tile_config(kind, height, width, channels)
     tiles_w = _cdiv(width, block_w)
     tiles_per_image = _cdiv(height, block_h) * tiles_w
-    scalars = (height, width, channels, tiles_w, tiles_per_image)
-    programs = tiles_per_image
-    if kind == 'dw':  # strips of at most TILES consecutive tiles, of balanced lengths
-        tiles_per_strip = _cdiv(tiles_per_image, _cdiv(tiles_per_image, rest[0]))
-        programs = _cdiv(tiles_per_image, tiles_per_strip)
-        scalars += (programs, tiles_per_strip)
-    grid = (batch * programs, _cdiv(channels, block_c))
+    grid = (batch * tiles_per_image, _cdiv(channels, block_c))
     meta = dict(BLOCK_H=block_h, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=num_warps)
-    return grid, scalars, meta
+    return grid, (height, width, channels, tiles_w, tiles_per_image), meta
 
 
 def output_dtype(compute_dtype: torch.dtype, add: Optional[Tensor]) -> torch.dtype:
@@ -256,7 +232,7 @@ def backward_dx(grad_out: Tensor, x: Tensor, weight: Tensor, compute_dtype: torc
 
 def backward_dw(grad_out: Tensor, x: Tensor, weight: Tensor, compute_dtype: torch.dtype,
                 config: Optional[tuple] = None):
-    """(grad_weight, grad_bias) in weight's dtype, from fp32 per-strip partial sums."""
+    """(grad_weight, grad_bias) in weight's dtype, from fp32 per-tile partial sums."""
     batch, height, width, channels = x.shape
     if x.numel() == 0:
         return torch.zeros_like(weight), weight.new_zeros(channels)

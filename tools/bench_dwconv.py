@@ -17,7 +17,7 @@ reference (ours, and the biformer peer in the same dtype).
 
 Peers:
 * ``ours``: ``ops.depthwise_conv2d(x, weight, bias, add=add, backend='triton')``: one kernel
-  forward; backward one kernel for dx and one for dweight/dbias partials plus a torch sum.
+  forward; backward one kernel for dx, one for per-tile dweight/dbias partials, a torch sum.
 * ``biformer``: BiFormer's formulation before this op,
   ``add + F.conv2d(x.permute(0, 3, 1, 2), weight, bias, groups=C).permute(0, 2, 3, 1)`` with
   the module's NCHW-contiguous weight (the channels_last view of x).
@@ -25,7 +25,7 @@ Peers:
   a separate add; the output stays NCHW channels_last (no permute back).
 
 ``--tune`` times each of our launchers (fwd, dx, dw) alone (CUDA-graph replay) for each
-candidate row ``(BLOCK_P, BLOCK_W, BLOCK_C, num_warps[, TILES])`` of
+candidate row ``(BLOCK_P, BLOCK_W, BLOCK_C, num_warps)`` of
 ``ops/_triton_depthwise_conv.py`` on every shape (after compiling the candidates in parallel
 worker processes into Triton's disk cache), prints each shape's best and, per kernel, the row
 with the least summed slowdown over the shapes. ``--configs`` receives those rows (a
@@ -70,13 +70,14 @@ SHAPES.append(Shape('det256_c64_k3', 8, 256, 256, 64, 3,
                     'BiFormer 1024 px detection, batch 8, stage 1 pos_embed 3x3'))
 SHAPES_BY_NAME = {s.name: s for s in SHAPES}
 
-# Candidate rows for --tune: (BLOCK_P, widest BLOCK_W, widest BLOCK_C, num_warps), with 32 or
-# 64 fp32 accumulator elements per thread; 'dw' rows add the most tiles per strip.
-_BASE_ROWS = [(p, w, c, nw) for p, w in ((32, 16), (64, 8), (64, 16), (64, 32), (128, 16),
-                                         (128, 32), (256, 32))
-              for c in (32, 64, 128) for nw in (1, 2, 4, 8) if 32 <= p * c // (32 * nw) <= 64]
-TUNE_ROWS = dict(fwd=_BASE_ROWS, dx=_BASE_ROWS,
-                 dw=[row + (tiles,) for row in _BASE_ROWS for tiles in (4, 16)])
+# Candidate rows for --tune: (BLOCK_P, widest BLOCK_W, widest BLOCK_C, num_warps) with 16 to
+# 32 fp32 accumulator elements per thread for fwd/dx (more spilled on the H200), 32 to 128 for dw.
+_ROWS = [(p, w, c, nw) for p, w in ((32, 16), (64, 8), (64, 16), (64, 32), (128, 16), (128, 32),
+                                    (256, 32))
+         for c in (32, 64, 128) for nw in (1, 2, 4, 8)]
+TUNE_ROWS = dict(fwd=[r for r in _ROWS if 16 <= r[0] * r[2] // (32 * r[3]) <= 32],
+                 dw=[r for r in _ROWS if 32 <= r[0] * r[2] // (32 * r[3]) <= 128])
+TUNE_ROWS['dx'] = TUNE_ROWS['fwd']
 
 
 def make_problem(shape: Shape, dtype, seed=0):
@@ -233,7 +234,7 @@ def _launcher(kind, problem, config, compute_dtype):
 
 
 def _candidates(kind, shape):
-    """{effective (BLOCK_H, BLOCK_W, BLOCK_C, num_warps[, TILES]): [TUNE_ROWS rows giving it]}."""
+    """{effective (BLOCK_H, BLOCK_W, BLOCK_C, num_warps): [TUNE_ROWS rows giving it]}."""
     unique = {}
     for row in TUNE_ROWS[kind]:
         config = kernels.config_for(row, shape.height, shape.width, shape.chans)
@@ -306,7 +307,7 @@ def tune(shapes, dtype_name, autocast, reps_ms, configs_path, workers):
     for kind, row in choose_rows(timings).items():
         per_shape = timings[kind].values()
         slowdown = sum(t[row] / min(t.values()) for t in per_shape) / len(per_shape)
-        print(f'chosen {kind} row (BLOCK_P, BLOCK_W, BLOCK_C, num_warps[, TILES]) {row}: mean '
+        print(f'chosen {kind} row (BLOCK_P, BLOCK_W, BLOCK_C, num_warps) {row}: mean '
               f'slowdown {slowdown:.3f} vs the per-shape best', flush=True)
     print(f'wrote {configs_path}')
 
