@@ -101,7 +101,7 @@ def _offsets(b, i, j, c, stride_b, stride_h, stride_w, stride_c):
 
 @triton.jit
 def _load_shifted(X, offsets, i, j, c_valid, height, width, stride_h, stride_w, di, dj):
-    """X at positions (i + di, j + dj) as fp32, zero outside the map."""
+    """X at positions (i + di, j + dj), in its dtype; zero outside the map."""
     ii, jj = i + di, j + dj
     valid = (ii >= 0) & (ii < height) & (jj >= 0) & (jj < width)
     return tl.load(X + offsets + (di * stride_h + dj * stride_w),
