@@ -46,6 +46,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import ops  # noqa: E402
 from ops import _triton_depthwise_conv as kernels  # noqa: E402
 from ops.depthwise_conv import depthwise_conv2d_reference  # noqa: E402
+from bench_timing import copy_bandwidth, fwd_and_fwd_bwd_ms, peak_extra_mib  # noqa: E402
 
 PEERS = ('ours', 'biformer', 'cudnn_cl')
 
@@ -119,11 +120,6 @@ def peer_inputs(peer, x, weight, bias, add, grad_out):
     return leaves, grad_out
 
 
-def _time(fn, reps_ms, graph):
-    from triton.testing import do_bench, do_bench_cudagraph
-    if graph:
-        return do_bench_cudagraph(fn, rep=reps_ms, return_mode='median')
-    return do_bench(fn, warmup=25, rep=reps_ms, return_mode='median')
 
 
 def _autocast(enabled):
@@ -146,19 +142,8 @@ def measure(peer, problem, reps_ms, autocast):
         return torch.autograd.grad(out, leaves, grad_out.to(out.dtype))
     forward_backward()
     torch.cuda.synchronize()
-    try:
-        result = dict(fwd=_time(forward, reps_ms, True),
-                      fwd_bwd=_time(forward_backward, reps_ms, True), graph=True)
-    except Exception:  # capture unsupported: eager timings
-        torch.cuda.synchronize()
-        result = dict(fwd=_time(forward, reps_ms, False),
-                      fwd_bwd=_time(forward_backward, reps_ms, False), graph=False)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    forward_backward()
-    torch.cuda.synchronize()
-    result['peak_mib'] = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+    result = fwd_and_fwd_bwd_ms(forward, forward_backward, reps_ms)
+    result['peak_mib'] = peak_extra_mib(forward_backward)
     return result
 
 
@@ -178,14 +163,6 @@ def errors(problem, autocast):
     def rel(results):
         return [((r.float() - e).norm() / e.norm()).item() for r, e in zip(results, exact)]
     return (rel(run(ours, lambda t: t, autocast)), rel(run(biformer, lambda t: t, autocast)))
-
-
-def copy_bandwidth():
-    from triton.testing import do_bench
-    src = torch.empty(2 ** 28, dtype=torch.float32, device='cuda')
-    dst = torch.empty_like(src)
-    ms = do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode='median')
-    return 2 * src.numel() * 4 / (ms * 1e-3)
 
 
 def floors_ms(shape, elem_bytes, bandwidth):

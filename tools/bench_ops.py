@@ -50,6 +50,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import ops  # noqa: E402
 from ops import _triton_gather_attention as kernels  # noqa: E402
 from ops.gather_attention import gather_attention_reference  # noqa: E402
+from bench_timing import (copy_bandwidth, fwd_and_fwd_bwd_ms, peak_extra_mib,  # noqa: E402
+                          time_ms)
 
 PEERS = ('ours', 'ours_split', 'ours_fused', 'official', 'gather_sdpa', 'flex', 'dense_sdpa')
 BACKWARD_MODE_OF_PEER = {'ours_split': 'split', 'ours_fused': 'fused'}
@@ -217,15 +219,13 @@ def _complement(index, blocks):
 def ceilings():
     """Measured copy bandwidth (bytes read + written per s) and bf16 matmul FLOP/s."""
     from triton.testing import do_bench
-    src = torch.empty(2 ** 30, dtype=torch.uint8, device='cuda').random_()
-    dst = torch.empty_like(src)
-    copy_ms = do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode='median')
+    bandwidth = copy_bandwidth()
     a = torch.randn(8192, 8192, device='cuda', dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device='cuda', dtype=torch.bfloat16)
     mm_ms = do_bench(lambda: a @ b, warmup=100, rep=500, return_mode='median')
-    del src, dst, a, b
+    a = b = None  # free before empty_cache (the lambda holds them)
     torch.cuda.empty_cache()
-    return 2 * 2 ** 30 / (copy_ms * 1e-3), 2 * 8192 ** 3 / (mm_ms * 1e-3)
+    return bandwidth, 2 * 8192 ** 3 / (mm_ms * 1e-3)
 
 
 def floor_ms(shape, elem_bytes, bandwidth, flops_peak, backward):
@@ -237,14 +237,6 @@ def floor_ms(shape, elem_bytes, bandwidth, flops_peak, backward):
     bwd_bytes = elem_bytes * shape.head_dim * (4 * num_q + 4 * num_k) + 4 * num_q
     moved = bh * (fwd_bytes + (bwd_bytes if backward else 0))
     return 1e3 * max(flops / flops_peak, moved / bandwidth)
-
-
-def _time(fn, reps_ms, graph):
-    """Median ms of fn: CUDA-graph replay (no launch overhead) or eager with L2 flushes."""
-    from triton.testing import do_bench, do_bench_cudagraph
-    if graph:
-        return do_bench_cudagraph(fn, rep=reps_ms, return_mode='median')
-    return do_bench(fn, warmup=25, rep=reps_ms, return_mode='median')
 
 
 def measure(fn, q, k, v, index, mask, shape, reps_ms, only=None):
@@ -267,23 +259,13 @@ def measure(fn, q, k, v, index, mask, shape, reps_ms, only=None):
     forward_backward()  # compile / autotune outside the timing
     torch.cuda.synchronize()
     if only == 'fwd':
-        return dict(fwd=_time(forward, reps_ms, graph=True))
+        return dict(fwd=time_ms(forward, reps_ms, graph=True))
     if only == 'fwd_bwd':
-        return dict(fwd_bwd=_time(forward_backward, reps_ms, graph=True))
-    result = dict(fwd_bwd_eager=_time(forward_backward, reps_ms, graph=False))
-    try:
-        result.update(fwd=_time(forward, reps_ms, graph=True),
-                      fwd_bwd=_time(forward_backward, reps_ms, graph=True), graph=True)
-    except Exception:  # capture unsupported: eager timings
-        torch.cuda.synchronize()
-        result.update(fwd=_time(forward, reps_ms, graph=False),
-                      fwd_bwd=result['fwd_bwd_eager'], graph=False)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    forward_backward()
-    torch.cuda.synchronize()
-    result['peak_mib'] = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+        return dict(fwd_bwd=time_ms(forward_backward, reps_ms, graph=True))
+    eager = time_ms(forward_backward, reps_ms, graph=False)
+    result = dict(fwd_bwd_eager=eager,
+                  **fwd_and_fwd_bwd_ms(forward, forward_backward, reps_ms, eager))
+    result['peak_mib'] = peak_extra_mib(forward_backward)
     return result
 
 
