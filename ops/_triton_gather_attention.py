@@ -570,7 +570,9 @@ def set_backward_mode(mode: str) -> None:
     * ``'auto'`` (default): ``'fused'`` where each query group routes to one key block (one
       slot: BiFormer's stage 1, DSVT's sets), ``'split'`` for several slots. Measured on an
       H200 (docs/ops.md): with one slot the one-kernel backward was faster at every shape, with
-      atomics too (blocks wider than a tile); with 4-16 slots the atomics made it 3-75% slower.
+      atomics too (blocks wider than a tile); with 4-16 slots the atomics made it 3-76% slower.
+      Under ``torch.use_deterministic_algorithms(True)`` it never uses atomics (whose fp32 sums
+      depend on the order of arrival): blocks wider than a tile then take ``'split'``.
     """
     global _backward_mode
     if mode not in BACKWARD_MODES:
@@ -583,9 +585,11 @@ def backward_dq_mode(slots: int, block_k: int, head_dim: int, mode: Optional[str
     mode = mode or _backward_mode
     if mode == 'split':
         return 0
-    if slots == 1:
-        return 1 if block_k <= tile_config('bwd', block_k, head_dim)[1] else 2
-    return 2 if mode == 'fused' else 0
+    if slots == 1 and block_k <= tile_config('bwd', block_k, head_dim)[1]:
+        return 1
+    if mode == 'fused' or (slots == 1 and not torch.are_deterministic_algorithms_enabled()):
+        return 2
+    return 0
 
 
 def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,

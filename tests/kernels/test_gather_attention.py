@@ -174,6 +174,11 @@ def test_backward_mode_choice():
     assert choose(1, 300, 32, 'auto') == 2 and choose(1, 300, 32, 'fused') == 2
     assert choose(4, 16, 32, 'auto') == 0 and choose(4, 16, 32, 'fused') == 2
     assert choose(1, 64, 32, 'split') == 0
+    torch.use_deterministic_algorithms(True)
+    try:  # no atomics by default: dQ stored, or the split backward
+        assert choose(1, 64, 32, 'auto') == 1 and choose(1, 300, 32, 'auto') == 0
+    finally:
+        torch.use_deterministic_algorithms(False)
     with pytest.raises(ValueError, match='mode must be one of'):
         kernels.set_backward_mode('atomic')
 
