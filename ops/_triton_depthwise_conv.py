@@ -26,6 +26,8 @@ import triton.language as tl
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from ops._sizes import cdiv, next_power_of_2
+
 # One row per kernel: (positions per program BLOCK_P, widest BLOCK_W, widest BLOCK_C,
 # num_warps). From a probe of a few rows on an H200 at 128x56x56x64 bf16 (docs/ops.md), not a
 # sweep: `python tools/benchmark.py dwconv --tune` sweeps candidates. fwd/dx spill at more
@@ -34,14 +36,6 @@ KINDS = ('fwd', 'dx', 'dw')
 _CONFIGS = {'fwd': (64, 16, 64, 4), 'dx': (64, 16, 64, 4), 'dw': (32, 16, 64, 1)}
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
-
-
-def _next_power_of_2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def _is_power_of_2(n: int) -> bool:
@@ -53,9 +47,9 @@ def config_for(row: tuple, height: int, width: int, channels: int):
     BLOCK_C, num_warps) gives for an H x W x C map: BLOCK_W = min(widest, next_pow2(W)),
     BLOCK_H = BLOCK_P // BLOCK_W (at most next_pow2(H)), BLOCK_C = min(widest, next_pow2(C))."""
     block_p, widest_w, widest_c, num_warps = row
-    block_w = min(widest_w, _next_power_of_2(width), block_p)
-    block_h = min(block_p // block_w, _next_power_of_2(height))
-    return block_h, block_w, min(widest_c, _next_power_of_2(channels)), num_warps
+    block_w = min(widest_w, next_power_of_2(width), block_p)
+    block_h = min(block_p // block_w, next_power_of_2(height))
+    return block_h, block_w, min(widest_c, next_power_of_2(channels)), num_warps
 
 
 def tile_config(kind: str, height: int, width: int, channels: int):
@@ -186,9 +180,9 @@ def _plan(kind: str, batch: int, height: int, width: int, channels: int,
     """Grid, scalar arguments and meta-parameters of one launch. ``config`` (BLOCK_H, BLOCK_W,
     BLOCK_C, num_warps) overrides ``tile_config`` (tuning)."""
     block_h, block_w, block_c, num_warps = config or tile_config(kind, height, width, channels)
-    tiles_w = _cdiv(width, block_w)
-    tiles_per_image = _cdiv(height, block_h) * tiles_w
-    grid = (batch * tiles_per_image, _cdiv(channels, block_c))
+    tiles_w = cdiv(width, block_w)
+    tiles_per_image = cdiv(height, block_h) * tiles_w
+    grid = (batch * tiles_per_image, cdiv(channels, block_c))
     meta = dict(BLOCK_H=block_h, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=num_warps)
     return grid, (height, width, channels, tiles_w, tiles_per_image), meta
 
