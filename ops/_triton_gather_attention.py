@@ -32,6 +32,8 @@ import triton.language as tl
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from ops._sizes import cdiv, next_power_of_2
+
 LOG2E = 1.4426950408889634
 
 # Tile configs (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel kind and head-dim class.
@@ -113,16 +115,8 @@ def set_tile_configs(table: dict) -> None:
     _key_plan.cache_clear()
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _next_power_of_2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
-
-
 def _block_d(head_dim: int) -> int:
-    return max(16, _next_power_of_2(head_dim))
+    return max(16, next_power_of_2(head_dim))
 @triton.jit
 def _tile_rows(tile, block_q, groups, GPT, TPG, RPG, BLOCK_M: tl.constexpr):
     """Query positions of this tile's rows, their packed-group slot, and row validity."""
@@ -420,7 +414,7 @@ def _transpose_index(index: Tensor, blocks: int):
     list_len = index.shape[-2] * slots
     order = torch.empty((batch * heads, list_len), dtype=torch.int32, device=index.device)
     offsets = torch.empty((batch * heads, blocks + 1), dtype=torch.int32, device=index.device)
-    num_chunks = _cdiv(blocks + 1, _TRANSPOSE_BLOCK_B)
+    num_chunks = cdiv(blocks + 1, _TRANSPOSE_BLOCK_B)
     _transpose_index_kernel[(batch * heads * num_chunks,)](
         index, order, offsets, heads, *_index_strides(index), slots, list_len, blocks,
         num_chunks, BLOCK_B=_TRANSPOSE_BLOCK_B, BLOCK_E=_TRANSPOSE_BLOCK_E, num_warps=4)
@@ -442,14 +436,14 @@ def _query_plan(kind: str, batch: int, heads: int, num_q: int, head_dim: int, bl
     slot_keys = slots * block_k
     block_m, block_n, num_warps, num_stages = config or tile_config(kind, block_q, head_dim)
     groups_per_tile = max(1, block_m // block_q)
-    block_n = min(block_n, max(16, _next_power_of_2(slot_keys * groups_per_tile)))
-    tiles_per_group = _cdiv(block_q, block_m)
+    block_n = min(block_n, max(16, next_power_of_2(slot_keys * groups_per_tile)))
+    tiles_per_group = cdiv(block_q, block_m)
     cols_per_group = block_n // groups_per_tile
     if cols_per_group == 0:
         raise ValueError(f'{kind} tile BLOCK_N={block_n} is smaller than the {groups_per_tile} '
                          f'groups packed per tile')
-    num_tiles = _cdiv(groups, groups_per_tile) * tiles_per_group
-    num_steps = _cdiv(slot_keys, cols_per_group)
+    num_tiles = cdiv(groups, groups_per_tile) * tiles_per_group
+    num_steps = cdiv(slot_keys, cols_per_group)
     scalars = (num_tiles, heads, num_q, head_dim, groups, block_q, block_k, slot_keys,
                num_steps, groups_per_tile, tiles_per_group, min(block_q, block_m),
                cols_per_group)
@@ -470,8 +464,8 @@ def _key_plan(kind: str, batch: int, heads: int, num_k: int, head_dim: int, bloc
     if rows_per_block == 0:
         raise ValueError(f'dkdv tile BLOCK_M={block_m} is smaller than the {blocks_per_tile} '
                          f'key blocks packed per tile')
-    tiles_per_block = _cdiv(block_k, block_n)
-    num_tiles = _cdiv(blocks, blocks_per_tile) * tiles_per_block
+    tiles_per_block = cdiv(block_k, block_n)
+    num_tiles = cdiv(blocks, blocks_per_tile) * tiles_per_block
     scalars = (num_tiles, heads, num_k, head_dim, blocks, block_k)
     tiling = (blocks_per_tile, tiles_per_block, min(block_k, block_n), rows_per_block)
     meta = dict(DOT_PRECISION='ieee' if fp32 else 'tf32', BLOCK_M=block_m, BLOCK_N=block_n,
@@ -580,40 +574,53 @@ def set_backward_mode(mode: str) -> None:
     _backward_mode = mode
 
 
-def backward_dq_mode(slots: int, block_k: int, head_dim: int, mode: Optional[str] = None) -> int:
-    """The ``DQ_MODE`` of the backward: 0 split, 1 fused with dQ stored, 2 fused with atomics."""
+def backward_dq_mode(slots: int, block_k: int, head_dim: int, mode: Optional[str] = None,
+                     block_n: Optional[int] = None) -> int:
+    """The ``DQ_MODE`` of the backward: 0 split, 1 fused with dQ stored, 2 fused with atomics.
+    ``block_n`` is the key tile of the one-kernel backward (default: its ``_CONFIGS`` row)."""
     mode = mode or _backward_mode
     if mode == 'split':
         return 0
-    if slots == 1 and block_k <= tile_config('bwd', block_k, head_dim)[1]:
+    if block_n is None:
+        block_n = tile_config('bwd', block_k, head_dim)[1]
+    if slots == 1 and block_k <= block_n:
         return 1
     if mode == 'fused' or (slots == 1 and not torch.are_deterministic_algorithms_enabled()):
         return 2
     return 0
 
 
+def backward_one_kernel(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
+                        lse: Tensor, order: Tensor, offsets: Tensor, index_is_per_head: bool,
+                        key_padding_mask: Optional[Tensor], block_q: int, block_k: int,
+                        scale: float, dq_mode: int, config: Optional[tuple] = None):
+    """(grad_q, grad_k, grad_v) from the dK/dV kernel alone (``dq_mode`` 1 or 2); queries that
+    no slot routes anywhere are never visited, so their dQ stays zero."""
+    accumulate = dq_mode == 2 and q.dtype != torch.float32
+    grad_q = torch.zeros(q.shape, dtype=torch.float32 if accumulate else q.dtype,
+                         device=q.device)
+    grad_k, grad_v = backward_dkdv(grad_out, q, k, v, out, lse, None, order, offsets,
+                                   index_is_per_head, key_padding_mask, block_q, block_k, scale,
+                                   grad_q=grad_q, dq_mode=dq_mode, config=config)
+    return (grad_q.to(q.dtype) if accumulate else grad_q), grad_k, grad_v
+
+
 def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
              index: Tensor, key_padding_mask: Optional[Tensor], block_q: int, block_k: int,
              scale: float):
-    """(grad_q, grad_k, grad_v), contiguous, without atomics unless the backward mode asks:
-    see :func:`set_backward_mode`."""
+    """(grad_q, grad_k, grad_v), contiguous, from the kernels :func:`set_backward_mode`
+    chooses."""
     if _is_empty(q, k, index):
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     mode = backward_dq_mode(index.shape[-1], block_k, q.shape[-1])
     order, offsets = _transpose_index(index, k.shape[2] // block_k)
     args = (order, offsets, index.dim() == 4, key_padding_mask, block_q, block_k, scale)
-    if mode == 0:
-        grad_q, delta = backward_dq(grad_out, q, k, v, out, lse, index, key_padding_mask,
-                                    block_q, block_k, scale)
-        grad_k, grad_v = backward_dkdv(grad_out, q, k, v, out, lse, delta, *args)
-        return grad_q, grad_k, grad_v
-    # Queries that no slot routes anywhere are never visited: their dQ stays zero.
-    accumulate = mode == 2 and q.dtype != torch.float32
-    grad_q = torch.zeros(q.shape, dtype=torch.float32 if accumulate else q.dtype,
-                         device=q.device)
-    grad_k, grad_v = backward_dkdv(grad_out, q, k, v, out, lse, None, *args, grad_q=grad_q,
-                                   dq_mode=mode)
-    return (grad_q.to(q.dtype) if accumulate else grad_q), grad_k, grad_v
+    if mode != 0:
+        return backward_one_kernel(grad_out, q, k, v, out, lse, *args, dq_mode=mode)
+    grad_q, delta = backward_dq(grad_out, q, k, v, out, lse, index, key_padding_mask, block_q,
+                                block_k, scale)
+    grad_k, grad_v = backward_dkdv(grad_out, q, k, v, out, lse, delta, *args)
+    return grad_q, grad_k, grad_v
 
 
 # ----------------------------------------------------------------------------- custom ops

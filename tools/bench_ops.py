@@ -375,15 +375,10 @@ class KernelInputs:
         if kind == 'dkdv':
             return lambda: kernels.backward_dkdv(grad_out, q, k, v, self.out, self.lse,
                                                  self.delta, *tail, config=config)
-        # the one-kernel backward with this tile: dQ stored if the tile holds whole blocks
-        dq_mode = 1 if index.shape[-1] == 1 and block_k <= config[1] else 2
-
-        def one_kernel_backward():
-            grad_q = torch.zeros(q.shape, dtype=torch.float32, device=q.device) \
-                if dq_mode == 2 else torch.zeros_like(q)
-            kernels.backward_dkdv(grad_out, q, k, v, self.out, self.lse, None, *tail,
-                                  grad_q=grad_q, dq_mode=dq_mode, config=config)
-        return one_kernel_backward
+        dq_mode = kernels.backward_dq_mode(index.shape[-1], block_k, q.shape[-1], 'fused',
+                                           block_n=config[1])
+        return lambda: kernels.backward_one_kernel(grad_out, q, k, v, self.out, self.lse, *tail,
+                                                   dq_mode=dq_mode, config=config)
 
 
 def _candidates(inputs, kind):
