@@ -165,7 +165,7 @@ def measure(model: torch.nn.Module, batch: int, img: int, args) -> Dict:
     return result
 
 
-def profile_training(spec: str, args, steps: int = 3, rows: int = 25) -> str:
+def profile_training(spec: str, args, steps: int = 3, rows: int = 45) -> str:
     """Table of the CUDA (or CPU) ops of ``steps`` training steps, by self device time."""
     from torch.profiler import ProfilerActivity, profile
 
