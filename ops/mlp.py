@@ -1,0 +1,112 @@
+"""Two-layer GELU MLP, ``fc2(gelu(fc1(x)))``, that keeps less for the backward pass.
+
+Autograd's ``Linear -> GELU -> Linear`` saves three activations per token: fc1's input, the
+pre-activation ``h`` (for the GELU gradient) and ``gelu(h)`` (for fc2's weight gradient).
+:func:`gelu_mlp` saves only the first two and recomputes ``gelu(h)`` in the backward pass:
+one elementwise pass more, and ``hidden_features`` fewer values per token held from the forward
+pass to the backward (a third of the MLP's activation memory at ``mlp_ratio`` 3 or 4). Without
+gradients, or while exporting, it is the plain composition.
+"""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ops.gather_attention import is_exporting
+
+__all__ = ['gelu_mlp']
+
+
+def _validate(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: Tensor,
+              fc2_bias: Optional[Tensor]) -> None:
+    if not isinstance(x, Tensor) or x.dim() < 1 or not x.is_floating_point():
+        raise ValueError(f'x must be a floating tensor (..., in_features), got '
+                         f'{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}')
+    if fc1_weight.dim() != 2 or fc1_weight.shape[1] != x.shape[-1]:
+        raise ValueError(f'fc1_weight must have shape (hidden_features, in_features) = '
+                         f'(hidden, {x.shape[-1]}), got {tuple(fc1_weight.shape)}')
+    hidden = fc1_weight.shape[0]
+    if fc2_weight.dim() != 2 or fc2_weight.shape[1] != hidden:
+        raise ValueError(f'fc2_weight must have shape (out_features, hidden_features) = '
+                         f'(out, {hidden}), got {tuple(fc2_weight.shape)}')
+    for name, bias, size in (('fc1_bias', fc1_bias, hidden), ('fc2_bias', fc2_bias,
+                                                              fc2_weight.shape[0])):
+        if bias is not None and tuple(bias.shape) != (size,):
+            raise ValueError(f'{name} must have shape ({size},), got {tuple(bias.shape)}')
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """The autocast dtype when autocast is on for x's device (fp64 is never cast), else x's."""
+    device_type = x.device.type
+    if x.dtype != torch.float64 and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
+def _cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    return None if t is None else t.to(dtype)
+
+
+class _RecomputeGeluMlp(torch.autograd.Function):
+    """Saves fc1's input and pre-activation; recomputes the GELU in the backward pass."""
+
+    @staticmethod
+    def forward(ctx, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, dtype):
+        ctx.param_dtypes = tuple(None if t is None else t.dtype
+                                 for t in (fc1_weight, fc1_bias, fc2_weight, fc2_bias))
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x, w1, b1, w2, b2 = (_cast(t, dtype) for t in (x, fc1_weight, fc1_bias, fc2_weight,
+                                                           fc2_bias))
+            hidden = F.linear(x, w1, b1)
+            out = F.linear(F.gelu(hidden), w2, b2)
+        ctx.save_for_backward(x, hidden, w1, w2)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, hidden, w1, w2 = ctx.saved_tensors
+        need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
+        w1_dtype, b1_dtype, w2_dtype, b2_dtype = ctx.param_dtypes
+        x2d = x.reshape(-1, x.shape[-1])
+        hidden2d = hidden.reshape(-1, hidden.shape[-1])
+        grad2d = grad_out.reshape(-1, grad_out.shape[-1]).to(hidden.dtype)
+        grad_x = grad_w1 = grad_b1 = grad_w2 = grad_b2 = None
+        if need_w2:
+            grad_w2 = (grad2d.t() @ F.gelu(hidden2d)).to(w2_dtype)
+        if need_b2:
+            grad_b2 = grad2d.sum(0).to(b2_dtype)
+        if need_x or need_w1 or need_b1:
+            grad_hidden = torch.ops.aten.gelu_backward(grad2d @ w2, hidden2d)
+            if need_w1:
+                grad_w1 = (grad_hidden.t() @ x2d).to(w1_dtype)
+            if need_b1:
+                grad_b1 = grad_hidden.sum(0).to(b1_dtype)
+            if need_x:
+                grad_x = (grad_hidden @ w1).reshape(x.shape).to(x.dtype)
+        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, None
+
+
+def gelu_mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: Tensor,
+             fc2_bias: Optional[Tensor]) -> Tensor:
+    """``F.linear(F.gelu(F.linear(x, fc1_weight, fc1_bias)), fc2_weight, fc2_bias)`` (exact
+    erf GELU), recomputing the GELU in the backward pass instead of saving it.
+
+    Args:
+        x: (..., in_features) floating.
+        fc1_weight, fc1_bias: (hidden, in_features), optional (hidden,).
+        fc2_weight, fc2_bias: (out_features, hidden), optional (out_features,).
+
+    Returns:
+        (..., out_features) in the autocast dtype under autocast (as ``nn.Linear``), else x's
+        dtype. Gradients equal the plain composition's (same products, same dtypes); the
+        parameters' gradients come back in the parameters' dtypes.
+    """
+    _validate(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+    params = [t for t in (fc1_weight, fc1_bias, fc2_weight, fc2_bias) if t is not None]
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad
+                                                                     for p in params))
+    if not needs_grad or is_exporting():
+        return F.linear(F.gelu(F.linear(x, fc1_weight, fc1_bias)), fc2_weight, fc2_bias)
+    return _RecomputeGeluMlp.apply(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
+                                   _compute_dtype(x))
