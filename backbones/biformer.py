@@ -310,7 +310,7 @@ class BiFormerBlock(nn.Module):
                  pad_mode: str = 'official', attn_impl: str = 'fused'):
         super().__init__()
         self.pos_embed = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
-        self.official_dwconv = attn_impl == 'gather'
+        self.official = attn_impl == 'gather'  # the official formulation throughout
         self.norm1 = AutocastLayerNorm(dim, eps=1e-6)
         if topk > 0:
             self.attn = BiLevelRoutingAttention(dim, head_dim=head_dim, n_win=n_win, topk=topk,
@@ -326,10 +326,18 @@ class BiFormerBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = _depthwise(self.pos_embed, x, x, official=self.official_dwconv)
+        x = _depthwise(self.pos_embed, x, x, official=self.official)
         x = x + self.drop_path(self.attn(self.norm1(x)))
-        x = x + self.drop_path(self.mlp(self.norm2(x)))
+        x = x + self.drop_path(self._mlp(self.norm2(x)))
         return x
+
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
+        """The MLP; ``'fused'`` recomputes its GELU in the backward pass (:func:`ops.gelu_mlp`)
+        instead of keeping the activation."""
+        if self.official:
+            return self.mlp(x)
+        mlp = self.mlp
+        return ops.gelu_mlp(x, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias)
 
 
 class BiFormerStage(nn.Module):
@@ -438,6 +446,7 @@ class BiFormer(nn.Module):
         self.in_chans = in_chans
         self.num_features = self.head_hidden_size = embed_dims[-1]
         self.stem = build_stem(in_chans, embed_dims[0])
+        self.channels_last_stem = attn_impl == 'fused'
         self.stages = build_stages(depths, embed_dims, topks, drop_path_rate=drop_path_rate,
                                    head_dim=head_dim, n_win=n_win, mlp_ratio=mlp_ratio,
                                    side_dwconv=side_dwconv, pad_mode=pad_mode,
@@ -496,7 +505,7 @@ class BiFormer(nn.Module):
         last_index = len(self.stages) - 1
         stages = self.stages[:max_index + 1] if stop_early else self.stages
         intermediates = []
-        x = self.stem(x)
+        x = self._stem(x)
         for i, stage in enumerate(stages):
             x = stage(x)
             if i in take_indices:
@@ -518,10 +527,17 @@ class BiFormer(nn.Module):
             self.reset_classifier(0, '')
         return take_indices
 
+    def _stem(self, x: torch.Tensor) -> torch.Tensor:
+        """The stem; ``'fused'`` runs it on a channels-last copy of the image: its BatchNorms
+        then take the fast NHWC kernels, and the NHWC view the first stage takes is free."""
+        if self.channels_last_stem:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.stem(x)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_chans, H, W) -> normalised (B, C4, H/32, W/32) (rounded up)."""
         check_input(x, self.in_chans)
-        return self.norm(self.stages(self.stem(x)))
+        return self.norm(self.stages(self._stem(x)))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return self.head(x, pre_logits=pre_logits)
