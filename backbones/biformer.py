@@ -41,8 +41,8 @@ from timm.models._registry import generate_default_cfgs, register_model
 import ops
 
 __all__ = ['BiFormer', 'BiLevelRoutingAttention', 'FullAttentionLePE', 'BiFormerBlock',
-           'BiFormerStage', 'AutocastLayerNorm', 'checkpoint_filter_fn', 'ATTN_IMPLS',
-           'PAD_MODES']
+           'BiFormerStage', 'BiFormerStem', 'AutocastLayerNorm', 'checkpoint_filter_fn',
+           'ATTN_IMPLS', 'PAD_MODES']
 
 ATTN_IMPLS = ('fused', 'gather')
 PAD_MODES = ('official', 'masked')
@@ -366,11 +366,23 @@ class BiFormerStage(nn.Module):
         return x.permute(0, 3, 1, 2)
 
 
-def build_stem(in_chans: int, dim: int) -> nn.Sequential:
-    """Conv3x3-s2 (-> dim/2) + BN + GELU + conv3x3-s2 + BN: stride 4."""
-    return nn.Sequential(
-        nn.Conv2d(in_chans, dim // 2, 3, stride=2, padding=1), nn.BatchNorm2d(dim // 2), nn.GELU(),
-        nn.Conv2d(dim // 2, dim, 3, stride=2, padding=1), nn.BatchNorm2d(dim))
+class BiFormerStem(nn.Sequential):
+    """Conv3x3-s2 (-> dim/2) + BN + GELU + conv3x3-s2 + BN: stride 4. (B, C, H, W) in/out.
+
+    ``channels_last`` runs it on a channels-last copy of the image: its BatchNorms then take the
+    fast NHWC kernels, and the NHWC view the first stage takes of its output is free.
+    """
+
+    def __init__(self, in_chans: int, dim: int, channels_last: bool = False):
+        super().__init__(
+            nn.Conv2d(in_chans, dim // 2, 3, stride=2, padding=1), nn.BatchNorm2d(dim // 2),
+            nn.GELU(), nn.Conv2d(dim // 2, dim, 3, stride=2, padding=1), nn.BatchNorm2d(dim))
+        self.channels_last = channels_last
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return super().forward(x)
 
 
 def build_stages(depths, embed_dims, topks, drop_path_rate: float = 0.0,
@@ -445,8 +457,7 @@ class BiFormer(nn.Module):
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.num_features = self.head_hidden_size = embed_dims[-1]
-        self.stem = build_stem(in_chans, embed_dims[0])
-        self.channels_last_stem = attn_impl == 'fused'
+        self.stem = BiFormerStem(in_chans, embed_dims[0], channels_last=attn_impl == 'fused')
         self.stages = build_stages(depths, embed_dims, topks, drop_path_rate=drop_path_rate,
                                    head_dim=head_dim, n_win=n_win, mlp_ratio=mlp_ratio,
                                    side_dwconv=side_dwconv, pad_mode=pad_mode,
@@ -505,7 +516,7 @@ class BiFormer(nn.Module):
         last_index = len(self.stages) - 1
         stages = self.stages[:max_index + 1] if stop_early else self.stages
         intermediates = []
-        x = self._stem(x)
+        x = self.stem(x)
         for i, stage in enumerate(stages):
             x = stage(x)
             if i in take_indices:
@@ -527,17 +538,10 @@ class BiFormer(nn.Module):
             self.reset_classifier(0, '')
         return take_indices
 
-    def _stem(self, x: torch.Tensor) -> torch.Tensor:
-        """The stem; ``'fused'`` runs it on a channels-last copy of the image: its BatchNorms
-        then take the fast NHWC kernels, and the NHWC view the first stage takes is free."""
-        if self.channels_last_stem:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return self.stem(x)
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_chans, H, W) -> normalised (B, C4, H/32, W/32) (rounded up)."""
         check_input(x, self.in_chans)
-        return self.norm(self.stages(self._stem(x)))
+        return self.norm(self.stages(self.stem(x)))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return self.head(x, pre_logits=pre_logits)

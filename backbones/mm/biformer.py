@@ -18,7 +18,7 @@ from mmengine.registry import MODELS
 from mmengine.runner.checkpoint import CheckpointLoader
 from timm.layers import LayerNorm2d
 
-from ..biformer import (ATTN_IMPLS, FULL_ATTENTION, PAD_MODES, build_stages, build_stem,
+from ..biformer import (ATTN_IMPLS, FULL_ATTENTION, PAD_MODES, BiFormerStem, build_stages,
                         check_input, init_weights, remap_official_keys, unwrap_state_dict)
 
 __all__ = ['BiFormer']
@@ -101,7 +101,7 @@ class BiFormer(BaseModule):
         self.out_indices = out_indices
         self.frozen_stages = frozen_stages
         self.norm_eval = norm_eval
-        self.stem = build_stem(3, embed_dims[0])
+        self.stem = BiFormerStem(3, embed_dims[0], channels_last=attn_impl == 'fused')
         self.stages = build_stages(settings['depths'], embed_dims, settings['topks'],
                                    drop_path_rate=drop_path_rate, head_dim=settings['head_dim'],
                                    n_win=n_win, mlp_ratio=settings['mlp_ratio'],
