@@ -24,7 +24,7 @@ through the custom ops ``dsa_ops::gather_attention_fwd`` / ``_bwd``, which carry
 implementations for tracing.
 """
 import functools
-from typing import Optional
+from typing import List, Optional, Sequence
 
 import torch
 import triton
@@ -118,8 +118,24 @@ def set_tile_configs(table: dict) -> None:
 def _block_d(head_dim: int) -> int:
     return max(16, next_power_of_2(head_dim))
 @triton.jit
-def _tile_rows(tile, block_q, groups, GPT, TPG, RPG, BLOCK_M: tl.constexpr):
-    """Query positions of this tile's rows, their packed-group slot, and row validity."""
+def _token_row(block, within, block_size, win_w, wins_per_row, map_width,
+               WINDOWS: tl.constexpr):
+    """Memory row of token ``within`` of group (or key block) ``block``: ``block * block_size
+    + within``; with ``WINDOWS``, of window ``block`` (row-major over the window grid; windows
+    ``win_w`` tokens wide, tokens row-major inside) of a row-major map ``map_width`` wide."""
+    row = block * block_size + within
+    if WINDOWS:
+        win_h = block_size // win_w
+        row = ((block // wins_per_row) * win_h + within // win_w) * map_width \
+            + (block % wins_per_row) * win_w + within % win_w
+    return row
+
+
+@triton.jit
+def _tile_rows(tile, block_q, groups, GPT, TPG, RPG, win_w, wins_per_row, map_width,
+               WINDOWS: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Query positions (memory rows) of this tile's rows, their packed-group slot, and row
+    validity."""
     group_tile = tile // TPG
     sub_tile = tile % TPG
     rows = tl.arange(0, BLOCK_M)
@@ -128,14 +144,17 @@ def _tile_rows(tile, block_q, groups, GPT, TPG, RPG, BLOCK_M: tl.constexpr):
     within = sub_tile * BLOCK_M + rows % rows_per_group
     group = group_tile * GPT + local_group
     valid = (local_group < GPT) & (group < groups) & (within < block_q)
-    return group * block_q + within, local_group, valid, group_tile
+    return (_token_row(group, within, block_q, win_w, wins_per_row, map_width, WINDOWS),
+            local_group, valid, group_tile)
 
 
 @triton.jit
 def _step_columns(step, group_tile, block_k, groups, slot_keys, GPT, CPG,
-                  index_ptr, stride_ig, stride_ik, mask_ptr, stride_mn,
-                  HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Key positions read in this step, their packed-group slot, and whether each is admissible."""
+                  index_ptr, stride_ig, stride_ik, mask_ptr, stride_mn, win_w, wins_per_row,
+                  map_width, HAS_MASK: tl.constexpr, WINDOWS: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
+    """Key positions (memory rows) read in this step, their packed-group slot, and whether each
+    is admissible."""
     cols = tl.arange(0, BLOCK_N)
     local_group = cols // CPG
     j = step * CPG + cols % CPG
@@ -144,7 +163,7 @@ def _step_columns(step, group_tile, block_k, groups, slot_keys, GPT, CPG,
     block = tl.load(index_ptr + group * stride_ig + (j // block_k) * stride_ik, mask=valid,
                     other=-1).to(tl.int32)
     valid = valid & (block >= 0)
-    key = block * block_k + j % block_k
+    key = _token_row(block, j % block_k, block_k, win_w, wins_per_row, map_width, WINDOWS)
     if HAS_MASK:
         padded = tl.load(mask_ptr + key * stride_mn, mask=valid, other=1)
         valid = valid & (padded == 0)
@@ -160,14 +179,16 @@ def _fwd_kernel(Q, K, V, Index, Mask, Out, Lse,
                 stride_mb, stride_mn,
                 num_tiles, heads, num_q, head_dim, groups, block_q, block_k, slot_keys,
                 num_steps, GPT, TPG, RPG, CPG, scale_log2,
-                HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                q_win_w, q_wins, k_win_w, k_wins, map_width,
+                HAS_MASK: tl.constexpr, WINDOWS: tl.constexpr, DOT_PRECISION: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     program = tl.program_id(0).to(tl.int64)  # one flat grid: B*H may exceed grid dim 1
     tile = (program % num_tiles).to(tl.int32)
     bh = program // num_tiles
     b, h = bh // heads, bh % heads
     q_pos, row_group, row_valid, group_tile = _tile_rows(tile, block_q, groups, GPT, TPG,
-                                                         RPG, BLOCK_M)
+                                                         RPG, q_win_w, q_wins, map_width,
+                                                         WINDOWS, BLOCK_M)
     d = tl.arange(0, BLOCK_D)
     d_valid = d < head_dim
     q = tl.load(Q + b * stride_qb + h * stride_qh + q_pos[:, None] * stride_qn
@@ -182,7 +203,8 @@ def _fwd_kernel(Q, K, V, Index, Mask, Out, Lse,
     for step in range(num_steps):
         key, col_group, col_valid = _step_columns(step, group_tile, block_k, groups, slot_keys,
                                                   GPT, CPG, Index, stride_ig, stride_ik, Mask,
-                                                  stride_mn, HAS_MASK, BLOCK_N)
+                                                  stride_mn, k_win_w, k_wins, map_width,
+                                                  HAS_MASK, WINDOWS, BLOCK_N)
         kv_mask = col_valid[:, None] & d_valid[None, :]
         k = tl.load(K + key[:, None] * stride_kn + d[None, :] * stride_kd, mask=kv_mask, other=0.0)
         v = tl.load(V + key[:, None] * stride_vn + d[None, :] * stride_vd, mask=kv_mask, other=0.0)
@@ -216,7 +238,8 @@ def _bwd_dq_kernel(Q, K, V, Out, GradOut, Lse, Index, Mask, GradQ, Delta,
                    stride_mb, stride_mn,
                    num_tiles, heads, num_q, head_dim, groups, block_q, block_k, slot_keys,
                    num_steps, GPT, TPG, RPG, CPG, scale, scale_log2,
-                   HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                   q_win_w, q_wins, k_win_w, k_wins, map_width,
+                   HAS_MASK: tl.constexpr, WINDOWS: tl.constexpr, DOT_PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """GradQ (contiguous (B, H, Nq, D), q's dtype) and Delta = rowsum(dO * O) (B, H, Nq) fp32."""
     program = tl.program_id(0).to(tl.int64)  # one flat grid: B*H may exceed grid dim 1
@@ -224,7 +247,8 @@ def _bwd_dq_kernel(Q, K, V, Out, GradOut, Lse, Index, Mask, GradQ, Delta,
     bh = program // num_tiles
     b, h = bh // heads, bh % heads
     q_pos, row_group, row_valid, group_tile = _tile_rows(tile, block_q, groups, GPT, TPG,
-                                                         RPG, BLOCK_M)
+                                                         RPG, q_win_w, q_wins, map_width,
+                                                         WINDOWS, BLOCK_M)
     d = tl.arange(0, BLOCK_D)
     d_valid = d < head_dim
     row_mask = row_valid[:, None] & d_valid[None, :]
@@ -245,7 +269,8 @@ def _bwd_dq_kernel(Q, K, V, Out, GradOut, Lse, Index, Mask, GradQ, Delta,
     for step in range(num_steps):
         key, col_group, col_valid = _step_columns(step, group_tile, block_k, groups, slot_keys,
                                                   GPT, CPG, Index, stride_ig, stride_ik, Mask,
-                                                  stride_mn, HAS_MASK, BLOCK_N)
+                                                  stride_mn, k_win_w, k_wins, map_width,
+                                                  HAS_MASK, WINDOWS, BLOCK_N)
         kv_mask = col_valid[:, None] & d_valid[None, :]
         k = tl.load(K + key[:, None] * stride_kn + d[None, :] * stride_kd, mask=kv_mask, other=0.0)
         v = tl.load(V + key[:, None] * stride_vn + d[None, :] * stride_vd, mask=kv_mask, other=0.0)
@@ -270,7 +295,8 @@ def _bwd_dkdv_kernel(Q, K, V, Out, GradOut, Lse, Delta, Order, Offsets, Mask, Gr
                      stride_mb, stride_mn,
                      num_tiles, heads, num_k, head_dim, blocks, block_k, num_q, block_q,
                      list_len, csr_row_b, csr_row_h, BPT, TPB, RPB, QPB, scale, scale_log2,
-                     HAS_MASK: tl.constexpr, DQ_MODE: tl.constexpr,
+                     q_win_w, q_wins, k_win_w, k_wins, map_width,
+                     HAS_MASK: tl.constexpr, DQ_MODE: tl.constexpr, WINDOWS: tl.constexpr,
                      DOT_PRECISION: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """GradK, GradV (contiguous (B, H, Nk, D), k's dtype), FlashAttention-2 style per key tile.
@@ -290,7 +316,8 @@ def _bwd_dkdv_kernel(Q, K, V, Out, GradOut, Lse, Delta, Order, Offsets, Mask, Gr
     bh = program // num_tiles
     b, h = bh // heads, bh % heads
     key_pos, row_block, row_valid, block_tile = _tile_rows(tile, block_k, blocks, BPT, TPB,
-                                                           RPB, BLOCK_N)
+                                                           RPB, k_win_w, k_wins, map_width,
+                                                           WINDOWS, BLOCK_N)
     d = tl.arange(0, BLOCK_D)
     d_valid = d < head_dim
     row_mask = row_valid[:, None] & d_valid[None, :]
@@ -323,7 +350,7 @@ def _bwd_dkdv_kernel(Q, K, V, Out, GradOut, Lse, Delta, Order, Offsets, Mask, Gr
         j = step * QPB + cols % QPB
         col_valid = col_in_tile & (j < rows_routed)
         group = tl.load(Order + start + j // block_q, mask=col_valid, other=0)
-        q_pos = group * block_q + j % block_q
+        q_pos = _token_row(group, j % block_q, block_q, q_win_w, q_wins, map_width, WINDOWS)
         col_mask = col_valid[:, None] & d_valid[None, :]
         q = tl.load(Q + q_pos[:, None] * stride_qn + d[None, :] * stride_qd, mask=col_mask,
                     other=0.0)
@@ -480,14 +507,25 @@ def _mask_args(key_padding_mask: Optional[Tensor], like: Tensor):
     return mask, mask.stride(0), mask.stride(1), True
 
 
+def _layout_args(layout: Optional[Sequence[int]]):
+    """Kernel arguments of the token layout: ``layout`` None (block-major tokens) or
+    ``(q_window_width, k_window_width, map_width)`` (windows of row-major maps)."""
+    if layout is None:
+        return (1, 1, 1, 1, 1), False
+    q_win_w, k_win_w, map_width = layout
+    return (q_win_w, map_width // q_win_w, k_win_w, map_width // k_win_w, map_width), True
+
+
 def _is_empty(q: Tensor, k: Tensor, index: Tensor) -> bool:
     return q.numel() == 0 or k.numel() == 0 or index.shape[-1] == 0
 
 
 def forward(q: Tensor, k: Tensor, v: Tensor, index: Tensor, key_padding_mask: Optional[Tensor],
-            block_q: int, block_k: int, scale: float, config: Optional[tuple] = None):
+            block_q: int, block_k: int, scale: float, config: Optional[tuple] = None,
+            layout: Optional[Sequence[int]] = None):
     """(out (B, H, Nq, D) contiguous in q's dtype, lse (B, H, Nq) fp32, base 2, +inf if no
-    key). ``config`` overrides the forward tile config (tuning)."""
+    key). ``config`` overrides the forward tile config (tuning); ``layout`` see
+    :func:`_layout_args`."""
     batch, heads, num_q, head_dim = q.shape
     if _is_empty(q, k, index):
         return (torch.zeros(q.shape, dtype=q.dtype, device=q.device),
@@ -498,16 +536,18 @@ def forward(q: Tensor, k: Tensor, v: Tensor, index: Tensor, key_padding_mask: Op
     grid, scalars, meta = _query_plan('fwd', batch, heads, num_q, head_dim, block_q, block_k,
                                       index.shape[-1], q.dtype == torch.float32, config)
     mask, stride_mb, stride_mn, has_mask = _mask_args(key_padding_mask, index)
+    layout_args, windows = _layout_args(layout)
     _fwd_kernel[grid](
         q, k, v, index, mask, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *_index_strides(index), stride_mb, stride_mn,
-        *scalars, scale * LOG2E, HAS_MASK=has_mask, **meta)
+        *scalars, scale * LOG2E, *layout_args, HAS_MASK=has_mask, WINDOWS=windows, **meta)
     return out, lse
 
 
 def backward_dq(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                 index: Tensor, key_padding_mask: Optional[Tensor], block_q: int, block_k: int,
-                scale: float, config: Optional[tuple] = None):
+                scale: float, config: Optional[tuple] = None,
+                layout: Optional[Sequence[int]] = None):
     """(grad_q contiguous in q's dtype, delta = rowsum(dO * O) (B, H, Nq) fp32); non-empty
     inputs only."""
     batch, heads, num_q, head_dim = q.shape
@@ -516,11 +556,13 @@ def backward_dq(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, 
     grid, scalars, meta = _query_plan('dq', batch, heads, num_q, head_dim, block_q, block_k,
                                       index.shape[-1], q.dtype == torch.float32, config)
     mask, stride_mb, stride_mn, has_mask = _mask_args(key_padding_mask, index)
+    layout_args, windows = _layout_args(layout)
     _bwd_dq_kernel[grid](
         q, k, v, out, grad_out, lse, index, mask, grad_q, delta,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(),
         *_index_strides(index), stride_mb, stride_mn,
-        *scalars, scale, scale * LOG2E, HAS_MASK=has_mask, **meta)
+        *scalars, scale, scale * LOG2E, *layout_args, HAS_MASK=has_mask, WINDOWS=windows,
+        **meta)
     return grad_q, delta
 
 
@@ -528,7 +570,8 @@ def backward_dkdv(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor
                   delta: Optional[Tensor], order: Tensor, offsets: Tensor,
                   index_is_per_head: bool, key_padding_mask: Optional[Tensor], block_q: int,
                   block_k: int, scale: float, grad_q: Optional[Tensor] = None,
-                  dq_mode: int = 0, config: Optional[tuple] = None):
+                  dq_mode: int = 0, config: Optional[tuple] = None,
+                  layout: Optional[Sequence[int]] = None):
     """(grad_k, grad_v), contiguous in k's dtype, from the transposed index; non-empty inputs
     only. ``dq_mode`` 0 reads ``delta`` from the dQ kernel; 1 and 2 (see ``_bwd_dkdv_kernel``)
     also write the dQ of the visited queries into ``grad_q`` (``out`` gives delta)."""
@@ -541,12 +584,14 @@ def backward_dkdv(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor
                                             q.dtype == torch.float32, config)
     mask, stride_mb, stride_mn, has_mask = _mask_args(key_padding_mask, order)
     csr_row_b, csr_row_h = (heads, 1) if index_is_per_head else (1, 0)
+    layout_args, windows = _layout_args(layout)
     _bwd_dkdv_kernel[grid](
         q, k, v, out, grad_out, lse, order if delta is None else delta, order, offsets, mask,
         grad_k, grad_v, grad_k if grad_q is None else grad_q,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(),
         stride_mb, stride_mn, *scalars, num_q, block_q, order.shape[1], csr_row_b, csr_row_h,
-        *tiling, scale, scale * LOG2E, HAS_MASK=has_mask, DQ_MODE=dq_mode, **meta)
+        *tiling, scale, scale * LOG2E, *layout_args, HAS_MASK=has_mask, DQ_MODE=dq_mode,
+        WINDOWS=windows, **meta)
     return grad_k, grad_v
 
 
@@ -593,7 +638,8 @@ def backward_dq_mode(slots: int, block_k: int, head_dim: int, mode: Optional[str
 def backward_one_kernel(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
                         lse: Tensor, order: Tensor, offsets: Tensor, index_is_per_head: bool,
                         key_padding_mask: Optional[Tensor], block_q: int, block_k: int,
-                        scale: float, dq_mode: int, config: Optional[tuple] = None):
+                        scale: float, dq_mode: int, config: Optional[tuple] = None,
+                        layout: Optional[Sequence[int]] = None):
     """(grad_q, grad_k, grad_v) from the dK/dV kernel alone (``dq_mode`` 1 or 2); queries that
     no slot routes anywhere are never visited, so their dQ stays zero."""
     accumulate = dq_mode == 2 and q.dtype != torch.float32
@@ -601,13 +647,14 @@ def backward_one_kernel(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: 
                          device=q.device)
     grad_k, grad_v = backward_dkdv(grad_out, q, k, v, out, lse, None, order, offsets,
                                    index_is_per_head, key_padding_mask, block_q, block_k, scale,
-                                   grad_q=grad_q, dq_mode=dq_mode, config=config)
+                                   grad_q=grad_q, dq_mode=dq_mode, config=config,
+                                   layout=layout)
     return (grad_q.to(q.dtype) if accumulate else grad_q), grad_k, grad_v
 
 
 def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
              index: Tensor, key_padding_mask: Optional[Tensor], block_q: int, block_k: int,
-             scale: float):
+             scale: float, layout: Optional[Sequence[int]] = None):
     """(grad_q, grad_k, grad_v), contiguous, from the kernels :func:`set_backward_mode`
     chooses."""
     if _is_empty(q, k, index):
@@ -616,10 +663,11 @@ def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
     order, offsets = _transpose_index(index, k.shape[2] // block_k)
     args = (order, offsets, index.dim() == 4, key_padding_mask, block_q, block_k, scale)
     if mode != 0:
-        return backward_one_kernel(grad_out, q, k, v, out, lse, *args, dq_mode=mode)
+        return backward_one_kernel(grad_out, q, k, v, out, lse, *args, dq_mode=mode,
+                                   layout=layout)
     grad_q, delta = backward_dq(grad_out, q, k, v, out, lse, index, key_padding_mask, block_q,
-                                block_k, scale)
-    grad_k, grad_v = backward_dkdv(grad_out, q, k, v, out, lse, delta, *args)
+                                block_k, scale, layout=layout)
+    grad_k, grad_v = backward_dkdv(grad_out, q, k, v, out, lse, delta, *args, layout=layout)
     return grad_q, grad_k, grad_v
 
 
@@ -629,44 +677,44 @@ def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
 @torch.library.custom_op('dsa_ops::gather_attention_fwd', mutates_args=())
 def gather_attention_fwd(q: Tensor, k: Tensor, v: Tensor, index: Tensor,
                          key_padding_mask: Optional[Tensor], block_q: int, block_k: int,
-                         scale: float) -> tuple[Tensor, Tensor]:
+                         scale: float, layout: Optional[List[int]]) -> tuple[Tensor, Tensor]:
     """Forward: (out (B, H, Nq, D) in q's dtype, lse (B, H, Nq) fp32, base 2, +inf if no key)."""
-    return forward(q, k, v, index, key_padding_mask, block_q, block_k, scale)
+    return forward(q, k, v, index, key_padding_mask, block_q, block_k, scale, layout=layout)
 
 
 @gather_attention_fwd.register_fake
-def _(q, k, v, index, key_padding_mask, block_q, block_k, scale):
+def _(q, k, v, index, key_padding_mask, block_q, block_k, scale, layout):
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @torch.library.custom_op('dsa_ops::gather_attention_bwd', mutates_args=())
 def gather_attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
                          lse: Tensor, index: Tensor, key_padding_mask: Optional[Tensor],
-                         block_q: int, block_k: int,
-                         scale: float) -> tuple[Tensor, Tensor, Tensor]:
+                         block_q: int, block_k: int, scale: float,
+                         layout: Optional[List[int]]) -> tuple[Tensor, Tensor, Tensor]:
     """Backward: (grad_q, grad_k, grad_v), each in the shape and dtype of its input."""
     return backward(grad_out, q, k, v, out, lse, index, key_padding_mask, block_q, block_k,
-                    scale)
+                    scale, layout=layout)
 
 
 @gather_attention_bwd.register_fake
-def _(grad_out, q, k, v, out, lse, index, key_padding_mask, block_q, block_k, scale):
+def _(grad_out, q, k, v, out, lse, index, key_padding_mask, block_q, block_k, scale, layout):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, index, key_padding_mask, block_q, block_k, scale = inputs
+    q, k, v, index, key_padding_mask, block_q, block_k, scale, layout = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, index, key_padding_mask)
-    ctx.block_q, ctx.block_k, ctx.scale = block_q, block_k, scale
+    ctx.block_q, ctx.block_k, ctx.scale, ctx.layout = block_q, block_k, scale, layout
 
 
 def _backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse, index, key_padding_mask = ctx.saved_tensors
     grad_q, grad_k, grad_v = gather_attention_bwd(grad_out, q, k, v, out, lse, index,
                                                   key_padding_mask, ctx.block_q, ctx.block_k,
-                                                  ctx.scale)
-    return grad_q, grad_k, grad_v, None, None, None, None, None
+                                                  ctx.scale, ctx.layout)
+    return grad_q, grad_k, grad_v, None, None, None, None, None, None
 
 
 gather_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -679,10 +727,11 @@ class _GatherAttention(torch.autograd.Function):
     """Eager autograd over the launchers, without the custom-op dispatch of the traced path."""
 
     @staticmethod
-    def forward(ctx, q, k, v, index, key_padding_mask, block_q, block_k, scale):
-        out, lse = forward(q, k, v, index, key_padding_mask, block_q, block_k, scale)
+    def forward(ctx, q, k, v, index, key_padding_mask, block_q, block_k, scale, layout):
+        out, lse = forward(q, k, v, index, key_padding_mask, block_q, block_k, scale,
+                           layout=layout)
         ctx.save_for_backward(q, k, v, out, lse, index, key_padding_mask)
-        ctx.block_q, ctx.block_k, ctx.scale = block_q, block_k, scale
+        ctx.block_q, ctx.block_k, ctx.scale, ctx.layout = block_q, block_k, scale, layout
         return out
 
     @staticmethod
@@ -690,20 +739,24 @@ class _GatherAttention(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v, out, lse, index, key_padding_mask = ctx.saved_tensors
         grad_q, grad_k, grad_v = backward(grad_out, q, k, v, out, lse, index, key_padding_mask,
-                                          ctx.block_q, ctx.block_k, ctx.scale)
-        return grad_q, grad_k, grad_v, None, None, None, None, None
+                                          ctx.block_q, ctx.block_k, ctx.scale,
+                                          layout=ctx.layout)
+        return grad_q, grad_k, grad_v, None, None, None, None, None, None
 
 
 def triton_gather_attention(q: Tensor, k: Tensor, v: Tensor, index: Tensor, *, block_q: int,
                             block_k: int, key_padding_mask: Optional[Tensor], scale: float,
-                            traced: bool) -> Tensor:
-    """Fused gather attention (arguments validated by :func:`ops.gather_attention`).
+                            traced: bool, layout: Optional[List[int]] = None) -> Tensor:
+    """Fused gather attention (arguments validated by :func:`ops.gather_attention`; block
+    sizes in tokens, ``layout`` as :func:`_layout_args`).
 
     ``traced`` (compiling or exporting) routes through the custom ops; eager calls launch the
     kernels directly, through ``_GatherAttention`` when a gradient is needed.
     """
     if traced:
-        return gather_attention_fwd(q, k, v, index, key_padding_mask, block_q, block_k, scale)[0]
+        return gather_attention_fwd(q, k, v, index, key_padding_mask, block_q, block_k, scale,
+                                    layout)[0]
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return _GatherAttention.apply(q, k, v, index, key_padding_mask, block_q, block_k, scale)
-    return forward(q, k, v, index, key_padding_mask, block_q, block_k, scale)[0]
+        return _GatherAttention.apply(q, k, v, index, key_padding_mask, block_q, block_k, scale,
+                                      layout)
+    return forward(q, k, v, index, key_padding_mask, block_q, block_k, scale, layout=layout)[0]

@@ -2,7 +2,9 @@
 
 Queries form ``G = Nq / block_q`` consecutive groups and keys form ``M = Nk / block_k``
 consecutive blocks. Query group ``g`` attends to every key of the blocks
-``index[..., g, :]``; an entry of -1 is an empty slot. BiFormer's bi-level routing attention
+``index[..., g, :]``; an entry of -1 is an empty slot. With ``map_width``, tokens are instead
+the row-major pixels of a 2-D map and groups and blocks are ``(h, w)`` windows of it, read in
+place (no reordering copies). BiFormer's bi-level routing attention
 (routed regions), DSVT's set attention (one block per set) and DLGSANet's sparse global
 attention are all this one pattern.
 
@@ -15,12 +17,13 @@ Two implementations sit behind :func:`gather_attention`:
   read the routed blocks in place and keep only the softmax statistics (``B*H*Nq`` floats).
 """
 import os
-from typing import Optional
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
-__all__ = ['gather_attention', 'is_exporting', 'set_debug', 'BACKENDS']
+__all__ = ['gather_attention', 'is_exporting', 'set_debug', 'BACKENDS', 'to_window_major',
+           'from_window_major']
 
 BACKENDS = ('auto', 'triton', 'torch')
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -60,18 +63,71 @@ def _is_int_size(value) -> bool:
             and not value.is_floating_point())
 
 
+Block = Union[int, Tuple[int, int]]
+
+
+def _check_window(window, name: str) -> Tuple[int, int]:
+    if (not isinstance(window, Sequence) or len(window) != 2
+            or not all(_is_int_size(s) and s >= 1 for s in window)):
+        raise ValueError(f'{name} must be a positive int, or an (h, w) pair of positive ints '
+                         f'with map_width, got {window!r}')
+    return int(window[0]), int(window[1])
+
+
+def check_windows(block: Block, map_width, num_tokens: int, name: str) -> Tuple[int, int]:
+    """Validate an (h, w) window of a row-major map ``map_width`` wide holding ``num_tokens``
+    tokens; return it as a pair of ints."""
+    height, width = _check_window(block, name)
+    if not _is_int_size(map_width) or map_width < 1:
+        raise ValueError(f'map_width must be a positive int with (h, w) blocks, got '
+                         f'{map_width!r}')
+    if num_tokens % map_width or (num_tokens // map_width) % height or map_width % width:
+        raise ValueError(f'{name}={tuple(block)} windows must tile the map: {num_tokens} tokens '
+                         f'in rows of map_width={map_width} (map height a multiple of '
+                         f'{height}, map_width a multiple of {width})')
+    return height, width
+
+
+def to_window_major(x: Tensor, window: Tuple[int, int], map_width: int, dim: int) -> Tensor:
+    """Reorder token axis ``dim`` of x from row-major map order (rows ``map_width`` tokens
+    wide) to window-major order: ``(h, w)`` windows row-major, tokens row-major inside each
+    window (what ``block_q=h * w`` expects). Makes a copy."""
+    height, width = window
+    lead, rest, tokens = x.shape[:dim], x.shape[dim + 1:], x.shape[dim]
+    x = x.reshape(*lead, tokens // map_width // height, height, map_width // width, width,
+                  *rest)
+    return x.transpose(dim + 1, dim + 2).reshape(*lead, tokens, *rest)
+
+
+def from_window_major(x: Tensor, window: Tuple[int, int], map_width: int, dim: int) -> Tensor:
+    """Inverse of :func:`to_window_major`."""
+    height, width = window
+    lead, rest, tokens = x.shape[:dim], x.shape[dim + 1:], x.shape[dim]
+    x = x.reshape(*lead, tokens // map_width // height, map_width // width, height, width,
+                  *rest)
+    return x.transpose(dim + 1, dim + 2).reshape(*lead, tokens, *rest)
+
+
 def _check_positive_int(value, name: str) -> None:
     if not _is_int_size(value) or value < 1:
         raise ValueError(f'{name} must be a positive int, got {value!r}')
 
 
-def _validate(q: Tensor, k: Tensor, v: Tensor, index: Tensor, block_q: int, block_k: int,
-              key_padding_mask: Optional[Tensor], scale: Optional[float], backend: str) -> None:
-    """Check shapes, dtypes and devices; raise a ValueError naming the offending argument."""
+def _validate(q: Tensor, k: Tensor, v: Tensor, index: Tensor, block_q: Block, block_k: Block,
+              map_width: Optional[int], key_padding_mask: Optional[Tensor],
+              scale: Optional[float], backend: str):
+    """Check shapes, dtypes and devices; raise a ValueError naming the offending argument.
+    Returns (block_q, block_k) as token counts and the windows ((h, w) each) or None."""
     if backend not in BACKENDS:
         raise ValueError(f'backend must be one of {BACKENDS}, got {backend!r}')
-    _check_positive_int(block_q, 'block_q')
-    _check_positive_int(block_k, 'block_k')
+    windows = None
+    if map_width is None:
+        for name, block in (('block_q', block_q), ('block_k', block_k)):
+            if isinstance(block, Sequence):
+                raise ValueError(f'{name}={tuple(block)}: (h, w) window blocks need map_width '
+                                 f'(the width of the row-major token map)')
+        _check_positive_int(block_q, 'block_q')
+        _check_positive_int(block_k, 'block_k')
     for name, t in (('q', q), ('k', k), ('v', v)):
         if not isinstance(t, Tensor) or t.dim() != 4:
             got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
@@ -85,6 +141,10 @@ def _validate(q: Tensor, k: Tensor, v: Tensor, index: Tensor, block_q: int, bloc
         raise ValueError(f'q, k and v must be on one device, got q {q.device}, k {k.device}, '
                          f'v {v.device}')
     batch, heads, num_q, head_dim = q.shape
+    if map_width is not None:
+        windows = (check_windows(block_q, map_width, num_q, 'block_q'),
+                   check_windows(block_k, map_width, k.shape[2], 'block_k'))
+        block_q, block_k = (h * w for h, w in windows)
     if k.shape[:2] != q.shape[:2] or k.shape[3] != head_dim:
         raise ValueError(f'k must have shape (B, H, Nk, D) = ({batch}, {heads}, Nk, {head_dim}) '
                          f'to match q {tuple(q.shape)}, got {tuple(k.shape)}')
@@ -125,6 +185,7 @@ def _validate(q: Tensor, k: Tensor, v: Tensor, index: Tensor, block_q: int, bloc
                              f'{key_padding_mask.device}')
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
         raise ValueError(f'scale must be a float or None, got {scale!r}')
+    return block_q, block_k, windows
 
 
 def _check_index_range(index: Tensor, num_blocks: int) -> None:
@@ -185,8 +246,9 @@ def gather_attention_reference(q: Tensor, k: Tensor, v: Tensor, index: Tensor, *
     return out.reshape(batch, heads, num_q, head_dim)
 
 
-def gather_attention(q: Tensor, k: Tensor, v: Tensor, index: Tensor, *, block_q: int,
-                     block_k: int, key_padding_mask: Optional[Tensor] = None,
+def gather_attention(q: Tensor, k: Tensor, v: Tensor, index: Tensor, *, block_q: Block,
+                     block_k: Block, map_width: Optional[int] = None,
+                     key_padding_mask: Optional[Tensor] = None,
                      scale: Optional[float] = None, backend: str = 'auto') -> Tensor:
     """Attention of each query group over the key blocks its index row names.
 
@@ -197,17 +259,25 @@ def gather_attention(q: Tensor, k: Tensor, v: Tensor, index: Tensor, *, block_q:
             ``g`` attends to every key of blocks ``index[..., g, :]``; -1 marks an empty slot.
             Entries must lie in [-1, M) (checked on the torch path, and on the Triton path in
             debug mode, see :func:`set_debug`).
-        block_q, block_k: positive group and block sizes (any integer, not only powers of 2).
+        block_q, block_k: positive group and block sizes (any integer, not only powers of 2),
+            or, with ``map_width``, ``(h, w)`` windows.
+        map_width: with (h, w) blocks: tokens (of q and of k) are the pixels of maps
+            ``map_width`` wide in row-major order, and group ``g`` / block ``m`` is the ``g``-th
+            / ``m``-th window in row-major order over the window grid. The result equals
+            :func:`to_window_major` of q, k, v and the mask, attention with ``h * w`` blocks,
+            and :func:`from_window_major` of the output; the Triton path reads the windows in
+            place.
         key_padding_mask: optional bool (B, Nk); True excludes that key.
         scale: score scale, default ``D ** -0.5``.
         backend: ``"auto"`` (Triton on CUDA, torch reference on CPU and while exporting or
             tracing), ``"triton"`` or ``"torch"``.
 
     Returns:
-        (B, H, Nq, D) in the dtype of ``q``; a query with no admissible key gets zeros.
-        Differentiable in q, k and v.
+        (B, H, Nq, D) in the dtype of ``q`` (in q's token order); a query with no admissible
+        key gets zeros. Differentiable in q, k and v.
     """
-    _validate(q, k, v, index, block_q, block_k, key_padding_mask, scale, backend)
+    block_q, block_k, windows = _validate(q, k, v, index, block_q, block_k, map_width,
+                                          key_padding_mask, scale, backend)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     num_blocks = k.shape[2] // block_k
@@ -224,10 +294,20 @@ def gather_attention(q: Tensor, k: Tensor, v: Tensor, index: Tensor, *, block_q:
         if _debug and not compiling:
             _check_index_range(index, num_blocks)
         from ops._triton_gather_attention import triton_gather_attention
+        layout = None if windows is None else [windows[0][1], windows[1][1], int(map_width)]
         return triton_gather_attention(q, k, v, index, block_q=block_q, block_k=block_k,
                                        key_padding_mask=key_padding_mask, scale=float(scale),
-                                       traced=exporting or compiling)
+                                       layout=layout, traced=exporting or compiling)
     if not (exporting or compiling):
         _check_index_range(index, num_blocks)
-    return gather_attention_reference(q, k, v, index, block_q=block_q, block_k=block_k,
-                                      key_padding_mask=key_padding_mask, scale=scale)
+    if windows is None:
+        return gather_attention_reference(q, k, v, index, block_q=block_q, block_k=block_k,
+                                          key_padding_mask=key_padding_mask, scale=scale)
+    q_windows, k_windows = windows
+    q, k, v = (to_window_major(t, w, map_width, 2) for t, w in ((q, q_windows), (k, k_windows),
+                                                                (v, k_windows)))
+    if key_padding_mask is not None:
+        key_padding_mask = to_window_major(key_padding_mask, k_windows, map_width, 1)
+    out = gather_attention_reference(q, k, v, index, block_q=block_q, block_k=block_k,
+                                     key_padding_mask=key_padding_mask, scale=scale)
+    return from_window_major(out, q_windows, map_width, 2)

@@ -4,22 +4,25 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ops.gather_attention import _is_int_size
+from ops.gather_attention import Block, _is_int_size, check_windows
 
 __all__ = ['region_routing']
 
 
 @torch.no_grad()
-def region_routing(q: Tensor, k: Tensor, *, block_q: int, block_k: int, topk: int,
-                   scale: Optional[float] = None,
+def region_routing(q: Tensor, k: Tensor, *, block_q: Block, block_k: Block, topk: int,
+                   map_width: Optional[int] = None, scale: Optional[float] = None,
                    key_padding_mask: Optional[Tensor] = None) -> Tensor:
     """Pick, for every query region, the ``topk`` key regions of highest mean-token affinity.
 
     Args:
         q: (B, Nq, C) query tokens in region-major order, ``Nq = G * block_q``.
         k: (B, Nk, C) key tokens in region-major order, ``Nk = M * block_k``.
-        block_q, block_k: tokens per query region and per key region.
+        block_q, block_k: tokens per query region and per key region; or, with ``map_width``,
+            ``(h, w)`` windows of row-major token maps ``map_width`` wide (as in
+            :func:`ops.gather_attention`; region ``g`` is the ``g``-th window, row-major).
         topk: number of key regions per query region, ``0 <= topk <= M`` (static).
+        map_width: see ``block_q``.
         scale: affinity scale, default ``C ** -0.5``. BiFormer's checkpoints use
             ``qk_dim ** -0.5`` with ``C = qk_dim``, i.e. the default.
         key_padding_mask: optional bool (B, Nk), True = padded key. Padded keys are left out of
@@ -30,12 +33,17 @@ def region_routing(q: Tensor, k: Tensor, *, block_q: int, block_k: int, topk: in
         hold a real key. Computed without gradient (routing is not differentiable).
         Affinity is ``(q_r * scale) @ k_r^T`` over the region means ``q_r``, ``k_r``.
     """
-    for name, t, block in (('q', q, block_q), ('k', k, block_k)):
-        if not _is_int_size(block) or block < 1:
-            raise ValueError(f'block_{name} must be a positive int, got {block!r}')
+    for name, t in (('q', q), ('k', k)):
         if not isinstance(t, Tensor) or t.dim() != 3 or not t.is_floating_point():
             got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
             raise ValueError(f'{name} must be a floating 3-D tensor (B, N, C), got {got}')
+    windows = {}
+    for name, t, block in (('q', q, block_q), ('k', k, block_k)):
+        if map_width is not None:
+            windows[name] = check_windows(block, map_width, t.shape[1], f'block_{name}')
+            continue
+        if not _is_int_size(block) or block < 1:
+            raise ValueError(f'block_{name} must be a positive int, got {block!r}')
         if t.shape[1] % block:
             raise ValueError(f'block_{name}={block} must divide the token count of {name} '
                              f'({t.shape[1]})')
@@ -43,25 +51,40 @@ def region_routing(q: Tensor, k: Tensor, *, block_q: int, block_k: int, topk: in
         raise ValueError(f'k must have shape (B, Nk, C) = ({q.shape[0]}, Nk, {q.shape[2]}) on '
                          f'{q.device}, got {tuple(k.shape)} on {k.device}')
     batch, num_q, channels = q.shape
+    if windows:
+        block_q, block_k = (h * w for h, w in windows.values())
     groups, blocks = num_q // block_q, k.shape[1] // block_k
     if isinstance(topk, bool) or not isinstance(topk, int) or not 0 <= topk <= blocks:
         raise ValueError(f'topk must be an int in [0, M] = [0, {blocks}], got {topk!r}')
+    if key_padding_mask is not None and (
+            key_padding_mask.dtype != torch.bool or key_padding_mask.device != k.device
+            or tuple(key_padding_mask.shape) != (batch, k.shape[1])):
+        raise ValueError(f'key_padding_mask must be a bool tensor of shape (B, Nk) = '
+                         f'({batch}, {k.shape[1]}) on {k.device}, got '
+                         f'{key_padding_mask.dtype} {tuple(key_padding_mask.shape)}')
     if scale is None:
         scale = channels ** -0.5
-    q_regions = q.reshape(batch, groups, block_q, channels).mean(dim=2)
-    k_blocks = k.reshape(batch, blocks, block_k, channels)
+
+    def per_region(x: Tensor, name: str, block: int, reduce: str) -> Tensor:
+        """(B, N, C) -> (B, regions, C): ``reduce`` ('mean' or 'sum') over each region's
+        tokens, read in place (no reordering copy)."""
+        if windows:
+            height, width = windows[name]
+            x = x.reshape(batch, -1, height, map_width // width, width, x.shape[-1])
+            dims = (2, 4)
+        else:
+            x = x.reshape(batch, -1, block, x.shape[-1])
+            dims = (2,)
+        return getattr(x, reduce)(dim=dims).reshape(batch, -1, x.shape[-1])
+
+    q_regions = per_region(q, 'q', block_q, 'mean')
     if key_padding_mask is None:
-        k_regions = k_blocks.mean(dim=2)
+        k_regions = per_region(k, 'k', block_k, 'mean')
         region_is_empty = None
     else:
-        if key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (
-                batch, k.shape[1]) or key_padding_mask.device != k.device:
-            raise ValueError(f'key_padding_mask must be a bool tensor of shape (B, Nk) = '
-                             f'({batch}, {k.shape[1]}) on {k.device}, got '
-                             f'{key_padding_mask.dtype} {tuple(key_padding_mask.shape)}')
-        real = (~key_padding_mask).reshape(batch, blocks, block_k, 1).to(k.dtype)
-        counts = real.sum(dim=2)
-        k_regions = (k_blocks * real).sum(dim=2) / counts.clamp(min=1)
+        real = (~key_padding_mask).unsqueeze(-1).to(k.dtype)
+        counts = per_region(real, 'k', block_k, 'sum')
+        k_regions = per_region(k * real, 'k', block_k, 'sum') / counts.clamp(min=1)
         region_is_empty = counts.squeeze(-1) == 0                       # (B, M)
     affinity = (q_regions * scale) @ k_regions.transpose(-1, -2)      # (B, G, M)
     if region_is_empty is not None:

@@ -58,14 +58,16 @@ def max_errors(results, exact):
             for r, e in zip(results, exact)]
 
 
-def compare_to_fp64(q, k, v, index, mask, block_q, block_k, backend='triton', scale=None):
+def compare_to_fp64(q, k, v, index, mask, block_q, block_k, backend='triton', scale=None,
+                    map_width=None):
     """Assert |backend - fp64| <= 2 |torch same dtype - fp64| + atol for out, dq, dk, dv."""
     grad_out = torch.randn_like(q)
 
     def run(backend_name, cast):
         def fn(q_, k_, v_):
             return ops.gather_attention(q_, k_, v_, index, block_q=block_q, block_k=block_k,
-                                        key_padding_mask=mask, scale=scale, backend=backend_name)
+                                        map_width=map_width, key_padding_mask=mask, scale=scale,
+                                        backend=backend_name)
         return forward_and_grads(fn, *(cast(x) for x in (q, k, v)), cast(grad_out))
 
     tested = run(backend, lambda x: x)
@@ -240,13 +242,100 @@ def test_transpose_index_is_a_stable_counting_sort(per_head):
             assert row_order[expected_offsets[m]:expected_offsets[m + 1]].tolist() == groups_of_m
 
 
+# ----------------------------------------------------------------------------- window layout
+
+WINDOW_CASES = {
+    # name: (batch, heads, q_window, q_map_height, k_window, k_map_height, map_width, slots,
+    #        head_dim, masked); one slot reaches the one-kernel backward, several the split one
+    'square_4x4_one_slot': (1, 2, (4, 4), 8, (4, 4), 8, 8, 1, 16, 0.2),
+    'non_square_2x3_three_slots': (2, 1, (2, 3), 4, (2, 3), 4, 6, 3, 32, 0.0),
+    'q_1x2_k_3x1_per_head': (1, 2, (1, 2), 3, (3, 1), 6, 4, 2, 16, 0.3),
+}
+
+
+def window_ids(map_height, map_width, window):
+    """Window (row-major over the window grid) of every token of a row-major map."""
+    rows = torch.arange(map_height).repeat_interleave(map_width)
+    cols = torch.arange(map_width).repeat(map_height)
+    return (rows // window[0]) * (map_width // window[1]) + cols // window[1]
+
+
+def window_oracle(q, k, v, index, q_window, k_window, map_width, mask=None):
+    """Independent fp64 oracle of the window layout: dense softmax weighted by how often each
+    key's window is routed from each query's window."""
+    batch, heads, num_q, _ = q.shape
+    q_win = window_ids(num_q // map_width, map_width, q_window)
+    k_win = window_ids(k.shape[2] // map_width, map_width, k_window)
+    if index.dim() == 3:
+        index = index.unsqueeze(1).expand(-1, heads, -1, -1)
+    routed = index.cpu()[:, :, q_win]                                 # (B, H, Nq, K)
+    count = (routed.unsqueeze(-1) == k_win.view(1, 1, 1, 1, -1)).sum(3).double()
+    if mask is not None:
+        count = count.masked_fill(mask[:, None, None, :].cpu(), 0)
+    scores = (q.double().cpu() @ k.double().cpu().transpose(-1, -2)) * q.shape[-1] ** -0.5
+    weights = torch.exp(scores - scores.amax(-1, keepdim=True)) * count
+    weights = weights / weights.sum(-1, keepdim=True).clamp(min=1e-300)
+    return weights @ v.double().cpu()
+
+
+def make_window_inputs(case, dtype=torch.float32, device=DEVICE):
+    batch, heads, q_window, q_rows, k_window, k_rows, width, slots, head_dim, masked = \
+        WINDOW_CASES[case]
+    groups = q_rows * width // (q_window[0] * q_window[1])
+    blocks = k_rows * width // (k_window[0] * k_window[1])
+    q, k, v, index, mask = make_inputs(batch, heads, groups, q_window[0] * q_window[1], blocks,
+                                       k_window[0] * k_window[1], slots, head_dim, dtype=dtype,
+                                       per_head='per_head' in case, masked_fraction=masked,
+                                       device=device)
+    return q, k, v, index, mask, q_window, k_window, width
+
+
+@pytest.mark.parametrize('case', list(WINDOW_CASES), ids=list(WINDOW_CASES))
+def test_window_layout_reference_matches_oracle(case):
+    q, k, v, index, mask, q_window, k_window, width = make_window_inputs(
+        case, torch.float64, 'cpu')
+    out = ops.gather_attention(q, k, v, index, block_q=q_window, block_k=k_window,
+                               map_width=width, key_padding_mask=mask, backend='torch')
+    torch.testing.assert_close(out, window_oracle(q, k, v, index, q_window, k_window, width,
+                                                  mask))
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float16], ids=['fp32', 'fp16'])
+@pytest.mark.parametrize('case', list(WINDOW_CASES), ids=list(WINDOW_CASES))
+def test_window_layout_triton_matches_fp64(case, dtype):
+    q, k, v, index, mask, q_window, k_window, width = make_window_inputs(case, dtype)
+    compare_to_fp64(q, k, v, index, mask, q_window, k_window, map_width=width)
+
+
+def test_window_layout_reads_strided_maps():
+    """q, k, v as head slices of one (B, H*W, 3 * heads * D) projection, as BiFormer passes them."""
+    q, k, v, index, mask, q_window, k_window, width = make_window_inputs('square_4x4_one_slot')
+    qkv = torch.cat([t.transpose(1, 2).flatten(2) for t in (q, k, v)], dim=-1)
+    batch, tokens, _ = qkv.shape
+    q, k, v = (t.view(batch, tokens, 2, 16).transpose(1, 2) for t in qkv.split(32, dim=-1))
+    assert not q.is_contiguous()
+    compare_to_fp64(q, k, v, index, mask, q_window, k_window, map_width=width)
+
+
+@pytest.mark.parametrize('overrides, message', [
+    (dict(block_q=(2, 2)), r'\(h, w\) window blocks need map_width'),
+    (dict(block_q=(2, 2), block_k=(2, 2), map_width=5), 'windows must tile the map'),
+    (dict(block_q=(3, 2), block_k=(2, 2), map_width=4), 'windows must tile the map'),
+    (dict(block_q=(2, 2, 1), block_k=(2, 2), map_width=4), r'or an \(h, w\) pair'),
+    (dict(block_q=(2, 2), block_k=(2, 2), map_width=0), 'map_width must be a positive int'),
+])
+def test_window_layout_bad_arguments(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        _call(**overrides)
+
+
 # ----------------------------------------------------------------------------- custom op
 
 
 def test_custom_op_opcheck():
     q, k, v, index, mask = make_inputs(1, 2, 2, 4, 3, 4, 2, 16, masked_fraction=0.2)
     q, k, v = (x.requires_grad_() for x in (q, k, v))
-    torch.library.opcheck(gather_attention_fwd, (q, k, v, index, mask, 4, 4, 0.25),
+    torch.library.opcheck(gather_attention_fwd, (q, k, v, index, mask, 4, 4, 0.25, None),
                           test_utils=('test_schema', 'test_faketensor',
                                       'test_autograd_registration'))
 

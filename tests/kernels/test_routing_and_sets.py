@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 import ops
+from ops.gather_attention import to_window_major
 
 DEVICE = 'cuda' if torch.cuda.is_available() else 'cpu'
 
@@ -41,11 +42,27 @@ def test_region_routing_excludes_padded_keys():
     assert (index[0, :, 2] == -1).all()  # only two blocks hold a real key
 
 
+@pytest.mark.parametrize('masked', [False, True])
+def test_region_routing_window_layout_equals_window_major(masked):
+    """(h, w) windows of row-major maps route exactly as the same tokens reordered window-major
+    with integer blocks."""
+    q, k = torch.randn(2, 4 * 6, 8), torch.randn(2, 6 * 6, 8)
+    mask = torch.rand(2, 6 * 6) < 0.4 if masked else None
+    windowed = ops.region_routing(q, k, block_q=(2, 3), block_k=(3, 2), map_width=6, topk=3,
+                                  key_padding_mask=mask)
+    q_major, k_major = to_window_major(q, (2, 3), 6, 1), to_window_major(k, (3, 2), 6, 1)
+    mask_major = None if mask is None else to_window_major(mask, (3, 2), 6, 1)
+    expected = ops.region_routing(q_major, k_major, block_q=6, block_k=6, topk=3,
+                                  key_padding_mask=mask_major)
+    assert torch.equal(windowed, expected)
+
+
 @pytest.mark.parametrize('kwargs, message', [
     (dict(topk=6), r'topk must be an int in \[0, M\]'),
     (dict(block_q=3), 'block_q=3 must divide'),
     (dict(block_k=0), 'block_k must be a positive int'),
     (dict(key_padding_mask=torch.zeros(1, 9, dtype=torch.bool)), 'key_padding_mask must be'),
+    (dict(block_q=(2, 2), block_k=(2, 1), map_width=3), 'windows must tile the map'),
 ])
 def test_region_routing_bad_arguments(kwargs, message):
     args = dict(block_q=2, block_k=2, topk=2)
