@@ -140,10 +140,9 @@ class BiLevelRoutingAttention(nn.Module):
 
     def _padding_mask(self, batch: int, height: int, width: int, pad_height: int,
                       pad_width: int, device: torch.device) -> torch.Tensor:
-        """Bool (B, N) in region-major token order, True on padded tokens."""
+        """Bool (B, N) in row-major map order, True on padded tokens."""
         padded = torch.ones(pad_height, pad_width, dtype=torch.bool, device=device)
         padded[:height, :width] = False
-        padded = _to_regions(padded.view(1, pad_height, pad_width, 1), self.n_win)
         return padded.view(1, pad_height * pad_width).expand(batch, pad_height * pad_width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -156,48 +155,56 @@ class BiLevelRoutingAttention(nn.Module):
         is_padded = bool(pad_bottom or pad_right) or ops.is_exporting()
         if is_padded:
             x = F.pad(x, (0, 0, 0, pad_right, 0, pad_bottom))
-        qkv = self.qkv(_to_regions(x, self.n_win))  # (B, N, 3C) region-major
         padding_mask = None
         if is_padded and self.pad_mode == 'masked':
             padding_mask = self._padding_mask(batch, height, width, pad_height, pad_width, x.device)
-            qkv = qkv.masked_fill(padding_mask.unsqueeze(-1), 0.0)
-        q, k, v = qkv.split(chans, dim=-1)
-        region_size = (pad_height // self.n_win) * (pad_width // self.n_win)
         attend = self._fused_attention if self.attn_impl == 'fused' else self._gather_attention
-        out = _heads_to_map(attend(q, k, v, region_size, padding_mask), self.n_win,
-                            pad_height, pad_width)
-        # LePE of the (padded) value map, added to the attention output.
-        v_map = _from_regions(v, self.n_win, pad_height, pad_width)
-        out = _depthwise(self.lepe, v_map, out, official=self.attn_impl == 'gather')
+        out = attend(x, padding_mask)
         if is_padded:
             out = out[:, :height, :width]
         return self.proj(out)
 
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, N, C) -> (B, heads, N, C // heads)."""
+        """(B, N, C) -> (B, heads, N, C // heads), a view."""
         batch, tokens, chans = x.shape
         return x.view(batch, tokens, self.num_heads, chans // self.num_heads).transpose(1, 2)
 
-    def _fused_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                         region_size: int, padding_mask: Optional[torch.Tensor]) -> torch.Tensor:
-        """Routing and attention through ``ops``: (B, N, C) region-major in,
-        (B, heads, regions, region_size, head_dim) out."""
-        index = ops.region_routing(q, k, block_q=region_size, block_k=region_size,
+    def _fused_attention(self, x: torch.Tensor,
+                         padding_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """Routing, attention and LePE through ``ops`` on the (padded) map in place: the
+        regions are (h, w) windows of the row-major token map, so nothing is reordered.
+        (B, H, W, C) in and out; ``padding_mask`` (B, H * W) or None."""
+        batch, height, width, chans = x.shape
+        qkv = self.qkv(x)  # (B, H, W, 3C)
+        if padding_mask is not None:
+            qkv = qkv.masked_fill(padding_mask.view(batch, height, width, 1), 0.0)
+        q, k, v = qkv.view(batch, height * width, 3 * chans).split(chans, dim=-1)
+        window = (height // self.n_win, width // self.n_win)
+        index = ops.region_routing(q, k, block_q=window, block_k=window, map_width=width,
                                    topk=self.topk, scale=self.scale,
                                    key_padding_mask=padding_mask)
         out = ops.gather_attention(self._split_heads(q), self._split_heads(k),
-                                   self._split_heads(v), index, block_q=region_size,
-                                   block_k=region_size, key_padding_mask=padding_mask,
+                                   self._split_heads(v), index, block_q=window, block_k=window,
+                                   map_width=width, key_padding_mask=padding_mask,
                                    scale=self.scale)
-        batch, heads, tokens, head_dim = out.shape
-        return out.view(batch, heads, tokens // region_size, region_size, head_dim)
+        out = out.transpose(1, 2).reshape(batch, height, width, chans)
+        # LePE of the (padded) value map, added to the attention output.
+        return _depthwise(self.lepe, v.view(batch, height, width, chans), out, official=False)
 
-    def _gather_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                          region_size: int, padding_mask: Optional[torch.Tensor]) -> torch.Tensor:
-        """The official formulation: gather ``topk`` copies of the routed regions' keys/values
-        and run dense attention per region: (B, N, C) region-major in,
-        (B, heads, regions, region_size, head_dim) out."""
-        batch, _, chans = q.shape
+    def _gather_attention(self, x: torch.Tensor,
+                          padding_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """The official formulation: region-major reordering, ``torch.gather`` of ``topk``
+        copies of the routed regions' keys/values, dense attention per region, LePE by
+        ``nn.Conv2d``. (B, H, W, C) in and out; ``padding_mask`` (B, H * W) or None."""
+        batch, pad_height, pad_width, chans = x.shape
+        region_size = (pad_height // self.n_win) * (pad_width // self.n_win)
+        qkv = self.qkv(_to_regions(x, self.n_win))  # (B, N, 3C) region-major
+        if padding_mask is not None:
+            padding_mask = _to_regions(padding_mask.reshape(batch, pad_height, pad_width, 1),
+                                       self.n_win).reshape(batch, -1)
+            qkv = qkv.masked_fill(padding_mask.unsqueeze(-1), 0.0)
+        q, k, v = qkv.split(chans, dim=-1)
+        v_map = _from_regions(v, self.n_win, pad_height, pad_width)
         regions, heads, head_dim = self.n_win * self.n_win, self.num_heads, chans // self.num_heads
         q, k, v = (t.reshape(batch, regions, region_size, chans) for t in (q, k, v))
 
@@ -236,7 +243,9 @@ class BiLevelRoutingAttention(nn.Module):
         if padding_mask is not None:
             attn = attn.masked_fill(mask_routed, 0.0)
         out = attn @ v_routed  # (B*G, heads, region, head_dim)
-        return out.view(batch, regions, heads, region_size, head_dim).transpose(1, 2)
+        out = _heads_to_map(out.view(batch, regions, heads, region_size, head_dim).transpose(1, 2),
+                            self.n_win, pad_height, pad_width)
+        return _depthwise(self.lepe, v_map, out, official=True)
 
 
 class FullAttentionLePE(nn.Module):

@@ -71,7 +71,7 @@ def _check_window(window, name: str) -> Tuple[int, int]:
             or not all(_is_int_size(s) and s >= 1 for s in window)):
         raise ValueError(f'{name} must be a positive int, or an (h, w) pair of positive ints '
                          f'with map_width, got {window!r}')
-    return int(window[0]), int(window[1])
+    return window[0], window[1]
 
 
 def check_windows(block: Block, map_width, num_tokens: int, name: str) -> Tuple[int, int]:

@@ -68,14 +68,16 @@ def region_routing(q: Tensor, k: Tensor, *, block_q: Block, block_k: Block, topk
     def per_region(x: Tensor, name: str, block: int, reduce: str) -> Tensor:
         """(B, N, C) -> (B, regions, C): ``reduce`` ('mean' or 'sum') over each region's
         tokens, read in place (no reordering copy)."""
+        tokens, chans = x.shape[1], x.shape[2]
         if windows:
             height, width = windows[name]
-            x = x.reshape(batch, -1, height, map_width // width, width, x.shape[-1])
+            x = x.reshape(batch, tokens // map_width // height, height, map_width // width,
+                          width, chans)
             dims = (2, 4)
         else:
-            x = x.reshape(batch, -1, block, x.shape[-1])
+            x = x.reshape(batch, tokens // block, block, chans)
             dims = (2,)
-        return getattr(x, reduce)(dim=dims).reshape(batch, -1, x.shape[-1])
+        return getattr(x, reduce)(dim=dims).reshape(batch, tokens // block, chans)
 
     q_regions = per_region(q, 'q', block_q, 'mean')
     if key_padding_mask is None:

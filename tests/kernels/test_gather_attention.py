@@ -426,3 +426,22 @@ def test_triton_bf16_matches_fp64_on_gpu(case, backward_mode):
                                        head_dim, dtype=torch.bfloat16, masked_fraction=masked,
                                        empty_fraction=0.0)
     compare_to_fp64(q, k, v, index, mask, block_q, block_k)
+
+
+GPU_WINDOW_SHAPES = {
+    # name: (batch, heads, map side, window side, slots, masked): BiFormer-T at 224, n_win 7
+    'biformer_t224_s1_map': (8, 2, 56, 8, 1, 0.0),
+    'biformer_t224_s2_map': (8, 4, 28, 4, 4, 0.1),
+    'biformer_t224_s3_map': (8, 8, 14, 2, 16, 0.0),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize('case', list(GPU_WINDOW_SHAPES), ids=list(GPU_WINDOW_SHAPES))
+def test_triton_bf16_window_layout_matches_fp64_on_gpu(case):
+    batch, heads, side, window, slots, masked = GPU_WINDOW_SHAPES[case]
+    groups = (side // window) ** 2
+    q, k, v, index, mask = make_inputs(batch, heads, groups, window * window, groups,
+                                       window * window, slots, 32, dtype=torch.bfloat16,
+                                       masked_fraction=masked, empty_fraction=0.0)
+    compare_to_fp64(q, k, v, index, mask, (window, window), (window, window), map_width=side)
