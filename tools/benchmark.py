@@ -3,14 +3,17 @@
     python tools/benchmark.py ops     [options]   # gather-attention kernel vs peers
     python tools/benchmark.py models  [options]   # backbone throughput and memory vs peers
     python tools/benchmark.py dwconv  [options]   # NHWC depthwise-conv kernel vs peers
+    python tools/benchmark.py layernorm [options] # LayerNorm kernel vs native and compiled
 
-Each subcommand forwards its options to tools/bench_<name>.py (`--help` lists them).
+Each subcommand forwards its options to its tools/bench_*.py module (`--help` lists them).
 """
 import importlib
 import os
 import sys
 
-SUBCOMMANDS = ('ops', 'models', 'dwconv')
+MODULES = {'ops': 'bench_ops', 'models': 'bench_models', 'dwconv': 'bench_dwconv',
+           'layernorm': 'bench_layer_norm'}
+SUBCOMMANDS = tuple(MODULES)
 
 
 def main(argv=None):
@@ -18,7 +21,7 @@ def main(argv=None):
     if not argv or argv[0] not in SUBCOMMANDS:
         sys.exit(f'usage: benchmark.py {{{",".join(SUBCOMMANDS)}}} [options]\n{__doc__}')
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    module = importlib.import_module(f'bench_{argv[0]}')
+    module = importlib.import_module(MODULES[argv[0]])
     return module.main(argv[1:])
 
 
