@@ -292,12 +292,20 @@ class FullAttentionLePE(nn.Module):
 class AutocastLayerNorm(nn.LayerNorm):
     """LayerNorm that returns the autocast dtype under autocast instead of float32.
 
-    The kernel still accumulates statistics in float32; the output equals, to bf16/fp16
-    rounding of the affine parameters, what the following Linear would cast the float32 result
-    to, without writing and re-reading it in float32 (timm's "fast norm" without apex).
+    Statistics still accumulate in float32; the output equals, to bf16/fp16 rounding, what the
+    following Linear would cast the float32 result to, without writing and re-reading it in
+    float32 (timm's "fast norm" without apex). ``fused`` runs :func:`ops.layer_norm` (one
+    Triton kernel each way on CUDA, fp32 weights used as they are); otherwise
+    ``F.layer_norm`` on the autocast-dtype input and parameters.
     """
 
+    def __init__(self, normalized_shape: int, eps: float = 1e-5, fused: bool = False):
+        super().__init__(normalized_shape, eps=eps)
+        self.fused = fused
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            return ops.layer_norm(x, self.weight, self.bias, self.eps)
         device_type = x.device.type
         if not torch.is_autocast_enabled(device_type):
             return super().forward(x)
@@ -320,7 +328,7 @@ class BiFormerBlock(nn.Module):
         super().__init__()
         self.pos_embed = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
         self.official = attn_impl == 'gather'  # the official formulation throughout
-        self.norm1 = AutocastLayerNorm(dim, eps=1e-6)
+        self.norm1 = AutocastLayerNorm(dim, eps=1e-6, fused=not self.official)
         if topk > 0:
             self.attn = BiLevelRoutingAttention(dim, head_dim=head_dim, n_win=n_win, topk=topk,
                                                 side_dwconv=side_dwconv, pad_mode=pad_mode,
@@ -330,7 +338,7 @@ class BiFormerBlock(nn.Module):
         else:
             raise ValueError(f'topk must be > 0 (routing attention) or {FULL_ATTENTION} (full '
                              f'attention with LePE), got {topk}')
-        self.norm2 = AutocastLayerNorm(dim, eps=1e-6)
+        self.norm2 = AutocastLayerNorm(dim, eps=1e-6, fused=not self.official)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 

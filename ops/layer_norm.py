@@ -73,7 +73,10 @@ def layer_norm_reference(x: Tensor, weight: Optional[Tensor] = None,
     weight and bias in that precision, cast to the output dtype (no validation)."""
     out_dtype = output_dtype(x)
     compute = torch.promote_types(out_dtype, torch.float32)
-    out = F.layer_norm(x.to(out_dtype).to(compute), x.shape[-1:],
+    # A parameter's shape stays a constant under jit tracing (x's would become graph ops that
+    # the ONNX LayerNormalization cannot take).
+    normalized_shape = next((t.shape for t in (weight, bias) if t is not None), x.shape[-1:])
+    out = F.layer_norm(x.to(out_dtype).to(compute), normalized_shape,
                        None if weight is None else weight.to(compute),
                        None if bias is None else bias.to(compute), eps)
     return out.to(out_dtype)
