@@ -5,6 +5,7 @@ the same models on the official gather formulation, and timm peers.
     python tools/benchmark.py models --models biformer_small swin_tiny_patch4_window7_224 \\
         --settings cls --iters 20
     python tools/benchmark.py models --profile biformer_small   # + top CUDA ops of training
+    python tools/benchmark.py models --cuda-graph      # replayed CUDA graphs: no host overhead
 
 A model is a timm name; ``NAME:gather`` runs a BiFormer on the official formulation
 (``attn_impl='gather'``). Two settings: ``cls`` (classifier, 224 px, batch 128) and ``dense``
@@ -12,6 +13,10 @@ A model is a timm name; ``NAME:gather`` runs a BiFormer on the official formulat
 detection configs). Each cell times inference (``inference_mode``) and a training step
 (forward, backward, AdamW step) under autocast, after warm-up, with CUDA events; peak memory is
 ``torch.cuda.max_memory_allocated`` over the timed steps.
+
+Eager timings include the host's kernel-launch overhead, which bounds a model of many small
+kernels (BiFormer: 30 blocks) on a slow host CPU; ``--cuda-graph`` replays the captured
+inference call and training step instead, which measures what the GPU itself sustains.
 """
 import argparse
 import datetime
@@ -56,6 +61,9 @@ def parse_args(argv):
     parser.add_argument('--no-train', action='store_true', help='inference only')
     parser.add_argument('--channels-last', action='store_true')
     parser.add_argument('--compile', action='store_true', help='torch.compile every model')
+    parser.add_argument('--cuda-graph', action='store_true',
+                        help='time CUDA-graph replays of the inference call and of the whole '
+                             'training step (no host launch overhead: what the GPU sustains)')
     parser.add_argument('--profile', default=None, metavar='MODEL',
                         help='also profile training steps of MODEL (cls setting), top ops')
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
@@ -119,46 +127,81 @@ def _reset_peak(device):
         torch.cuda.reset_peak_memory_stats(device)
 
 
+def _graph_replay(fn, warmup_fn, warmup: int, before_capture=None):
+    """Run ``warmup_fn`` ``warmup`` times on a side stream, then ``before_capture``, then
+    capture one call of ``fn`` in a CUDA graph; return its replay (the documented
+    whole-network capture: inputs and parameters are static)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            warmup_fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    if before_capture is not None:
+        before_capture()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def measure(model: torch.nn.Module, batch: int, img: int, args) -> Dict:
     """img/s and peak memory (GB) of inference and of a training step."""
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    autocast = dict(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
+    graphed = args.cuda_graph
+    if graphed and (device.type != 'cuda' or args.compile):
+        raise ValueError('--cuda-graph needs a CUDA device and excludes --compile')
+    # Graph capture needs autocast's weight-cast cache off (the casts are then captured).
+    autocast = dict(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32,
+                    cache_enabled=not graphed)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=memory_format)
     runner = torch.compile(model) if args.compile else model
     x = torch.randn(batch, 3, img, img, device=device).to(memory_format=memory_format)
     timer, result = Timer(device), {}
 
+    def infer():
+        with torch.inference_mode(), torch.autocast(**autocast):
+            runner(x)
+
     model.eval()
-    with torch.inference_mode(), torch.autocast(**autocast):
-        for _ in range(args.warmup):
-            runner(x)
-        _reset_peak(device)
-        timer.start()
-        for _ in range(args.iters):
-            runner(x)
-        seconds = timer.stop()
+    if graphed:
+        infer = _graph_replay(infer, infer, args.warmup)
+    for _ in range(args.warmup):
+        infer()
+    _reset_peak(device)
+    timer.start()
+    for _ in range(args.iters):
+        infer()
+    seconds = timer.stop()
     result['infer_img_s'] = batch * args.iters / seconds
     result['infer_peak_gb'] = _peak_bytes(device) / 1e9
     if args.no_train:
         return result
 
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, capturable=graphed)
 
     def step():
-        optimizer.zero_grad(set_to_none=True)
         with torch.autocast(**autocast):
             loss = _loss(runner(x))
         loss.backward()
         optimizer.step()
 
-    for _ in range(args.warmup):
+    def eager_step():
+        optimizer.zero_grad(set_to_none=True)
         step()
+
+    train_step = eager_step
+    if graphed:  # gradients are None at capture, so each replay writes them afresh
+        train_step = _graph_replay(step, eager_step, args.warmup,
+                                   before_capture=lambda: optimizer.zero_grad(set_to_none=True))
+    for _ in range(args.warmup):
+        train_step()
     _reset_peak(device)
     timer.start()
     for _ in range(args.iters):
-        step()
+        train_step()
     seconds = timer.stop()
     result['train_img_s'] = batch * args.iters / seconds
     result['train_peak_gb'] = _peak_bytes(device) / 1e9
