@@ -42,11 +42,15 @@ def set_debug(enabled: bool) -> None:
     _debug = bool(enabled)
 
 
+# Bound once: looking ``torch.onnx.is_in_onnx_export`` up goes through the module's lazy
+# ``__getattr__`` (microseconds on every op call otherwise).
+_in_onnx_export = torch.onnx.is_in_onnx_export
+_compiler_is_exporting = getattr(torch.compiler, 'is_exporting', lambda: False)
+
+
 def is_exporting() -> bool:
     """True while ONNX-exporting, jit-tracing or torch.export-ing (the graph must stay plain)."""
-    compiler_is_exporting = getattr(torch.compiler, 'is_exporting', None)
-    return (torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
-            or (compiler_is_exporting is not None and compiler_is_exporting()))
+    return _in_onnx_export() or torch.jit.is_tracing() or _compiler_is_exporting()
 
 
 def _is_compiling() -> bool:
