@@ -294,17 +294,23 @@ class AutocastLayerNorm(nn.LayerNorm):
 
     Statistics still accumulate in float32; the output equals, to bf16/fp16 rounding, what the
     following Linear would cast the float32 result to, without writing and re-reading it in
-    float32 (timm's "fast norm" without apex). ``fused`` runs :func:`ops.layer_norm` (one
-    Triton kernel each way on CUDA, fp32 weights used as they are); otherwise
-    ``F.layer_norm`` on the autocast-dtype input and parameters.
+    float32 (timm's "fast norm" without apex). With ``fused``, inputs of at least
+    ``FUSED_MIN_NUMEL`` elements run :func:`ops.layer_norm` (one Triton kernel each way on
+    CUDA, fp32 weights used as they are); smaller ones, and all without ``fused``, run
+    ``F.layer_norm`` on the autocast-dtype input and parameters. The threshold is where the
+    Triton kernels stop paying off (H200, docs/benchmarks.md "LayerNorm"): PyTorch's kernel
+    is 5x slower at BiFormer's stage-1 size (401408 x 64) but as fast from stage 3 down
+    (25088 x 256), where a Python-level autograd function only adds host overhead.
     """
+
+    FUSED_MIN_NUMEL = 1 << 23
 
     def __init__(self, normalized_shape: int, eps: float = 1e-5, fused: bool = False):
         super().__init__(normalized_shape, eps=eps)
         self.fused = fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused:
+        if self.fused and x.numel() >= self.FUSED_MIN_NUMEL:
             return ops.layer_norm(x, self.weight, self.bias, self.eps)
         device_type = x.device.type
         if not torch.is_autocast_enabled(device_type):

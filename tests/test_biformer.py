@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from timm.optim import create_optimizer_v2
 
 import backbones  # noqa: F401  (registers the timm models)
+import ops
 from backbones.biformer import (AutocastLayerNorm, BiLevelRoutingAttention, checkpoint_filter_fn,
                                 remap_official_keys)
 from biformer_official import OfficialBiFormer, randomize, to_official_keys
@@ -345,6 +346,19 @@ def test_autocast_layer_norm_returns_autocast_dtype():
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(norm(x.float()), expected)  # plain LayerNorm outside autocast
+
+
+def test_fused_layer_norm_takes_ops_from_the_size_threshold(monkeypatch):
+    calls = []
+    monkeypatch.setattr(ops, 'layer_norm', lambda *args: calls.append(args) or args[0])
+    monkeypatch.setattr(AutocastLayerNorm, 'FUSED_MIN_NUMEL', 64)
+    norm = AutocastLayerNorm(16, eps=1e-6, fused=True)
+    norm(torch.randn(3, 16))
+    assert not calls  # 48 elements: F.layer_norm
+    norm(torch.randn(4, 16))
+    assert len(calls) == 1 and calls[0][1] is norm.weight and calls[0][3] == 1e-6
+    AutocastLayerNorm(16, eps=1e-6)(torch.randn(8, 16))
+    assert len(calls) == 1  # not fused: never ops
 
 
 def _relative_error(got, expected):

@@ -164,12 +164,15 @@ def measure(model: torch.nn.Module, batch: int, img: int, args) -> Dict:
         with torch.inference_mode(), torch.autocast(**autocast):
             runner(x)
 
+    # Graphed, the peak covers the warm-up and the capture (replays allocate nothing more).
     model.eval()
     if graphed:
+        _reset_peak(device)
         infer = _graph_replay(infer, infer, args.warmup)
     for _ in range(args.warmup):
         infer()
-    _reset_peak(device)
+    if not graphed:
+        _reset_peak(device)
     timer.start()
     for _ in range(args.iters):
         infer()
@@ -194,11 +197,13 @@ def measure(model: torch.nn.Module, batch: int, img: int, args) -> Dict:
 
     train_step = eager_step
     if graphed:  # gradients are None at capture, so each replay writes them afresh
+        _reset_peak(device)
         train_step = _graph_replay(step, eager_step, args.warmup,
                                    before_capture=lambda: optimizer.zero_grad(set_to_none=True))
     for _ in range(args.warmup):
         train_step()
-    _reset_peak(device)
+    if not graphed:
+        _reset_peak(device)
     timer.start()
     for _ in range(args.iters):
         train_step()
