@@ -92,4 +92,6 @@ def region_routing(q: Tensor, k: Tensor, *, block_q: Block, block_k: Block, topk
     if region_is_empty is not None:
         affinity = affinity.masked_fill(region_is_empty.unsqueeze(1), float('-inf'))
     top_affinity, index = torch.topk(affinity, k=topk, dim=-1)
+    if region_is_empty is None:  # every region holds a real key: all picks are valid
+        return index
     return index.masked_fill(top_affinity == float('-inf'), -1)
