@@ -4,6 +4,7 @@
     python tools/benchmark.py models  [options]   # backbone throughput and memory vs peers
     python tools/benchmark.py dwconv  [options]   # NHWC depthwise-conv kernel vs peers
     python tools/benchmark.py layernorm [options] # LayerNorm kernel vs native and compiled
+    python tools/benchmark.py overhead [options]  # host time per op call, ours vs PyTorch's
 
 Each subcommand forwards its options to its tools/bench_*.py module (`--help` lists them).
 """
@@ -12,7 +13,7 @@ import os
 import sys
 
 MODULES = {'ops': 'bench_ops', 'models': 'bench_models', 'dwconv': 'bench_dwconv',
-           'layernorm': 'bench_layer_norm'}
+           'layernorm': 'bench_layer_norm', 'overhead': 'bench_overhead'}
 SUBCOMMANDS = tuple(MODULES)
 
 

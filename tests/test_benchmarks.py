@@ -1,0 +1,23 @@
+"""CPU smoke runs of benchmark entry points (the figures themselves come from GPU runs)."""
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                'tools'))
+import benchmark  # noqa: E402
+
+
+def test_overhead_benchmark_times_every_op_pair(capsys):
+    rows = benchmark.main(['overhead', '--device', 'cpu', '--calls', '2'])
+    names = [row['op'] for row in rows]
+    assert any(name.startswith('layer_norm: ops') for name in names)
+    assert all(row['fwd_us'] > 0 for row in rows)
+    assert all(row['fwd_bwd_us'] > 0 for row in rows if not row['op'].startswith('region'))
+    assert '| op | fwd µs/call | fwd+bwd µs/call |' in capsys.readouterr().out
+
+
+def test_models_benchmark_rejects_cuda_graph_on_cpu(capsys):
+    rows = benchmark.main(['models', '--device', 'cpu', '--settings', 'cls', '--models',
+                           'biformer_tiny', '--batch', '1', '--img', '32', '--iters', '1',
+                           '--warmup', '0', '--no-train', '--cuda-graph'])
+    assert '--cuda-graph needs a CUDA device' in rows[0]['error']
