@@ -298,9 +298,10 @@ class AutocastLayerNorm(nn.LayerNorm):
     ``FUSED_MIN_NUMEL`` elements run :func:`ops.layer_norm` (one Triton kernel each way on
     CUDA, fp32 weights used as they are); smaller ones, and all without ``fused``, run
     ``F.layer_norm`` on the autocast-dtype input and parameters. The threshold is where the
-    Triton kernels stop paying off (H200, docs/benchmarks.md "LayerNorm"): PyTorch's kernel
-    is 5x slower at BiFormer's stage-1 size (401408 x 64) but as fast from stage 3 down
-    (25088 x 256), where a Python-level autograd function only adds host overhead.
+    Triton kernels stop paying off (H200, docs/benchmarks.md "layernorm"): fwd+bwd, PyTorch's
+    kernel is 5x slower at BiFormer's stage-1 size (401408 x 64) and 1.9x at stage 2, but
+    saves under 0.05 ms a call from stage 3 down (and is faster at stage 4), less than the
+    host time a Python-level autograd function costs (docs/benchmarks.md, models run 4).
     """
 
     FUSED_MIN_NUMEL = 1 << 23
