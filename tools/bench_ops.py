@@ -21,6 +21,9 @@ Peers:
 * ``ours_split`` / ``ours_fused``: the same with the backward forced to the split (dQ kernel +
   dK/dV kernel) or the one-kernel form (dQ stored, or added by atomics): see
   ``ops._triton_gather_attention.set_backward_mode``.
+* ``ours_map``: ours in the window layout BiFormer uses (``block_q=(h, w)``, ``map_width``):
+  the same problem with the tokens read as the row-major pixels of a square map of square
+  windows, where the shape has that form (BiFormer at 224/512/1024 px), "n/a" elsewhere.
 * ``official``: BiFormer's formulation: ``torch.gather`` of the routed K/V blocks, matmul,
   softmax, matmul (ops' torch reference, which is that formulation plus masking).
 * ``gather_sdpa``: the same gather, then ``F.scaled_dot_product_attention`` per query group.
@@ -36,6 +39,7 @@ dv once (backward).
 """
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -53,7 +57,8 @@ from ops.gather_attention import gather_attention_reference  # noqa: E402
 from bench_timing import (copy_bandwidth, fwd_and_fwd_bwd_ms, peak_extra_mib,  # noqa: E402
                           time_ms)
 
-PEERS = ('ours', 'ours_split', 'ours_fused', 'official', 'gather_sdpa', 'flex', 'dense_sdpa')
+PEERS = ('ours', 'ours_split', 'ours_fused', 'ours_map', 'official', 'gather_sdpa', 'flex',
+         'dense_sdpa')
 BACKWARD_MODE_OF_PEER = {'ours_split': 'split', 'ours_fused': 'fused'}
 
 
@@ -173,6 +178,22 @@ def dense_sdpa(q, k, v, index, mask, shape):
 def ours(q, k, v, index, mask, shape):
     return ops.gather_attention(q, k, v, index, block_q=shape.block_q, block_k=shape.block_k,
                                 key_padding_mask=mask, backend='triton')
+
+
+def map_windows(shape):
+    """((h, w), map_width) when the shape's groups and blocks are the square windows of one
+    square map (as BiFormer's regions at 224/512/1024 px), else None."""
+    side, win = math.isqrt(shape.groups), math.isqrt(shape.block_q)
+    if (shape.groups != shape.blocks or shape.block_q != shape.block_k
+            or side * side != shape.groups or win * win != shape.block_q):
+        return None
+    return (win, win), side * win
+
+
+def ours_map(q, k, v, index, mask, shape):
+    window, map_width = map_windows(shape)
+    return ops.gather_attention(q, k, v, index, block_q=window, block_k=window,
+                                map_width=map_width, key_padding_mask=mask, backend='triton')
 
 
 class FlexPeer:
@@ -302,8 +323,11 @@ def check_ours(shape, q, k, v, index, mask):
 
 def run_peer(peer, shape, dtype, reps_ms):
     q, k, v, index, mask = make_problem(shape, dtype)
-    fn = {'ours': ours, 'official': official_gather, 'gather_sdpa': gather_sdpa,
-          'dense_sdpa': dense_sdpa, **{p: ours for p in BACKWARD_MODE_OF_PEER}}.get(peer)
+    fn = {'ours': ours, 'ours_map': ours_map, 'official': official_gather,
+          'gather_sdpa': gather_sdpa, 'dense_sdpa': dense_sdpa,
+          **{p: ours for p in BACKWARD_MODE_OF_PEER}}.get(peer)
+    if peer == 'ours_map' and map_windows(shape) is None:
+        return dict(error='n/a: not square windows of a square map')
     if peer == 'flex':
         fn = FlexPeer(shape, index, mask)
     kernels.set_backward_mode(BACKWARD_MODE_OF_PEER.get(peer, 'auto'))
