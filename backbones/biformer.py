@@ -19,11 +19,15 @@ code, each of which changes the numbers:
 Attention runs through :func:`ops.gather_attention` (``attn_impl='fused'``: a Triton kernel on
 CUDA that reads routed key/value regions in place, the torch reference on CPU) or through the
 official formulation (``attn_impl='gather'``: ``torch.gather`` of ``topk``-fold key/value copies
-and dense attention, kept for comparison and parity tests). The depthwise convolutions (the
-block's 3x3 positional embedding, the 5x5 LePE) stay ``nn.Conv2d`` modules (checkpoint keys
-unchanged). With ``attn_impl='fused'`` they run through :func:`ops.depthwise_conv2d` on the
-NHWC map with the residual add fused (a Triton kernel on CUDA; ``F.conv2d`` with the modules'
-weights on CPU and while exporting); ``'gather'`` keeps the official permute, conv, permute, add.
+and dense attention, kept for comparison and parity tests). ``'fused'`` also keeps the (padded)
+map in its row-major layout throughout: routing and attention take the regions as ``(h, w)``
+windows of it (``map_width``), so no region reordering copy is made; its depthwise convolutions
+(the block's 3x3 positional embedding, the 5x5 LePE) run through :func:`ops.depthwise_conv2d`
+on the NHWC map with the residual add fused, its MLP through :func:`ops.gelu_mlp` (GELU
+recomputed in backward), its large LayerNorms through :func:`ops.layer_norm`, and its stem on a
+channels-last copy of the image. The modules stay ``nn.Conv2d``, ``nn.LayerNorm`` and timm's
+``Mlp`` (checkpoint keys unchanged); ``'gather'`` keeps the official permute, conv, permute,
+add and the region-major layout.
 """
 import re
 from typing import Dict, List, Optional, Tuple, Union
