@@ -152,8 +152,11 @@ class BiLevelRoutingAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, H, W, C) -> (B, H, W, C)."""
         batch, height, width, chans = x.shape
-        pad_bottom, pad_right = -height % self.n_win, -width % self.n_win
-        pad_height, pad_width = height + pad_bottom, width + pad_right
+        # Padded sizes as multiples of the region count (not height + (-height % n_win)): with
+        # symbolic shapes (torch.compile dynamic=True) the region sizes then simplify exactly.
+        pad_height = (height + self.n_win - 1) // self.n_win * self.n_win
+        pad_width = (width + self.n_win - 1) // self.n_win * self.n_win
+        pad_bottom, pad_right = pad_height - height, pad_width - width
         # While exporting, always take the padded path (padding by zero when the size is a
         # multiple already): a traced branch would fix the graph to the export size.
         is_padded = bool(pad_bottom or pad_right) or ops.is_exporting()
