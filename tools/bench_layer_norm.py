@@ -81,10 +81,11 @@ SHAPES_BY_NAME = {s.name: s for s in SHAPES + SMOKE_SHAPES}
 DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}
 
 # Candidate rows for --tune, per BLOCK_C: tiles of 1K-16K elements, 8 to 64 fp32 elements per
-# thread; the backward's programs cap (a runtime argument: no recompilation) 264 to 2112.
+# thread; the backward's programs cap (a runtime argument: no recompilation) 264 to 2112, or
+# uncapped (one row block per program, the partials then one row per block).
 _TILES = (1024, 2048, 4096, 8192, 16384)
 _WARPS = (1, 2, 4, 8, 16)
-_PROGRAMS = (264, 528, 1056, 2112)
+_PROGRAMS = (264, 528, 1056, 2112, 1 << 30)
 
 
 def tune_rows(kind, block_c):
