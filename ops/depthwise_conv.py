@@ -16,25 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ops._dtypes import FLOAT_DTYPES, TRITON_DTYPES, autocast_dtype, describe
 from ops.gather_attention import BACKENDS, _is_compiling, is_exporting
 
 __all__ = ['depthwise_conv2d']
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    """The dtype the conv runs in: the autocast dtype when autocast is on for x's device (as
-    for ``nn.Conv2d``; fp64 is never cast), else x's dtype."""
-    device_type = x.device.type
-    if x.dtype != torch.float64 and torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return x.dtype
-
-
-def _describe(t) -> str:
-    return str(tuple(t.shape)) if isinstance(t, Tensor) else type(t).__name__
 
 
 def _validate(x: Tensor, weight: Tensor, bias: Optional[Tensor], add: Optional[Tensor],
@@ -43,18 +29,18 @@ def _validate(x: Tensor, weight: Tensor, bias: Optional[Tensor], add: Optional[T
     if backend not in BACKENDS:
         raise ValueError(f'backend must be one of {BACKENDS}, got {backend!r}')
     if not isinstance(x, Tensor) or x.dim() != 4:
-        raise ValueError(f'x must be a 4-D tensor (B, H, W, C), got {_describe(x)}')
-    if x.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f'x must be a floating tensor ({_FLOAT_DTYPES}), got {x.dtype}')
+        raise ValueError(f'x must be a 4-D tensor (B, H, W, C), got {describe(x)}')
+    if x.dtype not in FLOAT_DTYPES:
+        raise ValueError(f'x must be a floating tensor ({FLOAT_DTYPES}), got {x.dtype}')
     chans = x.shape[3]
     if chans == 0:
         raise ValueError('x must have at least one channel (B, H, W, C >= 1)')
     if (not isinstance(weight, Tensor) or weight.dim() != 4 or weight.shape[0] != chans
             or weight.shape[1] != 1 or weight.shape[2] % 2 == 0 or weight.shape[3] % 2 == 0):
         raise ValueError(f'weight must have shape (C, 1, kh, kw) = ({chans}, 1, kh, kw) with odd '
-                         f'kh, kw, got {_describe(weight)}')
-    if weight.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f'weight must be a floating tensor ({_FLOAT_DTYPES}), got {weight.dtype}')
+                         f'kh, kw, got {describe(weight)}')
+    if weight.dtype not in FLOAT_DTYPES:
+        raise ValueError(f'weight must be a floating tensor ({FLOAT_DTYPES}), got {weight.dtype}')
     if weight.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
         raise ValueError(f'weight must have the dtype of x ({x.dtype}) outside autocast, got '
                          f'{weight.dtype}')
@@ -62,7 +48,7 @@ def _validate(x: Tensor, weight: Tensor, bias: Optional[Tensor], add: Optional[T
         raise ValueError(f'weight must be on the device of x ({x.device}), got {weight.device}')
     if bias is not None:
         if not isinstance(bias, Tensor) or tuple(bias.shape) != (chans,):
-            raise ValueError(f'bias must have shape (C,) = ({chans},), got {_describe(bias)}')
+            raise ValueError(f'bias must have shape (C,) = ({chans},), got {describe(bias)}')
         if bias.dtype != weight.dtype:
             raise ValueError(f'bias must have the dtype of weight ({weight.dtype}), got '
                              f'{bias.dtype}')
@@ -71,9 +57,9 @@ def _validate(x: Tensor, weight: Tensor, bias: Optional[Tensor], add: Optional[T
     if add is not None:
         if not isinstance(add, Tensor) or add.shape != x.shape:
             raise ValueError(f'add must have the shape of x (B, H, W, C) = {tuple(x.shape)}, '
-                             f'got {_describe(add)}')
-        if add.dtype not in _FLOAT_DTYPES:
-            raise ValueError(f'add must be a floating tensor ({_FLOAT_DTYPES}), got {add.dtype}')
+                             f'got {describe(add)}')
+        if add.dtype not in FLOAT_DTYPES:
+            raise ValueError(f'add must be a floating tensor ({FLOAT_DTYPES}), got {add.dtype}')
         if add.device != x.device:
             raise ValueError(f'add must be on the device of x ({x.device}), got {add.device}')
 
@@ -86,7 +72,7 @@ def depthwise_conv2d_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor]
     if not is_exporting() and (x.shape[1] == 0 or x.shape[2] == 0):
         # conv2d rejects an empty map. Any per-channel product gives the empty result; this one
         # keeps the autograd graph, so the weight and bias gradients are zeros.
-        out = (x * weight.sum((1, 2, 3))).to(_compute_dtype(x))
+        out = (x * weight.sum((1, 2, 3))).to(autocast_dtype(x))
         if bias is not None:
             out = out + bias.to(out.dtype)
     else:
@@ -131,5 +117,5 @@ def depthwise_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *
             raise ValueError(f'the triton backend supports {name} dtypes {TRITON_DTYPES}, got '
                              f'{t.dtype}')
     from ops._triton_depthwise_conv import triton_depthwise_conv2d
-    return triton_depthwise_conv2d(x, weight, bias, add, _compute_dtype(x),
+    return triton_depthwise_conv2d(x, weight, bias, add, autocast_dtype(x),
                                    traced=exporting or compiling)

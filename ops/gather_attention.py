@@ -22,12 +22,12 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
+from ops._dtypes import FLOAT_DTYPES, TRITON_DTYPES, describe
+
 __all__ = ['gather_attention', 'is_exporting', 'set_debug', 'BACKENDS', 'to_window_major',
            'from_window_major']
 
 BACKENDS = ('auto', 'triton', 'torch')
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TRITON_MAX_HEAD_DIM = 256
 
 _debug = os.environ.get('DSA_OPS_DEBUG', '0') not in ('', '0')
@@ -134,10 +134,9 @@ def _validate(q: Tensor, k: Tensor, v: Tensor, index: Tensor, block_q: Block, bl
         _check_positive_int(block_k, 'block_k')
     for name, t in (('q', q), ('k', k), ('v', v)):
         if not isinstance(t, Tensor) or t.dim() != 4:
-            got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
-            raise ValueError(f'{name} must be a 4-D tensor (B, H, N, D), got {got}')
-        if t.dtype not in _FLOAT_DTYPES:
-            raise ValueError(f'{name} must be a floating tensor ({_FLOAT_DTYPES}), got {t.dtype}')
+            raise ValueError(f'{name} must be a 4-D tensor (B, H, N, D), got {describe(t)}')
+        if t.dtype not in FLOAT_DTYPES:
+            raise ValueError(f'{name} must be a floating tensor ({FLOAT_DTYPES}), got {t.dtype}')
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f'q, k and v must share one dtype, got q {q.dtype}, k {k.dtype}, '
                          f'v {v.dtype}')

@@ -18,26 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ops._dtypes import FLOAT_DTYPES, TRITON_DTYPES, autocast_dtype, describe
 from ops.gather_attention import BACKENDS, _is_compiling, is_exporting
 
 __all__ = ['layer_norm']
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TRITON_MAX_CHANNELS = 8192  # ops._triton_layer_norm.MAX_CHANNELS (not imported: needs triton)
-
-
-def output_dtype(x: Tensor) -> torch.dtype:
-    """The autocast dtype when autocast is on for x's device and x is not fp64, else x's
-    dtype."""
-    device_type = x.device.type
-    if x.dtype != torch.float64 and torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return x.dtype
-
-
-def _describe(t) -> str:
-    return str(tuple(t.shape)) if isinstance(t, Tensor) else type(t).__name__
 
 
 def _validate(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
@@ -46,9 +32,9 @@ def _validate(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: 
     if backend not in BACKENDS:
         raise ValueError(f'backend must be one of {BACKENDS}, got {backend!r}')
     if not isinstance(x, Tensor) or x.dim() == 0:
-        raise ValueError(f'x must be a tensor of at least 1 dim (..., C), got {_describe(x)}')
-    if x.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f'x must be a floating tensor ({_FLOAT_DTYPES}), got {x.dtype}')
+        raise ValueError(f'x must be a tensor of at least 1 dim (..., C), got {describe(x)}')
+    if x.dtype not in FLOAT_DTYPES:
+        raise ValueError(f'x must be a floating tensor ({FLOAT_DTYPES}), got {x.dtype}')
     chans = x.shape[-1]
     if chans == 0:
         raise ValueError('x must have at least one channel (..., C >= 1)')
@@ -57,9 +43,9 @@ def _validate(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: 
             continue
         if not isinstance(t, Tensor) or tuple(t.shape) != (chans,):
             raise ValueError(f'{name} must be None or have shape (C,) = ({chans},), got '
-                             f'{_describe(t)}')
-        if t.dtype not in _FLOAT_DTYPES:
-            raise ValueError(f'{name} must be a floating tensor ({_FLOAT_DTYPES}), got {t.dtype}')
+                             f'{describe(t)}')
+        if t.dtype not in FLOAT_DTYPES:
+            raise ValueError(f'{name} must be a floating tensor ({FLOAT_DTYPES}), got {t.dtype}')
         if t.device != x.device:
             raise ValueError(f'{name} must be on the device of x ({x.device}), got {t.device}')
     if (isinstance(eps, bool) or not isinstance(eps, (int, float))
@@ -71,7 +57,7 @@ def layer_norm_reference(x: Tensor, weight: Optional[Tensor] = None,
                          bias: Optional[Tensor] = None, eps: float = 1e-5) -> Tensor:
     """``F.layer_norm`` of x rounded to the output dtype, in fp32 (fp64 if x is fp64), with
     weight and bias in that precision, cast to the output dtype (no validation)."""
-    out_dtype = output_dtype(x)
+    out_dtype = autocast_dtype(x)
     compute = torch.promote_types(out_dtype, torch.float32)
     # A parameter's shape stays a constant under jit tracing (x's would become graph ops that
     # the ONNX LayerNormalization cannot take).
@@ -119,5 +105,5 @@ def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor
             raise ValueError(f'the triton backend supports {name} dtypes {TRITON_DTYPES}, got '
                              f'{t.dtype}')
     from ops._triton_layer_norm import triton_layer_norm
-    return triton_layer_norm(x, weight, bias, float(eps), output_dtype(x),
+    return triton_layer_norm(x, weight, bias, float(eps), autocast_dtype(x),
                              traced=exporting or compiling)

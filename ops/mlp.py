@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ops._dtypes import autocast_dtype, describe
 from ops.gather_attention import is_exporting
 
 __all__ = ['gelu_mlp']
@@ -21,8 +22,7 @@ __all__ = ['gelu_mlp']
 def _validate(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: Tensor,
               fc2_bias: Optional[Tensor]) -> None:
     if not isinstance(x, Tensor) or x.dim() < 1 or not x.is_floating_point():
-        raise ValueError(f'x must be a floating tensor (..., in_features), got '
-                         f'{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}')
+        raise ValueError(f'x must be a floating tensor (..., in_features), got {describe(x)}')
     if fc1_weight.dim() != 2 or fc1_weight.shape[1] != x.shape[-1]:
         raise ValueError(f'fc1_weight must have shape (hidden_features, in_features) = '
                          f'(hidden, {x.shape[-1]}), got {tuple(fc1_weight.shape)}')
@@ -34,14 +34,6 @@ def _validate(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_wei
                                                               fc2_weight.shape[0])):
         if bias is not None and tuple(bias.shape) != (size,):
             raise ValueError(f'{name} must have shape ({size},), got {tuple(bias.shape)}')
-
-
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    """The autocast dtype when autocast is on for x's device (fp64 is never cast), else x's."""
-    device_type = x.device.type
-    if x.dtype != torch.float64 and torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return x.dtype
 
 
 def _cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
@@ -109,4 +101,4 @@ def gelu_mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weig
     if not needs_grad or is_exporting():
         return F.linear(F.gelu(F.linear(x, fc1_weight, fc1_bias)), fc2_weight, fc2_bias)
     return _RecomputeGeluMlp.apply(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
-                                   _compute_dtype(x))
+                                   autocast_dtype(x))

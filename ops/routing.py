@@ -4,6 +4,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ops._dtypes import describe
 from ops.gather_attention import Block, _is_int_size, check_windows
 
 __all__ = ['region_routing']
@@ -35,8 +36,8 @@ def region_routing(q: Tensor, k: Tensor, *, block_q: Block, block_k: Block, topk
     """
     for name, t in (('q', q), ('k', k)):
         if not isinstance(t, Tensor) or t.dim() != 3 or not t.is_floating_point():
-            got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
-            raise ValueError(f'{name} must be a floating 3-D tensor (B, N, C), got {got}')
+            raise ValueError(f'{name} must be a floating 3-D tensor (B, N, C), got '
+                             f'{describe(t)}')
     windows = {}
     for name, t, block in (('q', q, block_q), ('k', k, block_k)):
         if map_width is not None:
@@ -50,10 +51,10 @@ def region_routing(q: Tensor, k: Tensor, *, block_q: Block, block_k: Block, topk
     if k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2] or k.device != q.device:
         raise ValueError(f'k must have shape (B, Nk, C) = ({q.shape[0]}, Nk, {q.shape[2]}) on '
                          f'{q.device}, got {tuple(k.shape)} on {k.device}')
-    batch, num_q, channels = q.shape
+    batch, _, channels = q.shape
     if windows:
         block_q, block_k = (h * w for h, w in windows.values())
-    groups, blocks = num_q // block_q, k.shape[1] // block_k
+    blocks = k.shape[1] // block_k
     if isinstance(topk, bool) or not isinstance(topk, int) or not 0 <= topk <= blocks:
         raise ValueError(f'topk must be an int in [0, M] = [0, {blocks}], got {topk!r}')
     if key_padding_mask is not None and (

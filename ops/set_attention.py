@@ -4,6 +4,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ops._dtypes import describe
 from ops.gather_attention import gather_attention
 
 __all__ = ['set_attention']
@@ -31,12 +32,11 @@ def set_attention(q: Tensor, k: Tensor, v: Tensor, set_voxel_index: Tensor,
         scatters the outputs back to voxels).
     """
     if not isinstance(q, Tensor) or q.dim() != 3:
-        raise ValueError(f'q must be a 3-D tensor (N, H, D), got '
-                         f'{tuple(q.shape) if isinstance(q, Tensor) else type(q).__name__}')
+        raise ValueError(f'q must be a 3-D tensor (N, H, D), got {describe(q)}')
     for name, t in (('k', k), ('v', v)):
         if not isinstance(t, Tensor) or t.shape != q.shape:
             raise ValueError(f'{name} must have the shape of q {tuple(q.shape)}, got '
-                             f'{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}')
+                             f'{describe(t)}')
     if (not isinstance(set_voxel_index, Tensor) or set_voxel_index.dim() != 2
             or set_voxel_index.dtype not in (torch.int32, torch.int64)):
         raise ValueError('set_voxel_index must be an int32/int64 tensor (num_sets, S)')

@@ -46,7 +46,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import ops  # noqa: E402
 from ops import _triton_depthwise_conv as kernels  # noqa: E402
 from ops.depthwise_conv import depthwise_conv2d_reference  # noqa: E402
-from bench_timing import copy_bandwidth, fwd_and_fwd_bwd_ms, peak_extra_mib  # noqa: E402
+from bench_timing import (copy_bandwidth, fwd_and_fwd_bwd_ms, least_slowdown,  # noqa: E402
+                          mean_slowdown, peak_extra_mib)
 
 PEERS = ('ours', 'biformer', 'cudnn_cl')
 
@@ -234,8 +235,7 @@ def choose_rows(timings):
     chosen = {}
     for kind, per_shape in timings.items():
         if per_shape:
-            chosen[kind] = min(TUNE_ROWS[kind], key=lambda row: sum(
-                t[row] / min(t.values()) for t in per_shape.values()))
+            chosen[kind] = least_slowdown(TUNE_ROWS[kind], per_shape.values())
     return chosen
 
 
@@ -282,8 +282,7 @@ def tune(shapes, dtype_name, autocast, reps_ms, configs_path, workers):
                        for name, per in per_shape.items()}
                 for kind, per_shape in timings.items()}), f, indent=1)
     for kind, row in choose_rows(timings).items():
-        per_shape = timings[kind].values()
-        slowdown = sum(t[row] / min(t.values()) for t in per_shape) / len(per_shape)
+        slowdown = mean_slowdown(row, timings[kind].values())
         print(f'chosen {kind} row (BLOCK_P, BLOCK_W, BLOCK_C, num_warps) {row}: mean '
               f'slowdown {slowdown:.3f} vs the per-shape best', flush=True)
     print(f'wrote {configs_path}')

@@ -56,7 +56,8 @@ import ops  # noqa: E402
 from ops import _triton_layer_norm as kernels  # noqa: E402
 from ops._sizes import next_power_of_2  # noqa: E402
 from ops.layer_norm import layer_norm_reference  # noqa: E402
-from bench_timing import copy_bandwidth, fwd_and_fwd_bwd_ms  # noqa: E402
+from bench_timing import (copy_bandwidth, fwd_and_fwd_bwd_ms, least_slowdown,  # noqa: E402
+                          mean_slowdown)
 
 PEERS = ('ours', 'native', 'native_amp', 'compiled')
 EPS = 1e-6  # BiFormer's LayerNorm eps
@@ -226,8 +227,7 @@ def choose_rows(timings):
         chosen[kind] = {}
         for block_c, per_shape in per_block.items():
             common = set.intersection(*(set(t) for t in per_shape.values()))
-            chosen[kind][block_c] = min(common, key=lambda row: sum(
-                t[row] / min(t.values()) for t in per_shape.values()))
+            chosen[kind][block_c] = least_slowdown(common, per_shape.values())
     return chosen
 
 
@@ -264,8 +264,7 @@ def tune(shapes, dtype, reps_ms, configs_path):
                 for kind, per_block in timings.items()}), f, indent=1)
     for kind, rows in choose_rows(timings).items():
         for block_c, row in rows.items():
-            per_shape = timings[kind][block_c].values()
-            slowdown = sum(t[row] / min(t.values()) for t in per_shape) / len(per_shape)
+            slowdown = mean_slowdown(row, timings[kind][block_c].values())
             print(f'chosen {kind} row for BLOCK_C {block_c}: {row}, mean slowdown '
                   f'{slowdown:.3f} vs the per-shape best', flush=True)
     print(f'wrote {configs_path}')

@@ -54,8 +54,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import ops  # noqa: E402
 from ops import _triton_gather_attention as kernels  # noqa: E402
 from ops.gather_attention import gather_attention_reference  # noqa: E402
-from bench_timing import (copy_bandwidth, fwd_and_fwd_bwd_ms, peak_extra_mib,  # noqa: E402
-                          time_ms)
+from bench_timing import (copy_bandwidth, fwd_and_fwd_bwd_ms, least_slowdown,  # noqa: E402
+                          peak_extra_mib, time_ms)
 
 PEERS = ('ours', 'ours_split', 'ours_fused', 'ours_map', 'official', 'gather_sdpa', 'flex',
          'dense_sdpa')
@@ -447,8 +447,7 @@ def choose_configs(timings):
                            and kernels.head_dim_class(SHAPES_BY_NAME[name].head_dim) == max_d]
                 common = set.intersection(*(set(t) for t in members)) if members else set()
                 if common:
-                    current = min(common, key=lambda c: sum(t[c] / min(t.values())
-                                                            for t in members))
+                    current = least_slowdown(common, members)
                 new_rows.append((limit, tuple(current)))
             table[kind][max_d] = new_rows
     return table

@@ -1,4 +1,4 @@
-"""Timing and memory helpers shared by the benchmarks (tools/bench_ops.py, tools/bench_dwconv.py)."""
+"""Timing, memory and tuning helpers shared by the benchmarks (tools/bench_*.py)."""
 import torch
 
 
@@ -43,3 +43,16 @@ def copy_bandwidth():
     src = dst = None  # free before empty_cache (the lambda holds them)
     torch.cuda.empty_cache()
     return 2 * 2 ** 30 / (ms * 1e-3)
+
+
+def mean_slowdown(row, per_shape) -> float:
+    """Tuning's criterion: over shapes (each a {candidate row: ms} dict), the mean of the row's
+    time / that shape's best time."""
+    per_shape = list(per_shape)
+    return sum(t[row] / min(t.values()) for t in per_shape) / len(per_shape)
+
+
+def least_slowdown(rows, per_shape):
+    """The candidate of ``rows`` with the least :func:`mean_slowdown` over ``per_shape``."""
+    per_shape = list(per_shape)
+    return min(rows, key=lambda row: mean_slowdown(row, per_shape))

@@ -96,9 +96,9 @@ def test_empty_input():
     assert all(float(g.abs().sum()) == 0.0 for g in grads)
 
 
-@pytest.mark.parametrize('which, match', [('fc1_weight', 'fc1_weight'), ('fc2_weight', 'fc2_weight'),
-                                          ('fc1_bias', 'fc1_bias'), ('fc2_bias', 'fc2_bias'),
-                                          ('x', 'x must be')])
+@pytest.mark.parametrize('which, match', [
+    ('fc1_weight', 'fc1_weight'), ('fc2_weight', 'fc2_weight'), ('fc1_bias', 'fc1_bias'),
+    ('fc2_bias', 'fc2_bias'), ('x', 'x must be')])
 def test_bad_arguments(which, match):
     args = dict(zip(('fc1_weight', 'fc1_bias', 'fc2_weight', 'fc2_bias'), _params()))
     args['x'] = torch.randn(3, 6, dtype=torch.float64)
