@@ -160,25 +160,27 @@ def measure(model: torch.nn.Module, batch: int, img: int, args) -> Dict:
     x = torch.randn(batch, 3, img, img, device=device).to(memory_format=memory_format)
     timer, result = Timer(device), {}
 
+    def throughput(fn):
+        """(img/s, peak GB) of ``fn`` after warm-up. Graphed, the peak was reset before the
+        capture, so it covers warm-up and capture (replays allocate nothing more)."""
+        for _ in range(args.warmup):
+            fn()
+        if not graphed:
+            _reset_peak(device)
+        timer.start()
+        for _ in range(args.iters):
+            fn()
+        return batch * args.iters / timer.stop(), _peak_bytes(device) / 1e9
+
     def infer():
         with torch.inference_mode(), torch.autocast(**autocast):
             runner(x)
 
-    # Graphed, the peak covers the warm-up and the capture (replays allocate nothing more).
     model.eval()
     if graphed:
         _reset_peak(device)
         infer = _graph_replay(infer, infer, args.warmup)
-    for _ in range(args.warmup):
-        infer()
-    if not graphed:
-        _reset_peak(device)
-    timer.start()
-    for _ in range(args.iters):
-        infer()
-    seconds = timer.stop()
-    result['infer_img_s'] = batch * args.iters / seconds
-    result['infer_peak_gb'] = _peak_bytes(device) / 1e9
+    result['infer_img_s'], result['infer_peak_gb'] = throughput(infer)
     if args.no_train:
         return result
 
@@ -202,16 +204,7 @@ def measure(model: torch.nn.Module, batch: int, img: int, args) -> Dict:
         _reset_peak(device)
         train_step = _graph_replay(step, eager_step, args.warmup,
                                    before_capture=lambda: optimizer.zero_grad(set_to_none=True))
-    for _ in range(args.warmup):
-        train_step()
-    if not graphed:
-        _reset_peak(device)
-    timer.start()
-    for _ in range(args.iters):
-        train_step()
-    seconds = timer.stop()
-    result['train_img_s'] = batch * args.iters / seconds
-    result['train_peak_gb'] = _peak_bytes(device) / 1e9
+    result['train_img_s'], result['train_peak_gb'] = throughput(train_step)
     return result
 
 

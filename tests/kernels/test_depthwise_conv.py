@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 import ops
+from kernel_checks import forward_and_grads, max_error, relative_l2
 from ops import _triton_depthwise_conv as kernels
 from ops.depthwise_conv import depthwise_conv2d_reference
 
@@ -35,21 +36,6 @@ def make_inputs(batch, height, width, chans, kernel_h, kernel_w, dtype=torch.flo
         return torch.randn(*shape, device=device).to(dtype)
     return (rand(batch, height, width, chans), rand(chans, 1, kernel_h, kernel_w),
             rand(chans) if bias else None, rand(batch, height, width, chans) if add else None)
-
-
-def forward_and_grads(fn, inputs, grad_out):
-    """fn(*inputs) and the gradients of every tensor input (None inputs stay None)."""
-    inputs = [None if t is None else t.detach().requires_grad_() for t in inputs]
-    out = fn(*inputs)
-    tensors = [t for t in inputs if t is not None]
-    grads = iter(torch.autograd.grad(out, tensors, grad_out))
-    return [out] + [None if t is None else next(grads) for t in inputs]
-
-
-def max_error(result, exact):
-    if result.numel() == 0:
-        return 0.0
-    return (result.double().cpu() - exact.double().cpu()).abs().max().item()
 
 
 def compare_to_fp64(x, weight, bias, add, backend='triton'):
@@ -261,10 +247,6 @@ def test_device_mismatch_raises():
 # ----------------------------------------------------------------------------- GPU, bf16
 
 
-def _relative_l2(got, ref):
-    return ((got.float() - ref.float()).norm() / ref.float().norm()).item()
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize('kernel', [3, 5])
 def test_triton_bf16_biformer_shape_on_gpu(kernel):
@@ -282,7 +264,7 @@ def test_triton_bf16_biformer_shape_on_gpu(kernel):
     same_dtype = run('torch', torch.bfloat16)
     for name, got, base, ref in zip(('out', 'dx', 'dweight', 'dbias', 'dadd'), tested,
                                     same_dtype, reference):
-        err, base_err = _relative_l2(got, ref), _relative_l2(base, ref)
+        err, base_err = relative_l2(got, ref), relative_l2(base, ref)
         assert err <= max(2 * base_err, 8e-3), f'{name}: rel. L2 {err:.3g} vs torch {base_err:.3g}'
     again = run('triton', torch.bfloat16)
     for got, repeat in zip(tested, again):
@@ -309,6 +291,6 @@ def test_biformer_block_matches_official_convs_on_gpu(topk):
         results.append((out, x_in.grad, {n: p.grad for n, p in block.named_parameters()}))
     (out_f, dx_f, grads_f), (out_o, dx_o, grads_o) = results
     assert out_f.dtype == out_o.dtype == torch.float32  # the residual stream stays fp32
-    assert _relative_l2(out_f, out_o) < 2e-2 and _relative_l2(dx_f, dx_o) < 3e-2
+    assert relative_l2(out_f, out_o) < 2e-2 and relative_l2(dx_f, dx_o) < 3e-2
     for name in ('pos_embed.weight', 'pos_embed.bias', 'attn.lepe.weight', 'attn.lepe.bias'):
-        assert _relative_l2(grads_f[name], grads_o[name]) < 3e-2, name
+        assert relative_l2(grads_f[name], grads_o[name]) < 3e-2, name

@@ -28,6 +28,17 @@ def make_inputs(batch, heads, groups, block_q, blocks, block_k, slots, head_dim,
     return q, k, v, index, mask
 
 
+def counted_softmax_oracle(q, k, v, count, mask=None):
+    """fp64 dense attention with each (query, key) score weighted by ``count`` (B, H, Nq, Nk):
+    how often the query's group routes to the key's block; padded keys count 0."""
+    if mask is not None:
+        count = count.masked_fill(mask[:, None, None, :].cpu(), 0)
+    scores = (q.double().cpu() @ k.double().cpu().transpose(-1, -2)) * q.shape[-1] ** -0.5
+    weights = torch.exp(scores - scores.amax(-1, keepdim=True)) * count
+    weights = weights / weights.sum(-1, keepdim=True).clamp(min=1e-300)
+    return weights @ v.double().cpu()
+
+
 def dense_attention_oracle(q, k, v, index, block_q, block_k, mask=None):
     """Independent fp64 oracle: dense softmax weighted by how often each key is routed."""
     batch, heads, num_q, _ = q.shape
@@ -38,12 +49,7 @@ def dense_attention_oracle(q, k, v, index, block_q, block_k, mask=None):
     for b, h, g, s in torch.nonzero(index >= 0).tolist():
         block = int(index[b, h, g, s])
         count[b, h, g * block_q:(g + 1) * block_q, block * block_k:(block + 1) * block_k] += 1
-    if mask is not None:
-        count = count.masked_fill(mask[:, None, None, :].cpu(), 0)
-    scores = (q.double().cpu() @ k.double().cpu().transpose(-1, -2)) * q.shape[-1] ** -0.5
-    weights = torch.exp(scores - scores.amax(-1, keepdim=True)) * count
-    weights = weights / weights.sum(-1, keepdim=True).clamp(min=1e-300)
-    return weights @ v.double().cpu()
+    return counted_softmax_oracle(q, k, v, count, mask)
 
 
 def forward_and_grads(fn, q, k, v, grad_out):
@@ -270,12 +276,7 @@ def window_oracle(q, k, v, index, q_window, k_window, map_width, mask=None):
         index = index.unsqueeze(1).expand(-1, heads, -1, -1)
     routed = index.cpu()[:, :, q_win]                                 # (B, H, Nq, K)
     count = (routed.unsqueeze(-1) == k_win.view(1, 1, 1, 1, -1)).sum(3).double()
-    if mask is not None:
-        count = count.masked_fill(mask[:, None, None, :].cpu(), 0)
-    scores = (q.double().cpu() @ k.double().cpu().transpose(-1, -2)) * q.shape[-1] ** -0.5
-    weights = torch.exp(scores - scores.amax(-1, keepdim=True)) * count
-    weights = weights / weights.sum(-1, keepdim=True).clamp(min=1e-300)
-    return weights @ v.double().cpu()
+    return counted_softmax_oracle(q, k, v, count, mask)
 
 
 def make_window_inputs(case, dtype=torch.float32, device=DEVICE):

@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 import ops
+from kernel_checks import forward_and_grads, max_error, relative_l2
 from ops import _triton_layer_norm as kernels
 from ops.layer_norm import layer_norm_reference
 
@@ -22,21 +23,6 @@ def make_inputs(shape, dtype=torch.float32, weight=True, bias=True, param_dtype=
     w = (1 + 0.5 * torch.randn(chans, device=device)).to(param_dtype) if weight else None
     b = (0.3 * torch.randn(chans, device=device)).to(param_dtype) if bias else None
     return x, w, b
-
-
-def forward_and_grads(fn, inputs, grad_out):
-    """fn(*inputs) and the gradients of every tensor input (None inputs stay None)."""
-    inputs = [None if t is None else t.detach().requires_grad_() for t in inputs]
-    out = fn(*inputs)
-    tensors = [t for t in inputs if t is not None]
-    grads = iter(torch.autograd.grad(out, tensors, grad_out))
-    return [out] + [None if t is None else next(grads) for t in inputs]
-
-
-def max_error(result, exact):
-    if result.numel() == 0:
-        return 0.0
-    return (result.double().cpu() - exact.double().cpu()).abs().max().item()
 
 
 def compare_to_fp64(x, weight, bias, backend='triton', grad_out=None, eps=1e-5):
@@ -301,10 +287,6 @@ def test_device_mismatch_raises():
 # ----------------------------------------------------------------------------- GPU
 
 
-def _relative_l2(got, ref):
-    return ((got.float() - ref.float()).norm() / ref.float().norm()).item()
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16], ids=['bf16', 'fp16'])
 @pytest.mark.parametrize('shape', [(128, 56, 56, 64), (128, 7, 7, 512), (6272, 768)],
@@ -326,7 +308,7 @@ def test_triton_biformer_shapes_on_gpu(shape, dtype):
     assert tested[2].dtype == tested[3].dtype == torch.float32
     for name, got, base, ref in zip(('out', 'dx', 'dweight', 'dbias'), tested, same_dtype,
                                     reference):
-        err, base_err = _relative_l2(got, ref), _relative_l2(base, ref)
+        err, base_err = relative_l2(got, ref), relative_l2(base, ref)
         assert err <= max(2 * base_err, 1e-4), f'{name}: rel. L2 {err:.3g} vs torch {base_err:.3g}'
     again = run('triton', dtype)
     for got, repeat in zip(tested, again):
@@ -347,4 +329,4 @@ def test_triton_autocast_matches_autocast_layer_norm_on_gpu():
         ours = ops.layer_norm(x, module.weight, module.bias, module.eps)
         theirs = module(x)
     assert ours.dtype == theirs.dtype == torch.bfloat16
-    assert _relative_l2(ours, theirs) < 1e-2
+    assert relative_l2(ours, theirs) < 1e-2
