@@ -301,14 +301,16 @@ class AutocastLayerNorm(nn.LayerNorm):
 
     Statistics still accumulate in float32; the output equals, to bf16/fp16 rounding, what the
     following Linear would cast the float32 result to, without writing and re-reading it in
-    float32 (timm's "fast norm" without apex). With ``fused``, inputs of at least
-    ``FUSED_MIN_NUMEL`` elements run :func:`ops.layer_norm` (one Triton kernel each way on
-    CUDA, fp32 weights used as they are); smaller ones, and all without ``fused``, run
-    ``F.layer_norm`` on the autocast-dtype input and parameters. The threshold is where the
-    Triton kernels stop paying off (H200, docs/benchmarks.md "layernorm"): fwd+bwd, PyTorch's
-    kernel is 5x slower at BiFormer's stage-1 size (401408 x 64) and 1.9x at stage 2, but
-    saves under 0.05 ms a call from stage 3 down (and is faster at stage 4), less than the
-    host time a Python-level autograd function costs (docs/benchmarks.md, models run 4).
+    float32 (timm's "fast norm" without apex). With ``fused``, CUDA inputs run
+    :func:`ops.layer_norm` (one Triton kernel each way, fp32 weights used as they are) while a
+    CUDA graph is being captured, and otherwise from ``FUSED_MIN_NUMEL`` elements; the rest,
+    and all without ``fused``, run ``F.layer_norm`` on the autocast-dtype input and
+    parameters. On the GPU the Triton kernels are faster at every BiFormer size (H200,
+    docs/benchmarks.md "layernorm": fwd+bwd 2.1-9.4x PyTorch's), but in eager mode each call
+    also costs the host about 0.2 ms more than PyTorch's (a Python autograd function and
+    Triton launches), more than it saves the GPU below 2^23 elements (BiFormer-T/S stages
+    3-4 at 224 px, batch 128). Graph replays have no host cost, so captures take the faster
+    kernel everywhere; the two paths agree to bf16 rounding, not bit for bit.
     """
 
     FUSED_MIN_NUMEL = 1 << 23
@@ -318,7 +320,8 @@ class AutocastLayerNorm(nn.LayerNorm):
         self.fused = fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused and x.numel() >= self.FUSED_MIN_NUMEL:
+        if self.fused and (x.numel() >= self.FUSED_MIN_NUMEL or (
+                x.is_cuda and torch.cuda.is_current_stream_capturing())):
             return ops.layer_norm(x, self.weight, self.bias, self.eps)
         device_type = x.device.type
         if not torch.is_autocast_enabled(device_type):

@@ -18,6 +18,10 @@ routes to a single key block that one tile holds whole (BiFormer's stage 1, DSVT
 each query is visited once, or added with fp32 atomics otherwise. :func:`set_backward_mode`
 chooses; by default the one-kernel backward runs where each query group routes to one block.
 
+The output and the three gradients are written token-major (:func:`token_major`: (B, N, H, D)
+memory seen as (B, H, N, D)), as the qkv projection lays out heads, so a model merges heads
+and splits the qkv gradient with views instead of transposing copies.
+
 Two entry points share the launchers: :func:`triton_gather_attention` runs eagerly through a
 ``torch.autograd.Function`` (the short launch path), and under ``torch.compile`` or export
 through the custom ops ``dsa_ops::gather_attention_fwd`` / ``_bwd``, which carry fake
@@ -175,6 +179,7 @@ def _fwd_kernel(Q, K, V, Index, Mask, Out, Lse,
                 stride_qb, stride_qh, stride_qn, stride_qd,
                 stride_kb, stride_kh, stride_kn, stride_kd,
                 stride_vb, stride_vh, stride_vn, stride_vd,
+                stride_ob, stride_oh, stride_on,
                 stride_ib, stride_ih, stride_ig, stride_ik,
                 stride_mb, stride_mn,
                 num_tiles, heads, num_q, head_dim, groups, block_q, block_k, slot_keys,
@@ -220,7 +225,7 @@ def _fwd_kernel(Q, K, V, Index, Mask, Out, Lse,
         m_i = m_new
     has_keys = l_i > 0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
-    out_offsets = (bh * num_q + q_pos[:, None]) * head_dim + d[None, :]  # Out is contiguous
+    out_offsets = b * stride_ob + h * stride_oh + q_pos[:, None] * stride_on + d[None, :]
     tl.store(Out + out_offsets, out.to(Out.dtype.element_ty),
              mask=row_valid[:, None] & d_valid[None, :])
     lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float('inf'))
@@ -234,6 +239,7 @@ def _bwd_dq_kernel(Q, K, V, Out, GradOut, Lse, Index, Mask, GradQ, Delta,
                    stride_vb, stride_vh, stride_vn, stride_vd,
                    stride_ob, stride_oh, stride_on, stride_od,
                    stride_gb, stride_gh, stride_gn, stride_gd,
+                   stride_dqb, stride_dqh, stride_dqn,
                    stride_ib, stride_ih, stride_ig, stride_ik,
                    stride_mb, stride_mn,
                    num_tiles, heads, num_q, head_dim, groups, block_q, block_k, slot_keys,
@@ -241,7 +247,8 @@ def _bwd_dq_kernel(Q, K, V, Out, GradOut, Lse, Index, Mask, GradQ, Delta,
                    q_win_w, q_wins, k_win_w, k_wins, map_width,
                    HAS_MASK: tl.constexpr, WINDOWS: tl.constexpr, DOT_PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """GradQ (contiguous (B, H, Nq, D), q's dtype) and Delta = rowsum(dO * O) (B, H, Nq) fp32."""
+    """GradQ ((B, H, Nq, D) at strides ``stride_dq*``, unit head-dim stride, q's dtype) and
+    Delta = rowsum(dO * O) (B, H, Nq) fp32."""
     program = tl.program_id(0).to(tl.int64)  # one flat grid: B*H may exceed grid dim 1
     tile = (program % num_tiles).to(tl.int32)
     bh = program // num_tiles
@@ -280,7 +287,7 @@ def _bwd_dq_kernel(Q, K, V, Out, GradOut, Lse, Index, Mask, GradQ, Delta,
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
-    grad_offsets = (bh * num_q + q_pos[:, None]) * head_dim + d[None, :]
+    grad_offsets = b * stride_dqb + h * stride_dqh + q_pos[:, None] * stride_dqn + d[None, :]
     tl.store(GradQ + grad_offsets, (dq * scale).to(GradQ.dtype.element_ty), mask=row_mask)
 
 
@@ -292,6 +299,7 @@ def _bwd_dkdv_kernel(Q, K, V, Out, GradOut, Lse, Delta, Order, Offsets, Mask, Gr
                      stride_vb, stride_vh, stride_vn, stride_vd,
                      stride_ob, stride_oh, stride_on, stride_od,
                      stride_gb, stride_gh, stride_gn, stride_gd,
+                     stride_dkb, stride_dkh, stride_dkn, stride_dqb, stride_dqh, stride_dqn,
                      stride_mb, stride_mn,
                      num_tiles, heads, num_k, head_dim, blocks, block_k, num_q, block_q,
                      list_len, csr_row_b, csr_row_h, BPT, TPB, RPB, QPB, scale, scale_log2,
@@ -299,7 +307,8 @@ def _bwd_dkdv_kernel(Q, K, V, Out, GradOut, Lse, Delta, Order, Offsets, Mask, Gr
                      HAS_MASK: tl.constexpr, DQ_MODE: tl.constexpr, WINDOWS: tl.constexpr,
                      DOT_PRECISION: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """GradK, GradV (contiguous (B, H, Nk, D), k's dtype), FlashAttention-2 style per key tile.
+    """GradK, GradV ((B, H, Nk, D) at strides ``stride_dk*``, unit head-dim stride, k's
+    dtype), FlashAttention-2 style per key tile.
 
     The tile's key rows pack ``BPT`` key blocks (or a part of one); each step gathers, for
     every packed block, the next ``QPB`` query rows of the groups that routed to it (the
@@ -307,7 +316,7 @@ def _bwd_dkdv_kernel(Q, K, V, Out, GradOut, Lse, Delta, Order, Offsets, Mask, Gr
 
     ``DQ_MODE`` 0 (split backward): Delta = rowsum(dO * O) comes from the dQ kernel and GradQ,
     Out are unused. Otherwise the kernel is the whole backward: it computes Delta from Out and
-    the dQ contribution of its keys, which it stores into GradQ (contiguous (B, H, Nq, D)) when
+    the dQ contribution of its keys, which it stores into GradQ (strides ``stride_dq*``) when
     every query it visits routes to this tile alone (``DQ_MODE`` 1: one slot, whole key blocks
     per tile) or adds to an fp32 GradQ with atomics (``DQ_MODE`` 2).
     """
@@ -373,12 +382,13 @@ def _bwd_dkdv_kernel(Q, K, V, Out, GradOut, Lse, Delta, Order, Offsets, Mask, Gr
         dk += tl.dot(ds.to(q.dtype), q, input_precision=DOT_PRECISION)
         if DQ_MODE != 0:
             dq = tl.dot(tl.trans(ds.to(k.dtype)), k, input_precision=DOT_PRECISION) * scale
-            dq_offsets = (bh * num_q + q_pos[:, None]) * head_dim + d[None, :]
+            dq_offsets = b * stride_dqb + h * stride_dqh + q_pos[:, None] * stride_dqn \
+                + d[None, :]
             if DQ_MODE == 1:
                 tl.store(GradQ + dq_offsets, dq.to(GradQ.dtype.element_ty), mask=col_mask)
             else:
                 tl.atomic_add(GradQ + dq_offsets, dq, mask=col_mask, sem='relaxed')
-    grad_offsets = bh * num_k * head_dim + key_pos[:, None] * head_dim + d[None, :]
+    grad_offsets = b * stride_dkb + h * stride_dkh + key_pos[:, None] * stride_dkn + d[None, :]
     tl.store(GradK + grad_offsets, (dk * scale).to(GradK.dtype.element_ty), mask=row_mask)
     tl.store(GradV + grad_offsets, dv.to(GradV.dtype.element_ty), mask=row_mask)
 
@@ -516,6 +526,22 @@ def _layout_args(layout: Optional[Sequence[int]]):
     return (q_win_w, map_width // q_win_w, k_win_w, map_width // k_win_w, map_width), True
 
 
+def token_major(like: Tensor, dtype: Optional[torch.dtype] = None, zero: bool = False) -> Tensor:
+    """A new (B, H, N, D) tensor shaped as ``like``, laid out token-major: a transposed view of
+    contiguous (B, N, H, D) memory, so merging the heads back into (B, N, H * D) channels (the
+    next projection's input, the qkv gradient) is a view, not a copy. Outputs and gradients of
+    the kernels are laid out so."""
+    batch, heads, tokens, head_dim = like.shape
+    make = torch.zeros if zero else torch.empty
+    return make((batch, tokens, heads, head_dim), dtype=dtype or like.dtype,
+                device=like.device).transpose(1, 2)
+
+
+def _row_strides(t: Tensor):
+    """(batch, head, token) strides of a (B, H, N, D) tensor with unit head-dim stride."""
+    return t.stride()[:3]
+
+
 def _is_empty(q: Tensor, k: Tensor, index: Tensor) -> bool:
     return q.numel() == 0 or k.numel() == 0 or index.shape[-1] == 0
 
@@ -523,15 +549,15 @@ def _is_empty(q: Tensor, k: Tensor, index: Tensor) -> bool:
 def forward(q: Tensor, k: Tensor, v: Tensor, index: Tensor, key_padding_mask: Optional[Tensor],
             block_q: int, block_k: int, scale: float, config: Optional[tuple] = None,
             layout: Optional[Sequence[int]] = None):
-    """(out (B, H, Nq, D) contiguous in q's dtype, lse (B, H, Nq) fp32, base 2, +inf if no
-    key). ``config`` overrides the forward tile config (tuning); ``layout`` see
+    """(out (B, H, Nq, D) :func:`token_major` in q's dtype, lse (B, H, Nq) fp32, base 2, +inf
+    if no key). ``config`` overrides the forward tile config (tuning); ``layout`` see
     :func:`_layout_args`."""
     batch, heads, num_q, head_dim = q.shape
     if _is_empty(q, k, index):
-        return (torch.zeros(q.shape, dtype=q.dtype, device=q.device),
+        return (token_major(q, zero=True),
                 torch.full((batch, heads, num_q), float('inf'), dtype=torch.float32,
                            device=q.device))
-    out = q.new_empty(q.shape)
+    out = token_major(q)
     lse = q.new_empty((batch, heads, num_q), dtype=torch.float32)
     grid, scalars, meta = _query_plan('fwd', batch, heads, num_q, head_dim, block_q, block_k,
                                       index.shape[-1], q.dtype == torch.float32, config)
@@ -539,8 +565,8 @@ def forward(q: Tensor, k: Tensor, v: Tensor, index: Tensor, key_padding_mask: Op
     layout_args, windows = _layout_args(layout)
     _fwd_kernel[grid](
         q, k, v, index, mask, out, lse,
-        *q.stride(), *k.stride(), *v.stride(), *_index_strides(index), stride_mb, stride_mn,
-        *scalars, scale * LOG2E, *layout_args, HAS_MASK=has_mask, WINDOWS=windows, **meta)
+        *q.stride(), *k.stride(), *v.stride(), *_row_strides(out), *_index_strides(index),
+        stride_mb, stride_mn, *scalars, scale * LOG2E, *layout_args, HAS_MASK=has_mask, WINDOWS=windows, **meta)
     return out, lse
 
 
@@ -548,10 +574,10 @@ def backward_dq(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, 
                 index: Tensor, key_padding_mask: Optional[Tensor], block_q: int, block_k: int,
                 scale: float, config: Optional[tuple] = None,
                 layout: Optional[Sequence[int]] = None):
-    """(grad_q contiguous in q's dtype, delta = rowsum(dO * O) (B, H, Nq) fp32); non-empty
-    inputs only."""
+    """(grad_q :func:`token_major` in q's dtype, delta = rowsum(dO * O) (B, H, Nq) fp32);
+    non-empty inputs only."""
     batch, heads, num_q, head_dim = q.shape
-    grad_q = q.new_empty(q.shape)
+    grad_q = token_major(q)
     delta = q.new_empty((batch, heads, num_q), dtype=torch.float32)
     grid, scalars, meta = _query_plan('dq', batch, heads, num_q, head_dim, block_q, block_k,
                                       index.shape[-1], q.dtype == torch.float32, config)
@@ -560,7 +586,7 @@ def backward_dq(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, 
     _bwd_dq_kernel[grid](
         q, k, v, out, grad_out, lse, index, mask, grad_q, delta,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(),
-        *_index_strides(index), stride_mb, stride_mn,
+        *_row_strides(grad_q), *_index_strides(index), stride_mb, stride_mn,
         *scalars, scale, scale * LOG2E, *layout_args, HAS_MASK=has_mask, WINDOWS=windows,
         **meta)
     return grad_q, delta
@@ -572,13 +598,12 @@ def backward_dkdv(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor
                   block_k: int, scale: float, grad_q: Optional[Tensor] = None,
                   dq_mode: int = 0, config: Optional[tuple] = None,
                   layout: Optional[Sequence[int]] = None):
-    """(grad_k, grad_v), contiguous in k's dtype, from the transposed index; non-empty inputs
-    only. ``dq_mode`` 0 reads ``delta`` from the dQ kernel; 1 and 2 (see ``_bwd_dkdv_kernel``)
+    """(grad_k, grad_v), :func:`token_major` in k's dtype, from the transposed index;
+    non-empty inputs only. ``grad_q`` (written in modes 1 and 2) has unit head-dim stride. ``dq_mode`` 0 reads ``delta`` from the dQ kernel; 1 and 2 (see ``_bwd_dkdv_kernel``)
     also write the dQ of the visited queries into ``grad_q`` (``out`` gives delta)."""
     batch, heads, num_q, head_dim = q.shape
     num_k = k.shape[2]
-    grad_k = k.new_empty(k.shape)
-    grad_v = k.new_empty(k.shape)
+    grad_k, grad_v = token_major(k), token_major(k)
     kind = 'dkdv' if dq_mode == 0 else 'bwd'
     grid, scalars, tiling, meta = _key_plan(kind, batch, heads, num_k, head_dim, block_k,
                                             q.dtype == torch.float32, config)
@@ -589,6 +614,7 @@ def backward_dkdv(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor
         q, k, v, out, grad_out, lse, order if delta is None else delta, order, offsets, mask,
         grad_k, grad_v, grad_k if grad_q is None else grad_q,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(),
+        *_row_strides(grad_k), *_row_strides(grad_k if grad_q is None else grad_q),
         stride_mb, stride_mn, *scalars, num_q, block_q, order.shape[1], csr_row_b, csr_row_h,
         *tiling, scale, scale * LOG2E, *layout_args, HAS_MASK=has_mask, DQ_MODE=dq_mode,
         WINDOWS=windows, **meta)
@@ -643,22 +669,21 @@ def backward_one_kernel(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: 
     """(grad_q, grad_k, grad_v) from the dK/dV kernel alone (``dq_mode`` 1 or 2); queries that
     no slot routes anywhere are never visited, so their dQ stays zero."""
     accumulate = dq_mode == 2 and q.dtype != torch.float32
-    grad_q = torch.zeros(q.shape, dtype=torch.float32 if accumulate else q.dtype,
-                         device=q.device)
+    grad_q = token_major(q, torch.float32 if accumulate else q.dtype, zero=True)
     grad_k, grad_v = backward_dkdv(grad_out, q, k, v, out, lse, None, order, offsets,
                                    index_is_per_head, key_padding_mask, block_q, block_k, scale,
                                    grad_q=grad_q, dq_mode=dq_mode, config=config,
                                    layout=layout)
-    return (grad_q.to(q.dtype) if accumulate else grad_q), grad_k, grad_v
+    return (grad_q.to(q.dtype) if accumulate else grad_q), grad_k, grad_v  # .to keeps strides
 
 
 def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
              index: Tensor, key_padding_mask: Optional[Tensor], block_q: int, block_k: int,
              scale: float, layout: Optional[Sequence[int]] = None):
-    """(grad_q, grad_k, grad_v), contiguous, from the kernels :func:`set_backward_mode`
-    chooses."""
+    """(grad_q, grad_k, grad_v), :func:`token_major`, from the kernels
+    :func:`set_backward_mode` chooses."""
     if _is_empty(q, k, index):
-        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        return token_major(q, zero=True), token_major(k, zero=True), token_major(v, zero=True)
     mode = backward_dq_mode(index.shape[-1], block_k, q.shape[-1])
     order, offsets = _transpose_index(index, k.shape[2] // block_k)
     args = (order, offsets, index.dim() == 4, key_padding_mask, block_q, block_k, scale)
@@ -678,13 +703,14 @@ def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
 def gather_attention_fwd(q: Tensor, k: Tensor, v: Tensor, index: Tensor,
                          key_padding_mask: Optional[Tensor], block_q: int, block_k: int,
                          scale: float, layout: Optional[List[int]]) -> tuple[Tensor, Tensor]:
-    """Forward: (out (B, H, Nq, D) in q's dtype, lse (B, H, Nq) fp32, base 2, +inf if no key)."""
+    """Forward: (out (B, H, Nq, D) token-major in q's dtype, lse (B, H, Nq) fp32, base 2, +inf
+    if no key)."""
     return forward(q, k, v, index, key_padding_mask, block_q, block_k, scale, layout=layout)
 
 
 @gather_attention_fwd.register_fake
 def _(q, k, v, index, key_padding_mask, block_q, block_k, scale, layout):
-    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+    return token_major(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @torch.library.custom_op('dsa_ops::gather_attention_bwd', mutates_args=())
@@ -692,14 +718,15 @@ def gather_attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out:
                          lse: Tensor, index: Tensor, key_padding_mask: Optional[Tensor],
                          block_q: int, block_k: int, scale: float,
                          layout: Optional[List[int]]) -> tuple[Tensor, Tensor, Tensor]:
-    """Backward: (grad_q, grad_k, grad_v), each in the shape and dtype of its input."""
+    """Backward: (grad_q, grad_k, grad_v), each in the shape and dtype of its input,
+    token-major."""
     return backward(grad_out, q, k, v, out, lse, index, key_padding_mask, block_q, block_k,
                     scale, layout=layout)
 
 
 @gather_attention_bwd.register_fake
 def _(grad_out, q, k, v, out, lse, index, key_padding_mask, block_q, block_k, scale, layout):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+    return token_major(q), token_major(k), token_major(v)
 
 
 def _setup_context(ctx, inputs, output):

@@ -37,13 +37,18 @@ MAX_CHANNELS = 8192  # widest row in one tile; wider rows take the torch referen
 
 # Rows keyed on BLOCK_C = next_pow2(C). fwd: (BLOCK_M, num_warps); bwd: (BLOCK_M, num_warps,
 # programs), programs capping the backward grid (each program walks consecutive row blocks, so
-# the dweight/dbias partials stay small). Defaults: 4096-element tiles (32 fp32 per thread with
-# 4 warps forward, 16 with 8 warps backward, which holds x, dy and w), 8192 at C > 4096. Not
-# measured on a GPU yet: `python tools/benchmark.py layernorm --tune` sweeps candidates.
+# the dweight/dbias partials stay small). Forward: 4096-element tiles (32 fp32 per thread with
+# 4 warps), 8192 at C > 4096. Backward: the rows `tools/benchmark.py layernorm --tune --kinds
+# bwd` chose on an H200 for C = 64-512 (2026-12-01, docs/benchmarks.md "layernorm"): one or
+# two warps of 32-64 fp32 per thread and 264-2112 programs, 2.5-4x faster than the earlier
+# 8-warp rows; BLOCK_C >= 1024 (not tuned): 16-64 fp32 per thread, 264 programs.
 KINDS = ('fwd', 'bwd')
+_TUNED_BWD = {64: (16, 1, 2112), 128: (8, 1, 2112), 256: (8, 1, 1056), 512: (8, 2, 264)}
 _CONFIGS = {
     'fwd': {1 << k: (max(1, 4096 >> k), 4 if k < 13 else 8) for k in range(14)},
-    'bwd': {1 << k: (max(1, 4096 >> k), 8 if k < 13 else 16, 1024) for k in range(14)},
+    'bwd': {1 << k: _TUNED_BWD.get(1 << k, (1024 >> k, 1, 2112) if k < 6 else
+                                   (max(1, 4096 >> k), max(1, (1 << k) >> 9), 264))
+            for k in range(14)},
 }
 _ROW_LENGTHS = {'fwd': 2, 'bwd': 3}
 

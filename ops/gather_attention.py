@@ -277,7 +277,10 @@ def gather_attention(q: Tensor, k: Tensor, v: Tensor, index: Tensor, *, block_q:
 
     Returns:
         (B, H, Nq, D) in the dtype of ``q`` (in q's token order); a query with no admissible
-        key gets zeros. Differentiable in q, k and v.
+        key gets zeros. Differentiable in q, k and v. The Triton path returns it (and the
+        gradients of q, k and v) token-major, a (B, H, Nq, D) view of contiguous
+        (B, Nq, H, D) memory, so ``out.transpose(1, 2).reshape(B, Nq, H * D)`` is free; the
+        torch path returns it contiguous.
     """
     block_q, block_k, windows = _validate(q, k, v, index, block_q, block_k, map_width,
                                           key_padding_mask, scale, backend)

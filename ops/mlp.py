@@ -4,8 +4,9 @@ Autograd's ``Linear -> GELU -> Linear`` saves three activations per token: fc1's
 pre-activation ``h`` (for the GELU gradient) and ``gelu(h)`` (for fc2's weight gradient).
 :func:`gelu_mlp` saves only the first two and recomputes ``gelu(h)`` in the backward pass:
 one elementwise pass more, and ``hidden_features`` fewer values per token held from the forward
-pass to the backward (a third of the MLP's activation memory at ``mlp_ratio`` 3 or 4). Without
-gradients, or while exporting, it is the plain composition.
+pass to the backward (a third of the MLP's activation memory at ``mlp_ratio`` 3 or 4). Its bias
+gradients on CUDA are matrix-vector products (:func:`column_sum`). Without gradients, or while
+exporting, it is the plain composition.
 """
 from typing import Optional
 
@@ -16,7 +17,12 @@ from torch import Tensor
 from ops._dtypes import autocast_dtype, describe
 from ops.gather_attention import is_exporting
 
-__all__ = ['gelu_mlp']
+__all__ = ['gelu_mlp', 'column_sum']
+
+# From this many rows a CUDA column sum runs as a matrix-vector product: H200, bf16, 25088 to
+# 401408 rows of 64 to 768 channels, it took 0.27-0.8x the time of ``sum(0)`` (PyTorch's
+# reduction reaches 0.3-1.1 TB/s there); at 6272 x 512 it took 1.9x (docs/benchmarks.md).
+COLUMN_SUM_MV_MIN_ROWS = 16384
 
 
 def _validate(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: Tensor,
@@ -38,6 +44,19 @@ def _validate(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_wei
 
 def _cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
     return None if t is None else t.to(dtype)
+
+
+def column_sum(x: Tensor) -> Tensor:
+    """``x.sum(0)`` of a 2-D (rows, C) tensor, in x's dtype (fp32 accumulation either way).
+
+    Tall CUDA matrices go through ``torch.mv(x.t(), ones)`` (cuBLAS reads x once at near copy
+    bandwidth); short ones, other devices and torch.compile (whose generated reduction is
+    fast) take ``sum(0)``.
+    """
+    if (x.is_cuda and x.shape[0] >= COLUMN_SUM_MV_MIN_ROWS
+            and not torch.compiler.is_compiling()):
+        return torch.mv(x.t(), x.new_ones(x.shape[0]))
+    return x.sum(0)
 
 
 class _RecomputeGeluMlp(torch.autograd.Function):
@@ -67,13 +86,13 @@ class _RecomputeGeluMlp(torch.autograd.Function):
         if need_w2:
             grad_w2 = (grad2d.t() @ F.gelu(hidden2d)).to(w2_dtype)
         if need_b2:
-            grad_b2 = grad2d.sum(0).to(b2_dtype)
+            grad_b2 = column_sum(grad2d).to(b2_dtype)
         if need_x or need_w1 or need_b1:
             grad_hidden = torch.ops.aten.gelu_backward(grad2d @ w2, hidden2d)
             if need_w1:
                 grad_w1 = (grad_hidden.t() @ x2d).to(w1_dtype)
             if need_b1:
-                grad_b1 = grad_hidden.sum(0).to(b1_dtype)
+                grad_b1 = column_sum(grad_hidden).to(b1_dtype)
             if need_x:
                 grad_x = (grad_hidden @ w1).reshape(x.shape).to(x.dtype)
         return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, None

@@ -361,6 +361,30 @@ def test_fused_layer_norm_takes_ops_from_the_size_threshold(monkeypatch):
     assert len(calls) == 1  # not fused: never ops
 
 
+@pytest.mark.gpu
+def test_fused_layer_norm_under_cuda_graph_capture(monkeypatch):
+    """While a CUDA graph is captured, small inputs take ops.layer_norm too (no host cost)."""
+    calls = []
+    fused_layer_norm = ops.layer_norm
+    monkeypatch.setattr(ops, 'layer_norm', lambda *args: calls.append(1) or
+                        fused_layer_norm(*args))
+    norm = AutocastLayerNorm(64, eps=1e-6, fused=True).cuda()
+    x = torch.randn(8, 64, device='cuda')
+    eager = norm(x)
+    assert not calls
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fused_layer_norm(x, norm.weight, norm.bias, 1e-6)  # compile the kernel outside capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = norm(x)
+    graph.replay()
+    assert calls
+    torch.testing.assert_close(captured, eager, rtol=1e-5, atol=1e-5)
+
+
 def _relative_error(got, expected):
     return ((got.float() - expected.float()).norm() / expected.float().norm()).item()
 

@@ -231,15 +231,15 @@ def choose_rows(timings):
     return chosen
 
 
-def tune(shapes, dtype, reps_ms, configs_path):
-    """Time our fwd and bwd launchers alone for every candidate row (CUDA-graph replay) and
+def tune(shapes, dtype, reps_ms, configs_path, kinds=kernels.KINDS):
+    """Time our launchers of ``kinds`` alone for every candidate row (CUDA-graph replay) and
     write the chosen rows and all timings to ``configs_path`` after every shape."""
     from triton.testing import do_bench_cudagraph
-    timings = {kind: {} for kind in kernels.KINDS}
+    timings = {kind: {} for kind in kinds}
     for shape in shapes:
         problem = make_problem(shape, dtype, 'cuda')
         block_c = next_power_of_2(shape.chans)
-        for kind in kernels.KINDS:
+        for kind in kinds:
             measured = {}
             for row in tune_rows(kind, block_c):
                 try:
@@ -280,6 +280,8 @@ def main(argv=None):
     parser.add_argument('--dtype', default='bf16', choices=list(DTYPES))
     parser.add_argument('--reps-ms', type=int, default=100, help='timing budget per measurement')
     parser.add_argument('--tune', action='store_true', help='sweep the tile rows of ours')
+    parser.add_argument('--kinds', nargs='+', default=list(kernels.KINDS),
+                        choices=kernels.KINDS, help='the kernels --tune sweeps')
     parser.add_argument('--configs', help='JSON of tile rows: written by --tune, applied to '
                         'ours otherwise')
     parser.add_argument('--json', help='write all results to this JSON file')
@@ -296,7 +298,7 @@ def main(argv=None):
     if args.tune:
         if not (args.configs and cuda):
             sys.exit('--tune needs a CUDA GPU and --configs FILE to write the chosen rows to')
-        tune(shapes, dtype, args.reps_ms, args.configs)
+        tune(shapes, dtype, args.reps_ms, args.configs, args.kinds)
         return
     if args.configs:
         with open(args.configs) as f:

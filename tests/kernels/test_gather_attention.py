@@ -211,6 +211,24 @@ def test_triton_noncontiguous_inputs_and_scale():
     compare_to_fp64(q, k, v, index, mask, 4, 4, scale=0.3)
 
 
+@pytest.mark.parametrize('mode', ['split', 'fused'])
+def test_triton_output_and_gradients_are_token_major(mode):
+    """Out, dQ, dK, dV are (B, N, H, D) memory viewed as (B, H, N, D), in both backwards."""
+    q, k, v, index, _ = make_inputs(2, 3, 3, 4, 3, 4, 2, 16)
+    kernels.set_backward_mode(mode)
+    try:
+        results = forward_and_grads(
+            lambda q_, k_, v_: ops.gather_attention(q_, k_, v_, index, block_q=4, block_k=4,
+                                                    backend='triton'),
+            q, k, v, torch.randn_like(q))
+    finally:
+        kernels.set_backward_mode('auto')
+    for t in results:
+        assert t.transpose(1, 2).is_contiguous(), t.stride()
+    reference = gather_attention_reference(q, k, v, index, block_q=4, block_k=4)
+    torch.testing.assert_close(results[0], reference, rtol=2e-3, atol=2e-3)
+
+
 @pytest.mark.parametrize('backend', ['triton', 'torch'])
 @pytest.mark.parametrize('shape', [
     (0, 2, 2, 4, 2, 4, 2),   # B = 0

@@ -105,3 +105,37 @@ def test_bad_arguments(which, match):
     args[which] = torch.ones(2, dtype=torch.long) if which == 'x' else torch.randn(3, 3, 3)
     with pytest.raises(ValueError, match=match):
         ops.gelu_mlp(**args)
+
+
+def test_column_sum_short_or_cpu_is_sum():
+    x = torch.randn(300, 7, dtype=torch.float64)
+    assert torch.equal(ops.column_sum(x), x.sum(0))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize('rows, chans', [(16384, 64), (50000, 192), (1000, 96)])
+def test_column_sum_cuda_bf16_rounds_like_sum(rows, chans):
+    """Tall matrices take the matrix-vector product: within one bf16 rounding of the fp32 sum,
+    as ``sum(0)`` is."""
+    x = torch.randn(rows, chans, device='cuda', dtype=torch.bfloat16)
+    exact = x.double().sum(0)
+    ours = ops.column_sum(x)
+    assert ours.dtype == torch.bfloat16 and ours.shape == (chans,)
+    ulp = 2.0 ** (torch.frexp(exact.abs().float())[1] - 8).double()
+    assert ((ours.double() - exact).abs() <= ulp + 1e-3 * exact.abs().max()).all()
+    assert (x.sum(0).double() - exact).abs().max() <= ulp.max() + 1e-3 * exact.abs().max()
+
+
+@pytest.mark.gpu
+def test_gelu_mlp_cuda_autocast_tall_matches_plain():
+    """BiFormer's stage-1 size class (bias gradients by matrix-vector products)."""
+    params = [p.detach().float().cuda().requires_grad_() for p in _params(64, 192, 64)]
+    x = torch.randn(32768, 64, device='cuda', requires_grad=True)
+    grad = torch.randn(32768, 64, device='cuda', dtype=torch.bfloat16)
+    with torch.autocast('cuda', dtype=torch.bfloat16):
+        out, ref = ops.gelu_mlp(x, *params), _plain(x, *params)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    for ours, theirs in zip(torch.autograd.grad(out, [x] + params, grad),
+                            torch.autograd.grad(ref, [x] + params, grad)):
+        assert ours.dtype == theirs.dtype
+        torch.testing.assert_close(ours, theirs, rtol=1e-2, atol=1e-2 * theirs.abs().max().item())
