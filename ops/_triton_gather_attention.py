@@ -28,7 +28,7 @@ through the custom ops ``dsa_ops::gather_attention_fwd`` / ``_bwd``, which carry
 implementations for tracing.
 """
 import functools
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -37,6 +37,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ops._sizes import cdiv, next_power_of_2
+from ops.gather_attention import to_window_major
 
 LOG2E = 1.4426950408889634
 
@@ -121,23 +122,23 @@ def set_tile_configs(table: dict) -> None:
 
 def _block_d(head_dim: int) -> int:
     return max(16, next_power_of_2(head_dim))
+
+
 @triton.jit
-def _token_row(block, within, block_size, win_w, wins_per_row, map_width,
-               WINDOWS: tl.constexpr):
+def _token_row(block, within, block_size, Rows, valid, WINDOWS: tl.constexpr):
     """Memory row of token ``within`` of group (or key block) ``block``: ``block * block_size
-    + within``; with ``WINDOWS``, of window ``block`` (row-major over the window grid; windows
-    ``win_w`` tokens wide, tokens row-major inside) of a row-major map ``map_width`` wide."""
+    + within``; with ``WINDOWS``, ``Rows`` of that (window-major) position, the map row of
+    the token (:func:`window_rows`; one cached load in place of window-address divisions).
+    Lanes not ``valid`` get row 0."""
     row = block * block_size + within
     if WINDOWS:
-        win_h = block_size // win_w
-        row = ((block // wins_per_row) * win_h + within // win_w) * map_width \
-            + (block % wins_per_row) * win_w + within % win_w
+        row = tl.load(Rows + row, mask=valid, other=0)
     return row
 
 
 @triton.jit
-def _tile_rows(tile, block_q, groups, GPT, TPG, RPG, win_w, wins_per_row, map_width,
-               WINDOWS: tl.constexpr, BLOCK_M: tl.constexpr):
+def _tile_rows(tile, block_q, groups, GPT, TPG, RPG, Rows, WINDOWS: tl.constexpr,
+               BLOCK_M: tl.constexpr):
     """Query positions (memory rows) of this tile's rows, their packed-group slot, and row
     validity."""
     group_tile = tile // TPG
@@ -148,15 +149,14 @@ def _tile_rows(tile, block_q, groups, GPT, TPG, RPG, win_w, wins_per_row, map_wi
     within = sub_tile * BLOCK_M + rows % rows_per_group
     group = group_tile * GPT + local_group
     valid = (local_group < GPT) & (group < groups) & (within < block_q)
-    return (_token_row(group, within, block_q, win_w, wins_per_row, map_width, WINDOWS),
-            local_group, valid, group_tile)
+    return (_token_row(group, within, block_q, Rows, valid, WINDOWS), local_group, valid,
+            group_tile)
 
 
 @triton.jit
 def _step_columns(step, group_tile, block_k, groups, slot_keys, GPT, CPG,
-                  index_ptr, stride_ig, stride_ik, mask_ptr, stride_mn, win_w, wins_per_row,
-                  map_width, HAS_MASK: tl.constexpr, WINDOWS: tl.constexpr,
-                  BLOCK_N: tl.constexpr):
+                  index_ptr, stride_ig, stride_ik, mask_ptr, stride_mn, Rows,
+                  HAS_MASK: tl.constexpr, WINDOWS: tl.constexpr, BLOCK_N: tl.constexpr):
     """Key positions (memory rows) read in this step, their packed-group slot, and whether each
     is admissible."""
     cols = tl.arange(0, BLOCK_N)
@@ -167,7 +167,7 @@ def _step_columns(step, group_tile, block_k, groups, slot_keys, GPT, CPG,
     block = tl.load(index_ptr + group * stride_ig + (j // block_k) * stride_ik, mask=valid,
                     other=-1).to(tl.int32)
     valid = valid & (block >= 0)
-    key = _token_row(block, j % block_k, block_k, win_w, wins_per_row, map_width, WINDOWS)
+    key = _token_row(block, j % block_k, block_k, Rows, valid, WINDOWS)
     if HAS_MASK:
         padded = tl.load(mask_ptr + key * stride_mn, mask=valid, other=1)
         valid = valid & (padded == 0)
@@ -184,7 +184,7 @@ def _fwd_kernel(Q, K, V, Index, Mask, Out, Lse,
                 stride_mb, stride_mn,
                 num_tiles, heads, num_q, head_dim, groups, block_q, block_k, slot_keys,
                 num_steps, GPT, TPG, RPG, CPG, scale_log2,
-                q_win_w, q_wins, k_win_w, k_wins, map_width,
+                QRows, KRows,
                 HAS_MASK: tl.constexpr, WINDOWS: tl.constexpr, DOT_PRECISION: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     program = tl.program_id(0).to(tl.int64)  # one flat grid: B*H may exceed grid dim 1
@@ -192,8 +192,7 @@ def _fwd_kernel(Q, K, V, Index, Mask, Out, Lse,
     bh = program // num_tiles
     b, h = bh // heads, bh % heads
     q_pos, row_group, row_valid, group_tile = _tile_rows(tile, block_q, groups, GPT, TPG,
-                                                         RPG, q_win_w, q_wins, map_width,
-                                                         WINDOWS, BLOCK_M)
+                                                         RPG, QRows, WINDOWS, BLOCK_M)
     d = tl.arange(0, BLOCK_D)
     d_valid = d < head_dim
     q = tl.load(Q + b * stride_qb + h * stride_qh + q_pos[:, None] * stride_qn
@@ -208,8 +207,8 @@ def _fwd_kernel(Q, K, V, Index, Mask, Out, Lse,
     for step in range(num_steps):
         key, col_group, col_valid = _step_columns(step, group_tile, block_k, groups, slot_keys,
                                                   GPT, CPG, Index, stride_ig, stride_ik, Mask,
-                                                  stride_mn, k_win_w, k_wins, map_width,
-                                                  HAS_MASK, WINDOWS, BLOCK_N)
+                                                  stride_mn, KRows, HAS_MASK, WINDOWS,
+                                                  BLOCK_N)
         kv_mask = col_valid[:, None] & d_valid[None, :]
         k = tl.load(K + key[:, None] * stride_kn + d[None, :] * stride_kd, mask=kv_mask, other=0.0)
         v = tl.load(V + key[:, None] * stride_vn + d[None, :] * stride_vd, mask=kv_mask, other=0.0)
@@ -244,7 +243,7 @@ def _bwd_dq_kernel(Q, K, V, Out, GradOut, Lse, Index, Mask, GradQ, Delta,
                    stride_mb, stride_mn,
                    num_tiles, heads, num_q, head_dim, groups, block_q, block_k, slot_keys,
                    num_steps, GPT, TPG, RPG, CPG, scale, scale_log2,
-                   q_win_w, q_wins, k_win_w, k_wins, map_width,
+                   QRows, KRows,
                    HAS_MASK: tl.constexpr, WINDOWS: tl.constexpr, DOT_PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """GradQ ((B, H, Nq, D) at strides ``stride_dq*``, unit head-dim stride, q's dtype) and
@@ -254,8 +253,7 @@ def _bwd_dq_kernel(Q, K, V, Out, GradOut, Lse, Index, Mask, GradQ, Delta,
     bh = program // num_tiles
     b, h = bh // heads, bh % heads
     q_pos, row_group, row_valid, group_tile = _tile_rows(tile, block_q, groups, GPT, TPG,
-                                                         RPG, q_win_w, q_wins, map_width,
-                                                         WINDOWS, BLOCK_M)
+                                                         RPG, QRows, WINDOWS, BLOCK_M)
     d = tl.arange(0, BLOCK_D)
     d_valid = d < head_dim
     row_mask = row_valid[:, None] & d_valid[None, :]
@@ -276,8 +274,8 @@ def _bwd_dq_kernel(Q, K, V, Out, GradOut, Lse, Index, Mask, GradQ, Delta,
     for step in range(num_steps):
         key, col_group, col_valid = _step_columns(step, group_tile, block_k, groups, slot_keys,
                                                   GPT, CPG, Index, stride_ig, stride_ik, Mask,
-                                                  stride_mn, k_win_w, k_wins, map_width,
-                                                  HAS_MASK, WINDOWS, BLOCK_N)
+                                                  stride_mn, KRows, HAS_MASK, WINDOWS,
+                                                  BLOCK_N)
         kv_mask = col_valid[:, None] & d_valid[None, :]
         k = tl.load(K + key[:, None] * stride_kn + d[None, :] * stride_kd, mask=kv_mask, other=0.0)
         v = tl.load(V + key[:, None] * stride_vn + d[None, :] * stride_vd, mask=kv_mask, other=0.0)
@@ -303,7 +301,7 @@ def _bwd_dkdv_kernel(Q, K, V, Out, GradOut, Lse, Delta, Order, Offsets, Mask, Gr
                      stride_mb, stride_mn,
                      num_tiles, heads, num_k, head_dim, blocks, block_k, num_q, block_q,
                      list_len, csr_row_b, csr_row_h, BPT, TPB, RPB, QPB, scale, scale_log2,
-                     q_win_w, q_wins, k_win_w, k_wins, map_width,
+                     QRows, KRows,
                      HAS_MASK: tl.constexpr, DQ_MODE: tl.constexpr, WINDOWS: tl.constexpr,
                      DOT_PRECISION: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -325,8 +323,7 @@ def _bwd_dkdv_kernel(Q, K, V, Out, GradOut, Lse, Delta, Order, Offsets, Mask, Gr
     bh = program // num_tiles
     b, h = bh // heads, bh % heads
     key_pos, row_block, row_valid, block_tile = _tile_rows(tile, block_k, blocks, BPT, TPB,
-                                                           RPB, k_win_w, k_wins, map_width,
-                                                           WINDOWS, BLOCK_N)
+                                                           RPB, KRows, WINDOWS, BLOCK_N)
     d = tl.arange(0, BLOCK_D)
     d_valid = d < head_dim
     row_mask = row_valid[:, None] & d_valid[None, :]
@@ -359,7 +356,7 @@ def _bwd_dkdv_kernel(Q, K, V, Out, GradOut, Lse, Delta, Order, Offsets, Mask, Gr
         j = step * QPB + cols % QPB
         col_valid = col_in_tile & (j < rows_routed)
         group = tl.load(Order + start + j // block_q, mask=col_valid, other=0)
-        q_pos = _token_row(group, j % block_q, block_q, q_win_w, q_wins, map_width, WINDOWS)
+        q_pos = _token_row(group, j % block_q, block_q, QRows, col_valid, WINDOWS)
         col_mask = col_valid[:, None] & d_valid[None, :]
         q = tl.load(Q + q_pos[:, None] * stride_qn + d[None, :] * stride_qd, mask=col_mask,
                     other=0.0)
@@ -517,13 +514,39 @@ def _mask_args(key_padding_mask: Optional[Tensor], like: Tensor):
     return mask, mask.stride(0), mask.stride(1), True
 
 
-def _layout_args(layout: Optional[Sequence[int]]):
-    """Kernel arguments of the token layout: ``layout`` None (block-major tokens) or
-    ``(q_window_width, k_window_width, map_width)`` (windows of row-major maps)."""
+_WINDOW_ROWS_CACHE = {}
+_WINDOW_ROWS_CACHE_SIZE = 256
+
+
+def window_rows(num_tokens: int, window: Tuple[int, int], map_width: int,
+                device: torch.device) -> Tensor:
+    """int32 (num_tokens,): the memory row, in a row-major map ``map_width`` wide, of each
+    position in window-major order (``window = (h, w)``; :func:`to_window_major` of the row
+    numbers). Cached per geometry, except while a CUDA graph is being captured (a tensor made
+    then holds its values only in replays)."""
+    key = (num_tokens, window, map_width, device)
+    rows = _WINDOW_ROWS_CACHE.get(key)
+    if rows is None:
+        rows = to_window_major(torch.arange(num_tokens, dtype=torch.int32, device=device),
+                               window, map_width, 0)
+        if not (device.type == 'cuda' and torch.cuda.is_current_stream_capturing()):
+            if len(_WINDOW_ROWS_CACHE) >= _WINDOW_ROWS_CACHE_SIZE:
+                _WINDOW_ROWS_CACHE.clear()
+            _WINDOW_ROWS_CACHE[key] = rows
+    return rows
+
+
+def _layout_args(layout: Optional[Sequence[int]], q: Tensor, k: Tensor, block_q: int,
+                 block_k: int):
+    """Kernel arguments of the token layout, ((QRows, KRows), WINDOWS): ``layout`` None
+    (block-major tokens; the row pointers are unused) or ``(q_window_width, k_window_width,
+    map_width)`` (windows of row-major maps, rows from :func:`window_rows`)."""
     if layout is None:
-        return (1, 1, 1, 1, 1), False
+        return (q, k), False
     q_win_w, k_win_w, map_width = layout
-    return (q_win_w, map_width // q_win_w, k_win_w, map_width // k_win_w, map_width), True
+    return ((window_rows(q.shape[2], (block_q // q_win_w, q_win_w), map_width, q.device),
+             window_rows(k.shape[2], (block_k // k_win_w, k_win_w), map_width, k.device)),
+            True)
 
 
 def token_major(like: Tensor, dtype: Optional[torch.dtype] = None, zero: bool = False) -> Tensor:
@@ -562,11 +585,12 @@ def forward(q: Tensor, k: Tensor, v: Tensor, index: Tensor, key_padding_mask: Op
     grid, scalars, meta = _query_plan('fwd', batch, heads, num_q, head_dim, block_q, block_k,
                                       index.shape[-1], q.dtype == torch.float32, config)
     mask, stride_mb, stride_mn, has_mask = _mask_args(key_padding_mask, index)
-    layout_args, windows = _layout_args(layout)
+    layout_args, windows = _layout_args(layout, q, k, block_q, block_k)
     _fwd_kernel[grid](
         q, k, v, index, mask, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *_row_strides(out), *_index_strides(index),
-        stride_mb, stride_mn, *scalars, scale * LOG2E, *layout_args, HAS_MASK=has_mask, WINDOWS=windows, **meta)
+        stride_mb, stride_mn, *scalars, scale * LOG2E, *layout_args, HAS_MASK=has_mask,
+        WINDOWS=windows, **meta)
     return out, lse
 
 
@@ -582,7 +606,7 @@ def backward_dq(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, 
     grid, scalars, meta = _query_plan('dq', batch, heads, num_q, head_dim, block_q, block_k,
                                       index.shape[-1], q.dtype == torch.float32, config)
     mask, stride_mb, stride_mn, has_mask = _mask_args(key_padding_mask, index)
-    layout_args, windows = _layout_args(layout)
+    layout_args, windows = _layout_args(layout, q, k, block_q, block_k)
     _bwd_dq_kernel[grid](
         q, k, v, out, grad_out, lse, index, mask, grad_q, delta,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(),
@@ -599,8 +623,9 @@ def backward_dkdv(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor
                   dq_mode: int = 0, config: Optional[tuple] = None,
                   layout: Optional[Sequence[int]] = None):
     """(grad_k, grad_v), :func:`token_major` in k's dtype, from the transposed index;
-    non-empty inputs only. ``grad_q`` (written in modes 1 and 2) has unit head-dim stride. ``dq_mode`` 0 reads ``delta`` from the dQ kernel; 1 and 2 (see ``_bwd_dkdv_kernel``)
-    also write the dQ of the visited queries into ``grad_q`` (``out`` gives delta)."""
+    non-empty inputs only. ``dq_mode`` 0 reads ``delta`` from the dQ kernel; 1 and 2 (see
+    ``_bwd_dkdv_kernel``) also write the dQ of the visited queries into ``grad_q`` (unit
+    head-dim stride; ``out`` gives delta)."""
     batch, heads, num_q, head_dim = q.shape
     num_k = k.shape[2]
     grad_k, grad_v = token_major(k), token_major(k)
@@ -609,7 +634,7 @@ def backward_dkdv(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor
                                             q.dtype == torch.float32, config)
     mask, stride_mb, stride_mn, has_mask = _mask_args(key_padding_mask, order)
     csr_row_b, csr_row_h = (heads, 1) if index_is_per_head else (1, 0)
-    layout_args, windows = _layout_args(layout)
+    layout_args, windows = _layout_args(layout, q, k, block_q, block_k)
     _bwd_dkdv_kernel[grid](
         q, k, v, out, grad_out, lse, order if delta is None else delta, order, offsets, mask,
         grad_k, grad_v, grad_k if grad_q is None else grad_q,

@@ -464,3 +464,26 @@ def test_triton_bf16_window_layout_matches_fp64_on_gpu(case):
                                        window * window, slots, 32, dtype=torch.bfloat16,
                                        masked_fraction=masked, empty_fraction=0.0)
     compare_to_fp64(q, k, v, index, mask, (window, window), (window, window), map_width=side)
+
+
+@pytest.mark.gpu
+def test_window_layout_under_cuda_graph_capture():
+    """A window geometry first seen during capture: replays match eager, and the row table made
+    during capture (valid only in replays) is not cached."""
+    q, k, v, index, _ = make_inputs(2, 2, 9, 4, 9, 4, 2, 32, dtype=torch.bfloat16,
+                                    empty_fraction=0.0)
+
+    def attend():
+        return ops.gather_attention(q, k, v, index, block_q=(2, 2), block_k=(2, 2),
+                                    map_width=6)
+
+    kernels._WINDOW_ROWS_CACHE.clear()
+    ops.gather_attention(q, k, v, index, block_q=4, block_k=4)  # compile outside capture
+    expected = attend()
+    kernels._WINDOW_ROWS_CACHE.clear()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = attend()
+    assert not kernels._WINDOW_ROWS_CACHE
+    graph.replay()
+    torch.testing.assert_close(captured, expected, rtol=0, atol=0)
