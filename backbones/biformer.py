@@ -306,10 +306,10 @@ class AutocastLayerNorm(nn.LayerNorm):
     CUDA graph is being captured, and otherwise from ``FUSED_MIN_NUMEL`` elements; the rest,
     and all without ``fused``, run ``F.layer_norm`` on the autocast-dtype input and
     parameters. On the GPU the Triton kernels are faster at every BiFormer size (H200,
-    docs/benchmarks.md "layernorm": fwd+bwd 2.1-9.4x PyTorch's), but in eager mode each call
-    also costs the host about 0.2 ms more than PyTorch's (a Python autograd function and
-    Triton launches), more than it saves the GPU below 2^23 elements (BiFormer-T/S stages
-    3-4 at 224 px, batch 128). Graph replays have no host cost, so captures take the faster
+    docs/benchmarks.md "layernorm" run 2: fwd+bwd 1.7-9.2x PyTorch's), but in eager mode
+    each call also costs the host about 0.2 ms more than PyTorch's (a Python autograd
+    function and Triton launches), more than it saves the GPU below 2^23 elements
+    (BiFormer-T/S stages 3-4 at 224 px, batch 128). Graph replays have no host cost, so captures take the faster
     kernel everywhere; the two paths agree to bf16 rounding, not bit for bit.
     """
 

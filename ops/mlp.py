@@ -21,7 +21,7 @@ __all__ = ['gelu_mlp', 'column_sum']
 
 # From this many rows a CUDA column sum runs as a matrix-vector product: H200, bf16, 25088 to
 # 401408 rows of 64 to 768 channels, it took 0.27-0.8x the time of ``sum(0)`` (PyTorch's
-# reduction reaches 0.3-1.1 TB/s there); at 6272 x 512 it took 1.9x (docs/benchmarks.md).
+# reduction reaches 0.3-1.1 TB/s there); at 6272 x 512 it took 1.9x (docs/ops.md, "MLP").
 COLUMN_SUM_MV_MIN_ROWS = 16384
 
 
