@@ -309,8 +309,9 @@ class AutocastLayerNorm(nn.LayerNorm):
     docs/benchmarks.md "layernorm" run 2: fwd+bwd 1.7-9.2x PyTorch's), but in eager mode
     each call also costs the host about 0.2 ms more than PyTorch's (a Python autograd
     function and Triton launches), more than it saves the GPU below 2^23 elements
-    (BiFormer-T/S stages 3-4 at 224 px, batch 128). Graph replays have no host cost, so captures take the faster
-    kernel everywhere; the two paths agree to bf16 rounding, not bit for bit.
+    (BiFormer-T/S stages 3-4 at 224 px, batch 128). Graph replays have no host cost, so
+    captures take the faster kernel everywhere; the two paths agree to bf16 rounding, not bit
+    for bit.
     """
 
     FUSED_MIN_NUMEL = 1 << 23

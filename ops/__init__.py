@@ -8,5 +8,5 @@ from ops.set_attention import set_attention
 
 __version__ = '0.1.0'
 
-__all__ = ['BACKENDS', 'column_sum', 'depthwise_conv2d', 'gather_attention', 'gelu_mlp', 'is_exporting',
-           'layer_norm', 'region_routing', 'set_attention', 'set_debug']
+__all__ = ['BACKENDS', 'column_sum', 'depthwise_conv2d', 'gather_attention', 'gelu_mlp',
+           'is_exporting', 'layer_norm', 'region_routing', 'set_attention', 'set_debug']
