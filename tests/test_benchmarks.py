@@ -21,3 +21,10 @@ def test_models_benchmark_rejects_cuda_graph_on_cpu(capsys):
                            'biformer_tiny', '--batch', '1', '--img', '32', '--iters', '1',
                            '--warmup', '0', '--no-train', '--cuda-graph'])
     assert '--cuda-graph needs a CUDA device' in rows[0]['error']
+
+
+def test_column_sum_benchmark_times_both_forms(capsys):
+    rows = benchmark.main(['colsum', '--device', 'cpu', '--shapes', '64x8', '33x5'])
+    assert [(r['rows'], r['chans']) for r in rows] == [(64, 8), (33, 5)]
+    assert all(r['sum'] > 0 and r['mv'] > 0 and r['column_sum'] > 0 for r in rows)
+    assert '| rows x C | MB | sum(0) µs | mv µs |' in capsys.readouterr().out
