@@ -296,6 +296,13 @@ class FullAttentionLePE(nn.Module):
         return self.proj(out)
 
 
+def _capturing_cuda_graph(x: torch.Tensor) -> bool:
+    """True while a CUDA graph is being captured on x's device (never while compiling: the
+    compiled graph decides, and torch.compile's own CUDA graphs capture at run time)."""
+    return (x.is_cuda and not torch.compiler.is_compiling()
+            and torch.cuda.is_current_stream_capturing())
+
+
 class AutocastLayerNorm(nn.LayerNorm):
     """LayerNorm that returns the autocast dtype under autocast instead of float32.
 
@@ -321,8 +328,7 @@ class AutocastLayerNorm(nn.LayerNorm):
         self.fused = fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused and (x.numel() >= self.FUSED_MIN_NUMEL or (
-                x.is_cuda and torch.cuda.is_current_stream_capturing())):
+        if self.fused and (x.numel() >= self.FUSED_MIN_NUMEL or _capturing_cuda_graph(x)):
             return ops.layer_norm(x, self.weight, self.bias, self.eps)
         device_type = x.device.type
         if not torch.is_autocast_enabled(device_type):
