@@ -43,6 +43,7 @@ from timm.models._manipulate import checkpoint_seq
 from timm.models._registry import generate_default_cfgs, register_model
 
 import ops
+from ops._dtypes import TRITON_DTYPES, autocast_dtype
 
 __all__ = ['BiFormer', 'BiLevelRoutingAttention', 'FullAttentionLePE', 'BiFormerBlock',
            'BiFormerStage', 'BiFormerStem', 'AutocastLayerNorm', 'checkpoint_filter_fn',
@@ -327,8 +328,12 @@ class AutocastLayerNorm(nn.LayerNorm):
         super().__init__(normalized_shape, eps=eps)
         self.fused = fused
 
+    def takes_fused_kernel(self, x: torch.Tensor) -> bool:
+        """Whether ``forward(x)`` runs :func:`ops.layer_norm`."""
+        return self.fused and (x.numel() >= self.FUSED_MIN_NUMEL or _capturing_cuda_graph(x))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused and (x.numel() >= self.FUSED_MIN_NUMEL or _capturing_cuda_graph(x)):
+        if self.takes_fused_kernel(x):
             return ops.layer_norm(x, self.weight, self.bias, self.eps)
         device_type = x.device.type
         if not torch.is_autocast_enabled(device_type):
@@ -343,13 +348,17 @@ class BiFormerBlock(nn.Module):
     """``x += dwconv3x3(x)``; ``x += attn(LN(x))``; ``x += mlp(LN(x))``. (B, H, W, C) in/out.
 
     ``topk > 0`` selects bi-level routing attention, ``topk == -2`` full attention with LePE
-    (the official encoding).
+    (the official encoding). ``fused_block`` (routing blocks of ``attn_impl='fused'``) runs the
+    block on CUDA as one autograd node over the same kernels (``backbones._fused_block``):
+    less host work per block in eager mode. Not measured on a GPU yet, hence off by default.
     """
 
     def __init__(self, dim: int, topk: int, head_dim: int = 32, n_win: int = 7,
                  mlp_ratio: float = 3.0, side_dwconv: int = 5, drop_path: float = 0.0,
-                 pad_mode: str = 'official', attn_impl: str = 'fused'):
+                 pad_mode: str = 'official', attn_impl: str = 'fused',
+                 fused_block: bool = False):
         super().__init__()
+        self.fused_block = fused_block
         self.pos_embed = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
         self.official = attn_impl == 'gather'  # the official formulation throughout
         self.norm1 = AutocastLayerNorm(dim, eps=1e-6, fused=not self.official)
@@ -367,10 +376,24 @@ class BiFormerBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._takes_fused_block(x):
+            from backbones._fused_block import routing_block
+            return routing_block(self, x)
         x = _depthwise(self.pos_embed, x, x, official=self.official)
         x = x + self.drop_path(self.attn(self.norm1(x)))
         x = x + self.drop_path(self._mlp(self.norm2(x)))
         return x
+
+    FUSED_BLOCK_DEVICES = ('cuda',)  # the CPU tests add 'cpu' (Triton interpreter)
+
+    def _takes_fused_block(self, x: torch.Tensor) -> bool:
+        return (self.fused_block and not self.official
+                and isinstance(self.attn, BiLevelRoutingAttention)
+                and isinstance(self.drop_path, (DropPath, nn.Identity))
+                and x.device.type in self.FUSED_BLOCK_DEVICES
+                and autocast_dtype(x) in TRITON_DTYPES and x.dtype in TRITON_DTYPES
+                and not (ops.is_exporting() or torch.compiler.is_compiling()
+                         or torch.jit.is_scripting()))
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
         """The MLP; ``'fused'`` recomputes its GELU in the backward pass (:func:`ops.gelu_mlp`)
@@ -484,6 +507,8 @@ class BiFormer(nn.Module):
         pad_mode: ``'official'`` (zero-pad before the projection, unmasked) or ``'masked'``.
         attn_impl: ``'fused'`` (:func:`ops.gather_attention`, :func:`ops.depthwise_conv2d`) or
             ``'gather'`` (the official formulation).
+        fused_block: run each routing block as one autograd node on CUDA (see
+            :class:`BiFormerBlock`; not measured on a GPU yet, off by default).
         in_chans, num_classes, global_pool, drop_rate, drop_path_rate: as in timm.
     """
 
@@ -493,7 +518,7 @@ class BiFormer(nn.Module):
                  mlp_ratio: float = 3.0, n_win: int = 7, side_dwconv: int = 5,
                  pad_mode: str = 'official', attn_impl: str = 'fused', in_chans: int = 3,
                  num_classes: int = 1000, global_pool: str = 'avg', drop_rate: float = 0.0,
-                 drop_path_rate: float = 0.0):
+                 drop_path_rate: float = 0.0, fused_block: bool = False):
         super().__init__()
         self.num_classes = num_classes
         self.in_chans = in_chans
@@ -502,7 +527,7 @@ class BiFormer(nn.Module):
         self.stages = build_stages(depths, embed_dims, topks, drop_path_rate=drop_path_rate,
                                    head_dim=head_dim, n_win=n_win, mlp_ratio=mlp_ratio,
                                    side_dwconv=side_dwconv, pad_mode=pad_mode,
-                                   attn_impl=attn_impl)
+                                   attn_impl=attn_impl, fused_block=fused_block)
         self.feature_info = [dict(num_chs=dim, reduction=4 * 2 ** i, module=f'stages.{i}')
                              for i, dim in enumerate(embed_dims)]
         self.norm = nn.BatchNorm2d(embed_dims[-1])

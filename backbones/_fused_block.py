@@ -1,0 +1,242 @@
+"""A BiFormer routing block as one autograd node (``BiFormerBlock.fused_block``).
+
+Eager BiFormer is bound by the host, not the GPU (docs/benchmarks.md, models run 5): a
+routing block is ~170 aten ops and ~15 autograd nodes, each costing the host 15-40 µs, while
+its kernels are short. :class:`_RoutingBlock` runs the block's forward and backward as
+straight-line calls of the kernels the module path runs (ops' Triton launchers, cuBLAS
+products, PyTorch's LayerNorm where the module uses it, in the same dtypes), inside one
+``torch.autograd.Function``: the inner ops carry no autograd bookkeeping, there are no view
+nodes, and the attention's gradients arrive token-major, so the qkv gradient is one
+concatenation.
+
+The meaning is the module path's, term for term: ``x1 = x + dwconv3(x)``, ``x2 = x1 +
+drop(proj(lepe(v) + attn(q, k, v)))`` over the routed regions of the padded ``LN1(x1)``, and
+``x3 = x2 + drop(fc2(gelu(fc1(LN2(x2)))))``. Drop-path masks are drawn in the module path's
+order, so the random stream and the masks are the same. Results agree with the module path to
+the rounding of the products (the backward forms some products in another order); the tests
+compare the two on the CPU through the Triton interpreter.
+"""
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ops._dtypes import autocast_dtype
+from ops.mlp import column_sum
+from ops.routing import region_routing
+
+__all__ = ['BlockPlan', 'routing_block']
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """What one call of the fused block does, fixed before the call (hashable, no tensors)."""
+    n_win: int
+    topk: int
+    heads: int
+    scale: float
+    masked: bool            # pad_mode 'masked'
+    fused_norms: bool       # ops.layer_norm's kernels (else PyTorch's on autocast-dtype inputs)
+    eps1: float
+    eps2: float
+    compute_dtype: torch.dtype
+
+
+def _layer_norm_forward(x: Tensor, weight: Tensor, bias: Tensor, eps: float, fused: bool,
+                        dtype: torch.dtype):
+    """(y, state for :func:`_layer_norm_backward`), as ``AutocastLayerNorm``: the Triton kernel
+    with fp32 weights, or PyTorch's on x and weights cast to ``dtype``."""
+    if fused:
+        from ops import _triton_layer_norm as kernels
+        y, mean, rstd = kernels.forward(x, weight, bias, eps, dtype)
+        return y, (mean, rstd, None, None)
+    x_c, w_c, b_c = x.to(dtype), weight.to(dtype), bias.to(dtype)
+    y, mean, rstd = torch.native_layer_norm(x_c, (x.shape[-1],), w_c, b_c, eps)
+    return y, (mean, rstd, w_c, b_c)
+
+
+def _layer_norm_backward(grad: Tensor, x: Tensor, weight: Tensor, bias: Tensor, state,
+                         fused: bool, dtype: torch.dtype):
+    """(grad_x in x's dtype, grad_weight, grad_bias in the parameters' dtypes)."""
+    mean, rstd, w_c, b_c = state
+    if fused:
+        from ops import _triton_layer_norm as kernels
+        grad_x, grad_w, grad_b = kernels.backward(grad, x, weight, mean, rstd, dtype, True,
+                                                  True, True)
+    else:
+        grad_x, grad_w, grad_b = torch.ops.aten.native_layer_norm_backward(
+            grad.to(dtype), x.to(dtype), (x.shape[-1],), mean, rstd, w_c, b_c,
+            [True, True, True])
+    return grad_x.to(x.dtype), grad_w.to(weight.dtype), grad_b.to(bias.dtype)
+
+
+def _linear(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """``F.linear`` of a contiguous (..., in) x with weight and bias in x's dtype."""
+    out = torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight.t())
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def _linear_backward(grad: Tensor, x: Tensor, weight: Tensor, param_dtype: torch.dtype):
+    """(grad_x (..., in) in grad's dtype, grad_weight, grad_bias in ``param_dtype``)."""
+    grad2d = grad.reshape(-1, grad.shape[-1])
+    x2d = x.reshape(-1, x.shape[-1])
+    grad_w = (grad2d.t() @ x2d).to(param_dtype)
+    grad_b = column_sum(grad2d).to(param_dtype)
+    return (grad2d @ weight).view(*grad.shape[:-1], weight.shape[1]), grad_w, grad_b
+
+
+def _drop_path_mask(branch: Tensor, drop_prob: float, scale_by_keep: bool) -> Optional[Tensor]:
+    """timm's ``drop_path`` mask for ``branch`` (the same draws in the same dtype), or None."""
+    if drop_prob == 0.0:
+        return None
+    keep_prob = 1.0 - drop_prob
+    mask = branch.new_empty((branch.shape[0],) + (1,) * (branch.dim() - 1))
+    mask.bernoulli_(keep_prob)
+    if keep_prob > 0.0 and scale_by_keep:
+        mask.div_(keep_prob)
+    return mask
+
+
+class _RoutingBlock(torch.autograd.Function):
+    """Forward and backward of one routing block; see the module docstring."""
+
+    @staticmethod
+    def forward(ctx, x, pos_w, pos_b, n1_w, n1_b, qkv_w, qkv_b, lepe_w, lepe_b, proj_w,
+                proj_b, n2_w, n2_b, fc1_w, fc1_b, fc2_w, fc2_b, plan, drops):
+        from ops import _triton_depthwise_conv as dwconv
+        from ops import _triton_gather_attention as attention
+        cd = plan.compute_dtype
+        with torch.autocast(x.device.type, enabled=False):
+            x1 = dwconv.forward(x, pos_w, pos_b, x, cd)
+            h, norm1 = _layer_norm_forward(x1, n1_w, n1_b, plan.eps1, plan.fused_norms, cd)
+            batch, height, width, chans = x1.shape
+            pad_h = (height + plan.n_win - 1) // plan.n_win * plan.n_win
+            pad_w = (width + plan.n_win - 1) // plan.n_win * plan.n_win
+            padded = (pad_h, pad_w) != (height, width)
+            if padded:
+                h = F.pad(h, (0, 0, 0, pad_w - width, 0, pad_h - height))
+            weights = [t.to(cd) for t in (qkv_w, qkv_b, proj_w, proj_b, fc1_w, fc1_b, fc2_w,
+                                          fc2_b)]
+            qkv_wc, qkv_bc, proj_wc, proj_bc, fc1_wc, fc1_bc, fc2_wc, fc2_bc = weights
+            qkv = _linear(h, qkv_wc, qkv_bc)
+            mask = None
+            if padded and plan.masked:
+                padding = torch.ones(pad_h, pad_w, dtype=torch.bool, device=x.device)
+                padding[:height, :width] = False
+                mask = padding.view(1, pad_h * pad_w).expand(batch, pad_h * pad_w)
+                qkv = qkv.masked_fill(mask.view(batch, pad_h, pad_w, 1), 0.0)
+            tokens = pad_h * pad_w
+            q, k, v = qkv.view(batch, tokens, 3 * chans).split(chans, dim=-1)
+            window = (pad_h // plan.n_win, pad_w // plan.n_win)
+            index = region_routing(q, k, block_q=window, block_k=window, map_width=pad_w,
+                                   topk=plan.topk, scale=plan.scale, key_padding_mask=mask)
+            heads = [t.view(batch, tokens, plan.heads, chans // plan.heads).transpose(1, 2)
+                     for t in (q, k, v)]
+            block = window[0] * window[1]
+            layout = [window[1], window[1], pad_w]
+            out, lse = attention.forward(*heads, index, mask, block, block, plan.scale,
+                                         layout=layout)
+            v_map = v.view(batch, pad_h, pad_w, chans)
+            attended = dwconv.forward(v_map, lepe_w, lepe_b,
+                                      out.transpose(1, 2).reshape(batch, pad_h, pad_w, chans),
+                                      cd)
+            if padded:
+                attended = attended[:, :height, :width].contiguous()
+            branch = _linear(attended, proj_wc, proj_bc)
+            drop1 = _drop_path_mask(branch, *drops[0]) if drops else None
+            x2 = x1 + (branch if drop1 is None else branch * drop1)
+            h2, norm2 = _layer_norm_forward(x2, n2_w, n2_b, plan.eps2, plan.fused_norms, cd)
+            hidden = _linear(h2, fc1_wc, fc1_bc)
+            branch = _linear(F.gelu(hidden), fc2_wc, fc2_bc)
+            drop2 = _drop_path_mask(branch, *drops[1]) if drops else None
+            x3 = x2 + (branch if drop2 is None else branch * drop2)
+        ctx.save_for_backward(x, x1, x2, h, h2, qkv, out, lse, index, attended, hidden,
+                              pos_w, lepe_w, n1_w, n1_b, n2_w, n2_b, *weights,
+                              *norm1[:2], *norm2[:2], drop1, drop2, mask)
+        ctx.norm_weights = (norm1[2:], norm2[2:])
+        ctx.plan, ctx.geometry = plan, (height, width, pad_h, pad_w, window, layout)
+        ctx.param_dtype = qkv_w.dtype
+        return x3
+
+    @staticmethod
+    def backward(ctx, grad):
+        from ops import _triton_depthwise_conv as dwconv
+        from ops import _triton_gather_attention as attention
+        (x, x1, x2, h, h2, qkv, out, lse, index, attended, hidden, pos_w, lepe_w, n1_w, n1_b,
+         n2_w, n2_b, qkv_wc, qkv_bc, proj_wc, proj_bc, fc1_wc, fc1_bc, fc2_wc, fc2_bc,
+         mean1, rstd1, mean2, rstd2, drop1, drop2, mask) = ctx.saved_tensors
+        plan, param_dtype = ctx.plan, ctx.param_dtype
+        height, width, pad_h, pad_w, window, layout = ctx.geometry
+        cd = plan.compute_dtype
+        batch, _, _, chans = x.shape
+        tokens = pad_h * pad_w
+        with torch.autocast(x.device.type, enabled=False):
+            # MLP branch: x3 = x2 + drop2 * fc2(gelu(fc1(LN2(x2))))
+            grad_branch = (grad if drop2 is None else grad * drop2).to(cd)
+            grad_act, g_fc2_w, g_fc2_b = _linear_backward(grad_branch, F.gelu(hidden), fc2_wc,
+                                                          param_dtype)
+            grad_hidden = torch.ops.aten.gelu_backward(grad_act, hidden)
+            grad_h2, g_fc1_w, g_fc1_b = _linear_backward(grad_hidden, h2, fc1_wc, param_dtype)
+            grad_x2, g_n2_w, g_n2_b = _layer_norm_backward(
+                grad_h2, x2, n2_w, n2_b, (mean2, rstd2) + ctx.norm_weights[1],
+                plan.fused_norms, cd)
+            grad_x2 = grad + grad_x2
+            # attention branch: x2 = x1 + drop1 * proj(lepe(v) + attention)
+            grad_branch = (grad_x2 if drop1 is None else grad_x2 * drop1).to(cd)
+            grad_attended, g_proj_w, g_proj_b = _linear_backward(grad_branch, attended,
+                                                                 proj_wc, param_dtype)
+            if (pad_h, pad_w) != (height, width):
+                grad_attended = F.pad(grad_attended, (0, 0, 0, pad_w - width, 0,
+                                                      pad_h - height))
+            q, k, v = qkv.view(batch, tokens, 3 * chans).split(chans, dim=-1)
+            heads = [t.view(batch, tokens, plan.heads, chans // plan.heads).transpose(1, 2)
+                     for t in (q, k, v)]
+            grad_out = grad_attended.view(batch, tokens, plan.heads,
+                                          chans // plan.heads).transpose(1, 2)
+            block = window[0] * window[1]
+            grad_q, grad_k, grad_v = attention.backward(grad_out, *heads, out, lse, index,
+                                                        mask, block, block, plan.scale,
+                                                        layout=layout)
+            grad_v_map, g_lepe_w, g_lepe_b = dwconv.backward(
+                grad_attended, v.view(batch, pad_h, pad_w, chans), lepe_w, cd, True, True)
+            grad_qkv = torch.cat([t.transpose(1, 2).reshape(batch, tokens, chans)
+                                  for t in (grad_q, grad_k, grad_v)], dim=-1)
+            grad_qkv[..., 2 * chans:] += grad_v_map.view(batch, tokens, chans)
+            grad_qkv = grad_qkv.view(batch, pad_h, pad_w, 3 * chans)
+            if mask is not None:
+                grad_qkv = grad_qkv.masked_fill(mask.view(batch, pad_h, pad_w, 1), 0.0)
+            grad_h, g_qkv_w, g_qkv_b = _linear_backward(grad_qkv, h, qkv_wc, param_dtype)
+            if (pad_h, pad_w) != (height, width):
+                grad_h = grad_h[:, :height, :width]
+            grad_x1, g_n1_w, g_n1_b = _layer_norm_backward(
+                grad_h.contiguous(), x1, n1_w, n1_b, (mean1, rstd1) + ctx.norm_weights[0],
+                plan.fused_norms, cd)
+            grad_x1 = grad_x2 + grad_x1
+            # x1 = x + dwconv3(x)
+            grad_x, g_pos_w, g_pos_b = dwconv.backward(grad_x1, x, pos_w, cd, True, True)
+            grad_x = grad_x1 + grad_x
+        return (grad_x, g_pos_w.to(pos_w.dtype), g_pos_b.to(pos_w.dtype), g_n1_w, g_n1_b,
+                g_qkv_w, g_qkv_b, g_lepe_w.to(lepe_w.dtype), g_lepe_b.to(lepe_w.dtype),
+                g_proj_w, g_proj_b, g_n2_w, g_n2_b, g_fc1_w, g_fc1_b, g_fc2_w, g_fc2_b, None,
+                None)
+
+
+def routing_block(block, x: Tensor) -> Tensor:
+    """``block(x)`` for a :class:`backbones.biformer.BiFormerBlock` with bi-level routing
+    attention, through :class:`_RoutingBlock` (x: (B, H, W, C), its dtype kept)."""
+    attn, mlp = block.attn, block.mlp
+    drops = None
+    if block.training and hasattr(block.drop_path, 'drop_prob'):
+        drops = ((block.drop_path.drop_prob, block.drop_path.scale_by_keep),) * 2
+    plan = BlockPlan(n_win=attn.n_win, topk=attn.topk, heads=attn.num_heads, scale=attn.scale,
+                     masked=attn.pad_mode == 'masked',
+                     fused_norms=block.norm1.takes_fused_kernel(x),
+                     eps1=block.norm1.eps, eps2=block.norm2.eps,
+                     compute_dtype=autocast_dtype(x))
+    return _RoutingBlock.apply(
+        x, block.pos_embed.weight, block.pos_embed.bias, block.norm1.weight, block.norm1.bias,
+        attn.qkv.weight, attn.qkv.bias, attn.lepe.weight, attn.lepe.bias, attn.proj.weight,
+        attn.proj.bias, block.norm2.weight, block.norm2.bias, mlp.fc1.weight, mlp.fc1.bias,
+        mlp.fc2.weight, mlp.fc2.bias, plan, drops)

@@ -1,0 +1,162 @@
+"""BiFormerBlock(fused_block=True): one autograd node per routing block, same results as the
+module path (CPU: the Triton launchers run through the interpreter)."""
+import copy
+
+import pytest
+import timm
+import torch
+
+import backbones  # noqa: F401  (registers the models)
+from backbones import _fused_block
+from backbones.biformer import BiFormer, BiFormerBlock
+
+
+@pytest.fixture
+def fused_on_cpu(monkeypatch):
+    monkeypatch.setattr(BiFormerBlock, 'FUSED_BLOCK_DEVICES', ('cuda', 'cpu'))
+
+
+def _block(pad_mode='official', topk=4, drop_path=0.0, dim=64):
+    block = BiFormerBlock(dim, topk, n_win=7, pad_mode=pad_mode, drop_path=drop_path,
+                          fused_block=True).train()
+    with torch.no_grad():  # non-trivial norms and biases
+        for p in block.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return block
+
+
+def _run(block, x, grad, fused, dtype):
+    block = copy.deepcopy(block).to(dtype)
+    block.fused_block = fused
+    x = x.to(dtype).requires_grad_()
+    torch.manual_seed(1)  # the drop-path draws
+    out = block(x)
+    params = list(block.parameters())
+    return [out] + list(torch.autograd.grad(out, [x] + params, grad.to(dtype)))
+
+
+def _relative_l2(got, expected):
+    return ((got.double() - expected.double()).norm() / expected.double().norm()).item()
+
+
+@pytest.mark.parametrize('pad_mode, size, topk, drop_path', [
+    ('official', 14, 4, 0.0),   # 2x2 regions, several slots (split backward)
+    ('official', 15, 4, 0.5),   # padded to 21, drop path drawn as the module does
+    ('masked', 15, 2, 0.0),     # padded keys excluded, padded values zeroed
+    ('masked', 14, 1, 0.0),     # one slot (one-kernel backward)
+])
+def test_matches_module_path_fp32(fused_on_cpu, pad_mode, size, topk, drop_path):
+    block = _block(pad_mode, topk, drop_path)
+    x, grad = torch.randn(2, size, size, 64), torch.randn(2, size, size, 64)
+    fused = _run(block, x, grad, True, torch.float32)
+    module = _run(block, x, grad, False, torch.float32)
+    for got, expected in zip(fused, module):
+        assert got.dtype == expected.dtype and got.shape == expected.shape
+        assert _relative_l2(got, expected) < 1e-5
+
+
+def test_fp16_against_fp64(fused_on_cpu):
+    """fp16 through the fused block, against the module path in fp64 (relative L2)."""
+    block = _block('masked', topk=2)
+    x, grad = torch.randn(2, 15, 15, 64), torch.randn(2, 15, 15, 64)
+    fused = _run(block, x, grad, True, torch.float16)
+    reference = _run(block, x, grad, False, torch.float64)
+    for got, expected in zip(fused, reference):
+        assert got.dtype == torch.float16
+        assert _relative_l2(got, expected) < 1e-2
+
+
+def test_no_grad_and_frozen_parameters(fused_on_cpu):
+    block = _block()
+    x = torch.randn(1, 14, 14, 64)
+    with torch.no_grad():
+        out = block(x)
+        block.fused_block = False
+        expected = block(x)
+    assert out.grad_fn is None
+    assert _relative_l2(out, expected) < 1e-5
+    block.fused_block = True
+    for p in block.parameters():
+        p.requires_grad_(False)
+    x.requires_grad_()
+    (grad_x,) = torch.autograd.grad(block(x).sum(), x)
+    block.fused_block = False
+    (expected_x,) = torch.autograd.grad(block(x).sum(), x)
+    assert _relative_l2(grad_x, expected_x) < 1e-5
+
+
+def test_taken_only_where_it_applies(monkeypatch, fused_on_cpu):
+    calls = []
+    original = _fused_block.routing_block
+    monkeypatch.setattr(_fused_block, 'routing_block',
+                        lambda block, x: calls.append(block) or original(block, x))
+    x = torch.randn(1, 14, 14, 64)
+    _block()(x)
+    assert len(calls) == 1
+    BiFormerBlock(64, 4, n_win=7)(x)                              # fused_block off
+    BiFormerBlock(64, 4, n_win=7, attn_impl='gather', fused_block=True)(x)
+    BiFormerBlock(64, -2, n_win=7, fused_block=True)(x)           # full attention
+    _block().double()(x.double())                                 # fp64: no Triton path
+    monkeypatch.setattr(BiFormerBlock, 'FUSED_BLOCK_DEVICES', ('cuda',))
+    _block()(x)                                                   # CPU, default devices
+    assert len(calls) == 1
+
+
+def test_whole_model_with_drop_path_and_checkpointing(fused_on_cpu):
+    """A small BiFormer, training step with stochastic depth, with and without gradient
+    checkpointing: the fused blocks give the module path's logits and gradients."""
+    torch.manual_seed(0)
+    model = BiFormer(depths=(1, 1, 2, 1), embed_dims=(32, 64, 96, 128), n_win=2,
+                     num_classes=10, drop_path_rate=0.3, fused_block=True).train()
+    x = torch.randn(2, 3, 64, 64)
+
+    def step(fused, checkpointing=False):
+        clone = copy.deepcopy(model)
+        for module in clone.modules():
+            if isinstance(module, BiFormerBlock):
+                module.fused_block = fused
+        clone.set_grad_checkpointing(checkpointing)
+        torch.manual_seed(3)
+        logits = clone(x)
+        grads = torch.autograd.grad(logits.square().mean(), list(clone.parameters()))
+        return [logits] + list(grads)
+
+    expected = step(False)
+    for checkpointing in (False, True):
+        for got, want in zip(step(True, checkpointing), expected):
+            # + 1e-7: convolution biases before a BatchNorm get zero gradients up to rounding
+            assert (got - want).norm() <= 1e-5 * want.norm() + 1e-7
+
+
+def test_timm_argument():
+    model = timm.create_model('biformer_tiny', fused_block=True)
+    blocks = [m for m in model.modules() if isinstance(m, BiFormerBlock)]
+    assert blocks and all(b.fused_block for b in blocks)
+    assert not any(b.fused_block for b in timm.create_model('biformer_tiny').modules()
+                   if isinstance(b, BiFormerBlock))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize('dim, size, topk, pad_mode', [
+    (64, 56, 1, 'official'),     # BiFormer-T/S stage 1 at 224 px
+    (256, 14, 16, 'official'),   # stage 3
+    (128, 25, 4, 'masked'),      # stage 2 of an odd-sized detection input
+])
+def test_bf16_autocast_matches_module_path_on_gpu(dim, size, topk, pad_mode):
+    """bf16 autocast on CUDA, the module path on the same kernels as the reference (relative
+    L2 of the output and of every gradient)."""
+    block = _block(pad_mode, topk, dim=dim).cuda()
+    x = torch.randn(8, size, size, dim, device='cuda')
+    grad = torch.randn(8, size, size, dim, device='cuda')
+    results = []
+    for fused in (True, False):
+        clone = copy.deepcopy(block)
+        clone.fused_block = fused
+        leaf = x.clone().requires_grad_()
+        with torch.autocast('cuda', dtype=torch.bfloat16):
+            out = clone(leaf)
+        results.append([out] + list(torch.autograd.grad(out, [leaf] + list(clone.parameters()),
+                                                        grad.to(out.dtype))))
+    for got, expected in zip(*results):
+        assert got.dtype == expected.dtype
+        assert (got.float() - expected.float()).norm() <= 2e-2 * expected.float().norm() + 1e-6
