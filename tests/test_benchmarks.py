@@ -28,3 +28,11 @@ def test_column_sum_benchmark_times_both_forms(capsys):
     assert [(r['rows'], r['chans']) for r in rows] == [(64, 8), (33, 5)]
     assert all(r['sum'] > 0 and r['mv'] > 0 and r['column_sum'] > 0 for r in rows)
     assert '| rows x C | MB | sum(0) µs | mv µs |' in capsys.readouterr().out
+
+
+def test_models_benchmark_builds_the_biformer_variants():
+    import bench_models
+    from backbones.biformer import BiFormerBlock
+    model = bench_models.build_model('biformer_tiny:block', 'cls', None)
+    assert all(m.fused_block for m in model.modules() if isinstance(m, BiFormerBlock))
+    assert bench_models.build_model('biformer_tiny:gather', 'cls', None).stages[0].blocks[0].official

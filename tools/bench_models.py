@@ -8,7 +8,8 @@ the same models on the official gather formulation, and timm peers.
     python tools/benchmark.py models --cuda-graph      # replayed CUDA graphs: no host overhead
 
 A model is a timm name; ``NAME:gather`` runs a BiFormer on the official formulation
-(``attn_impl='gather'``). Two settings: ``cls`` (classifier, 224 px, batch 128) and ``dense``
+(``attn_impl='gather'``), ``NAME:block`` with ``fused_block=True`` (one autograd node per
+routing block). Two settings: ``cls`` (classifier, 224 px, batch 128) and ``dense``
 (``features_only=True`` at 1024 px, batch 8; BiFormer with ``n_win=16`` as the official
 detection configs). Each cell times inference (``inference_mode``) and a training step
 (forward, backward, AdamW step, ``fused=True`` on CUDA) under autocast, after warm-up, with
@@ -71,14 +72,19 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
+MODEL_VARIANTS = {'gather': dict(attn_impl='gather'), 'block': dict(fused_block=True)}
+
+
 def build_model(spec: str, setting: str, args) -> torch.nn.Module:
-    """timm model for ``spec`` (``NAME`` or ``NAME:gather``) in ``setting``."""
+    """timm model for ``spec`` in ``setting``: ``NAME``, or ``NAME:gather`` (the official
+    formulation) or ``NAME:block`` (``fused_block=True``) for a BiFormer."""
     name, _, impl = spec.partition(':')
     kwargs = {}
     if impl:
-        if impl != 'gather' or not name.startswith('biformer'):
-            raise ValueError(f'model spec {spec!r}: only biformer_*:gather is understood')
-        kwargs['attn_impl'] = 'gather'
+        if impl not in MODEL_VARIANTS or not name.startswith('biformer'):
+            raise ValueError(f'model spec {spec!r}: only biformer_*:gather and biformer_*:block '
+                             f'are understood')
+        kwargs.update(MODEL_VARIANTS[impl])
     if setting == 'dense':
         kwargs['features_only'] = True
         if name.startswith('biformer'):
