@@ -99,6 +99,30 @@ def test_with_cp_matches_plain():
         torch.testing.assert_close(p_ckpt.grad, p_plain.grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_fused_block_matches_plain_with_frozen_stage(monkeypatch):
+    """``fused_block=True`` (taken on the CPU here, through the Triton interpreter) gives the
+    plain backbone's features and gradients, a frozen first stage included."""
+    from backbones.biformer import BiFormerBlock
+    monkeypatch.setattr(BiFormerBlock, 'FUSED_BLOCK_DEVICES', ('cuda', 'cpu'))
+    plain = _backbone(frozen_stages=1).train()
+    fused = _backbone(frozen_stages=1, fused_block=True).train()
+    fused.load_state_dict(plain.state_dict())
+    x = torch.randn(1, 3, 45, 70)
+    # Random projections: the squares of layer-normalised maps would sum to a constant.
+    projections = [torch.randn(1, c, h, w) for c, h, w in
+                   ((32, 12, 18), (64, 6, 9), (128, 3, 5), (256, 2, 3))]
+    for model in (plain, fused):
+        sum((o * p).sum() for o, p in zip(model(x), projections)).backward()
+    # atol from the largest gradient: biases before a BatchNorm get zero gradients up to
+    # rounding noise
+    scale = max(p.grad.abs().max() for p in plain.parameters() if p.grad is not None)
+    for (name, p_plain), p_fused in zip(plain.named_parameters(), fused.parameters()):
+        assert (p_plain.grad is None) == (p_fused.grad is None), name
+        if p_plain.grad is not None:
+            torch.testing.assert_close(p_fused.grad, p_plain.grad, rtol=1e-3,
+                                       atol=1e-4 * float(scale), msg=name)
+
+
 def _expected_features(classifier, x):
     """Stage outputs of a timm BiFormer through fresh (identity-affine) channel LayerNorms."""
     intermediates = classifier.forward_intermediates(x, intermediates_only=True)

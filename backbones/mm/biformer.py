@@ -74,6 +74,8 @@ class BiFormer(BaseModule):
         norm_eval: keep every BatchNorm in eval mode while training.
         with_cp: gradient checkpointing of the blocks.
         attn_impl: ``'fused'`` (ops.gather_attention) or ``'gather'`` (official formulation).
+        fused_block: each routing block as one autograd node on CUDA (docs/biformer.md; not
+            measured on a GPU yet, off by default).
         init_cfg: e.g. ``dict(type='Pretrained', checkpoint=path)`` (optional ``prefix``):
             official classification checkpoints and ours (classifier or detector) load.
     """
@@ -82,7 +84,7 @@ class BiFormer(BaseModule):
                  pad_mode: str = 'official', drop_path_rate: float = 0.0,
                  out_indices: Sequence[int] = (0, 1, 2, 3), frozen_stages: int = -1,
                  norm_eval: bool = False, with_cp: bool = False, attn_impl: str = 'fused',
-                 init_cfg: Optional[Dict] = None):
+                 fused_block: bool = False, init_cfg: Optional[Dict] = None):
         super().__init__(init_cfg=init_cfg)
         settings = _resolve_arch(arch)
         out_indices = tuple(out_indices)
@@ -105,7 +107,8 @@ class BiFormer(BaseModule):
         self.stages = build_stages(settings['depths'], embed_dims, settings['topks'],
                                    drop_path_rate=drop_path_rate, head_dim=settings['head_dim'],
                                    n_win=n_win, mlp_ratio=settings['mlp_ratio'],
-                                   pad_mode=pad_mode, attn_impl=attn_impl)
+                                   pad_mode=pad_mode, attn_impl=attn_impl,
+                                   fused_block=fused_block)
         self.out_norms = nn.ModuleDict({str(i): LayerNorm2d(embed_dims[i]) for i in out_indices})
         self.apply(init_weights)
         for stage in self.stages:
