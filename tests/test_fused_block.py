@@ -55,6 +55,18 @@ def test_matches_module_path_fp32(fused_on_cpu, pad_mode, size, topk, drop_path)
         assert _relative_l2(got, expected) < 1e-5
 
 
+def test_fused_layer_norm_kernels(fused_on_cpu, monkeypatch):
+    """Sizes where the block's LayerNorms take ops.layer_norm's kernels (2^23 elements and
+    more on the GPU; every size here)."""
+    from backbones.biformer import AutocastLayerNorm
+    monkeypatch.setattr(AutocastLayerNorm, 'FUSED_MIN_NUMEL', 1)
+    block = _block('masked', topk=2)
+    x, grad = torch.randn(2, 15, 15, 64), torch.randn(2, 15, 15, 64)
+    for got, expected in zip(_run(block, x, grad, True, torch.float32),
+                             _run(block, x, grad, False, torch.float32)):
+        assert _relative_l2(got, expected) < 1e-5
+
+
 def test_fp16_against_fp64(fused_on_cpu):
     """fp16 through the fused block, against the module path in fp64 (relative L2)."""
     block = _block('masked', topk=2)
@@ -63,6 +75,24 @@ def test_fp16_against_fp64(fused_on_cpu):
     reference = _run(block, x, grad, False, torch.float64)
     for got, expected in zip(fused, reference):
         assert got.dtype == torch.float16
+        assert _relative_l2(got, expected) < 1e-2
+
+
+def test_fp16_autocast_against_fp64(fused_on_cpu):
+    """Mixed precision as in GPU training: fp32 parameters and input, fp16 autocast (bf16 dots
+    are wrong in the interpreter); fp32 parameter gradients, against fp64."""
+    block = _block('masked', topk=2)
+    x, grad = torch.randn(2, 15, 15, 64), torch.randn(2, 15, 15, 64)
+    leaf = x.clone().requires_grad_()
+    with torch.autocast('cpu', dtype=torch.float16):
+        out = block(leaf)
+    assert out.dtype == torch.float32  # the residual stream keeps x's dtype, as the modules'
+    fused = [out] + list(torch.autograd.grad(out, [leaf] + list(block.parameters()),
+                                             grad.half()))
+    reference = _run(block, x, grad, False, torch.float64)
+    for got, expected, param in zip(fused, reference, [None, leaf] + list(block.parameters())):
+        if param is not None:
+            assert got.dtype == param.dtype
         assert _relative_l2(got, expected) < 1e-2
 
 
