@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ops._dtypes import autocast_dtype
-from ops.mlp import column_sum
+from ops.mlp import gelu_mlp_backward, linear_backward
 from ops.routing import region_routing
 
 __all__ = ['BlockPlan', 'routing_block']
@@ -76,15 +76,6 @@ def _linear(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     """``F.linear`` of a contiguous (..., in) x with weight and bias in x's dtype."""
     out = torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight.t())
     return out.view(*x.shape[:-1], weight.shape[0])
-
-
-def _linear_backward(grad: Tensor, x: Tensor, weight: Tensor, param_dtype: torch.dtype):
-    """(grad_x (..., in) in grad's dtype, grad_weight, grad_bias in ``param_dtype``)."""
-    grad2d = grad.reshape(-1, grad.shape[-1])
-    x2d = x.reshape(-1, x.shape[-1])
-    grad_w = (grad2d.t() @ x2d).to(param_dtype)
-    grad_b = column_sum(grad2d).to(param_dtype)
-    return (grad2d @ weight).view(*grad.shape[:-1], weight.shape[1]), grad_w, grad_b
 
 
 def _drop_path_mask(branch: Tensor, drop_prob: float, scale_by_keep: bool) -> Optional[Tensor]:
@@ -174,19 +165,17 @@ class _RoutingBlock(torch.autograd.Function):
         tokens = pad_h * pad_w
         with torch.autocast(x.device.type, enabled=False):
             # MLP branch: x3 = x2 + drop2 * fc2(gelu(fc1(LN2(x2))))
-            grad_branch = (grad if drop2 is None else grad * drop2).to(cd)
-            grad_act, g_fc2_w, g_fc2_b = _linear_backward(grad_branch, F.gelu(hidden), fc2_wc,
-                                                          param_dtype)
-            grad_hidden = torch.ops.aten.gelu_backward(grad_act, hidden)
-            grad_h2, g_fc1_w, g_fc1_b = _linear_backward(grad_hidden, h2, fc1_wc, param_dtype)
+            grad_branch = grad if drop2 is None else grad * drop2
+            grad_h2, g_fc1_w, g_fc1_b, g_fc2_w, g_fc2_b = gelu_mlp_backward(
+                grad_branch, h2, hidden, fc1_wc, fc2_wc, param_dtypes=(param_dtype,) * 4)
             grad_x2, g_n2_w, g_n2_b = _layer_norm_backward(
                 grad_h2, x2, n2_w, n2_b, (mean2, rstd2) + ctx.norm_weights[1],
                 plan.fused_norms, cd)
             grad_x2 = grad + grad_x2
             # attention branch: x2 = x1 + drop1 * proj(lepe(v) + attention)
             grad_branch = (grad_x2 if drop1 is None else grad_x2 * drop1).to(cd)
-            grad_attended, g_proj_w, g_proj_b = _linear_backward(grad_branch, attended,
-                                                                 proj_wc, param_dtype)
+            grad_attended, g_proj_w, g_proj_b = linear_backward(
+                grad_branch, attended, proj_wc, weight_dtype=param_dtype, bias_dtype=param_dtype)
             if (pad_h, pad_w) != (height, width):
                 grad_attended = F.pad(grad_attended, (0, 0, 0, pad_w - width, 0,
                                                       pad_h - height))
@@ -207,7 +196,8 @@ class _RoutingBlock(torch.autograd.Function):
             grad_qkv = grad_qkv.view(batch, pad_h, pad_w, 3 * chans)
             if mask is not None:
                 grad_qkv = grad_qkv.masked_fill(mask.view(batch, pad_h, pad_w, 1), 0.0)
-            grad_h, g_qkv_w, g_qkv_b = _linear_backward(grad_qkv, h, qkv_wc, param_dtype)
+            grad_h, g_qkv_w, g_qkv_b = linear_backward(
+                grad_qkv, h, qkv_wc, weight_dtype=param_dtype, bias_dtype=param_dtype)
             if (pad_h, pad_w) != (height, width):
                 grad_h = grad_h[:, :height, :width]
             grad_x1, g_n1_w, g_n1_b = _layer_norm_backward(

@@ -77,25 +77,50 @@ class _RecomputeGeluMlp(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, hidden, w1, w2 = ctx.saved_tensors
-        need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
-        w1_dtype, b1_dtype, w2_dtype, b2_dtype = ctx.param_dtypes
-        x2d = x.reshape(-1, x.shape[-1])
-        hidden2d = hidden.reshape(-1, hidden.shape[-1])
-        grad2d = grad_out.reshape(-1, grad_out.shape[-1]).to(hidden.dtype)
-        grad_x = grad_w1 = grad_b1 = grad_w2 = grad_b2 = None
-        if need_w2:
-            grad_w2 = (grad2d.t() @ F.gelu(hidden2d)).to(w2_dtype)
-        if need_b2:
-            grad_b2 = column_sum(grad2d).to(b2_dtype)
-        if need_x or need_w1 or need_b1:
-            grad_hidden = torch.ops.aten.gelu_backward(grad2d @ w2, hidden2d)
-            if need_w1:
-                grad_w1 = (grad_hidden.t() @ x2d).to(w1_dtype)
-            if need_b1:
-                grad_b1 = column_sum(grad_hidden).to(b1_dtype)
-            if need_x:
-                grad_x = (grad_hidden @ w1).reshape(x.shape).to(x.dtype)
-        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2, None
+        return gelu_mlp_backward(grad_out, x, hidden, w1, w2, ctx.needs_input_grad[:5],
+                                 ctx.param_dtypes) + (None,)
+
+
+def linear_backward(grad: Tensor, x: Optional[Tensor], weight: Tensor, need_input: bool = True,
+                    need_weight: bool = True, need_bias: bool = True,
+                    weight_dtype: Optional[torch.dtype] = None,
+                    bias_dtype: Optional[torch.dtype] = None):
+    """Gradients of ``F.linear(x, weight, bias)`` for the output gradient ``grad``
+    (..., out): (grad_x (..., in) in grad's dtype, grad_weight, grad_bias (by
+    :func:`column_sum`)), the last two in ``weight_dtype`` / ``bias_dtype`` (default: grad's);
+    None where not needed. x may be None when the weight gradient is not needed."""
+    grad2d = grad.reshape(-1, grad.shape[-1])
+    grad_w = grad_b = grad_x = None
+    if need_weight:
+        grad_w = (grad2d.t() @ x.reshape(-1, x.shape[-1])).to(weight_dtype or grad.dtype)
+    if need_bias:
+        grad_b = column_sum(grad2d).to(bias_dtype or grad.dtype)
+    if need_input:
+        grad_x = (grad2d @ weight).view(*grad.shape[:-1], weight.shape[1])
+    return grad_x, grad_w, grad_b
+
+
+def gelu_mlp_backward(grad_out: Tensor, x: Tensor, hidden: Tensor, fc1_weight: Tensor,
+                      fc2_weight: Tensor, needs=(True,) * 5, param_dtypes=(None,) * 4):
+    """Gradients of ``fc2(gelu(fc1(x)))`` from fc1's input ``x``, its pre-activation ``hidden``
+    and the weights in the products' dtype (the GELU is recomputed): (grad_x in x's dtype,
+    grad_fc1_weight, grad_fc1_bias, grad_fc2_weight, grad_fc2_bias in ``param_dtypes``),
+    None where ``needs`` (x, fc1 weight, fc1 bias, fc2 weight, fc2 bias) is False."""
+    need_x, need_w1, need_b1, need_w2, need_b2 = needs
+    w1_dtype, b1_dtype, w2_dtype, b2_dtype = param_dtypes
+    grad = grad_out.to(hidden.dtype)
+    grad_x = grad_w1 = grad_b1 = None
+    need_hidden = need_x or need_w1 or need_b1
+    grad_act, grad_w2, grad_b2 = linear_backward(grad, F.gelu(hidden) if need_w2 else None,
+                                                 fc2_weight, need_hidden, need_w2, need_b2,
+                                                 w2_dtype, b2_dtype)
+    if need_hidden:
+        grad_hidden = torch.ops.aten.gelu_backward(grad_act, hidden)
+        grad_x, grad_w1, grad_b1 = linear_backward(grad_hidden, x, fc1_weight, need_x, need_w1,
+                                                   need_b1, w1_dtype, b1_dtype)
+        if grad_x is not None:
+            grad_x = grad_x.to(x.dtype)
+    return grad_x, grad_w1, grad_b1, grad_w2, grad_b2
 
 
 def gelu_mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: Tensor,
