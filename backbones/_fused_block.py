@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from ops._dtypes import autocast_dtype
 from ops.mlp import gelu_mlp_backward, linear_backward
@@ -152,6 +153,7 @@ class _RoutingBlock(torch.autograd.Function):
         return x3
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         from ops import _triton_depthwise_conv as dwconv
         from ops import _triton_gather_attention as attention

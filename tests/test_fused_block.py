@@ -115,6 +115,19 @@ def test_no_grad_and_frozen_parameters(fused_on_cpu):
     assert _relative_l2(grad_x, expected_x) < 1e-5
 
 
+def test_empty_batch_and_no_double_backward(fused_on_cpu):
+    block = _block()
+    x = torch.randn(0, 14, 14, 64, requires_grad=True)
+    out = block(x)
+    assert out.shape == x.shape
+    grads = torch.autograd.grad(out.sum(), [x] + list(block.parameters()))
+    assert all(not g.any() for g in grads)
+    x = torch.randn(1, 14, 14, 64, requires_grad=True)
+    (grad_x,) = torch.autograd.grad(block(x).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        grad_x.sum().backward()  # the kernels' backward is not differentiable
+
+
 def test_taken_only_where_it_applies(monkeypatch, fused_on_cpu):
     calls = []
     original = _fused_block.routing_block
