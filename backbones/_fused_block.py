@@ -1,20 +1,21 @@
-"""A BiFormer routing block as one autograd node (``BiFormerBlock.fused_block``).
+"""A BiFormer block as one autograd node (``BiFormerBlock.fused_block``).
 
-Eager BiFormer is bound by the host, not the GPU (docs/benchmarks.md, models run 5): a
-routing block is ~170 aten ops and ~15 autograd nodes, each costing the host 15-40 µs, while
-its kernels are short. :class:`_RoutingBlock` runs the block's forward and backward as
-straight-line calls of the kernels the module path runs (ops' Triton launchers, cuBLAS
-products, PyTorch's LayerNorm where the module uses it, in the same dtypes), inside one
-``torch.autograd.Function``: the inner ops carry no autograd bookkeeping, there are no view
-nodes, and the attention's gradients arrive token-major, so the qkv gradient is one
-concatenation.
+Eager BiFormer is bound by the host, not the GPU (docs/benchmarks.md, models run 5): a block
+is ~170 aten ops and ~15 autograd nodes, each costing the host 15-40 µs, while its kernels
+are short. :class:`_FusedBlock` runs the block's forward and backward as straight-line calls
+of the kernels the module path runs (ops' Triton launchers, cuBLAS products, PyTorch's
+LayerNorm where the module uses it, in the same dtypes), inside one
+``torch.autograd.Function``: the inner ops carry no autograd bookkeeping and there are no view
+nodes. Routing blocks get the attention's gradients token-major, so the qkv gradient is one
+concatenation; full-attention blocks (the last stage) keep ``F.scaled_dot_product_attention``
+and differentiate it through a nested graph of that one op.
 
 The meaning is the module path's, term for term: ``x1 = x + dwconv3(x)``, ``x2 = x1 +
-drop(proj(lepe(v) + attn(q, k, v)))`` over the routed regions of the padded ``LN1(x1)``, and
-``x3 = x2 + drop(fc2(gelu(fc1(LN2(x2)))))``. Drop-path masks are drawn in the module path's
-order, so the random stream and the masks are the same. Results agree with the module path to
-the rounding of the products (the backward forms some products in another order); the tests
-compare the two on the CPU through the Triton interpreter.
+drop(proj(lepe(.) + attention))`` of ``LN1(x1)`` (routed regions of the padded map, or all
+tokens), and ``x3 = x2 + drop(fc2(gelu(fc1(LN2(x2)))))``. Drop-path masks are drawn in the
+module path's order, so the random stream and the masks are the same. Results agree with the
+module path to the rounding of the products (the backward forms some products in another
+order); the tests compare the two on the CPU through the Triton interpreter.
 """
 from dataclasses import dataclass
 from typing import Optional
@@ -28,18 +29,20 @@ from ops._dtypes import autocast_dtype
 from ops.mlp import gelu_mlp_backward, linear_backward
 from ops.routing import region_routing
 
-__all__ = ['BlockPlan', 'routing_block']
+__all__ = ['BlockPlan', 'fused_block']
 
 
 @dataclass(frozen=True)
 class BlockPlan:
     """What one call of the fused block does, fixed before the call (hashable, no tensors)."""
+    full_attention: bool    # FullAttentionLePE (stage 4), else bi-level routing attention
     n_win: int
     topk: int
     heads: int
     scale: float
     masked: bool            # pad_mode 'masked'
     fused_norms: bool       # ops.layer_norm's kernels (else PyTorch's on autocast-dtype inputs)
+    needs_grad: bool        # a backward will follow (the SDPA graph is kept only then)
     eps1: float
     eps2: float
     compute_dtype: torch.dtype
@@ -91,51 +94,136 @@ def _drop_path_mask(branch: Tensor, drop_prob: float, scale_by_keep: bool) -> Op
     return mask
 
 
-class _RoutingBlock(torch.autograd.Function):
-    """Forward and backward of one routing block; see the module docstring."""
+def _routing_forward(plan: BlockPlan, h: Tensor, qkv_wc: Tensor, qkv_bc: Tensor,
+                     lepe_w: Tensor, lepe_b: Tensor):
+    """Bi-level routing attention + LePE of the LayerNorm output h (B, H, W, C), up to the
+    projection: (attended (B, H, W, C) contiguous, tensors to save, geometry)."""
+    from ops import _triton_depthwise_conv as dwconv
+    from ops import _triton_gather_attention as attention
+    batch, height, width, chans = h.shape
+    pad_h = (height + plan.n_win - 1) // plan.n_win * plan.n_win
+    pad_w = (width + plan.n_win - 1) // plan.n_win * plan.n_win
+    padded = (pad_h, pad_w) != (height, width)
+    hp = F.pad(h, (0, 0, 0, pad_w - width, 0, pad_h - height)) if padded else h
+    qkv = _linear(hp, qkv_wc, qkv_bc)
+    mask = None
+    if padded and plan.masked:
+        padding = torch.ones(pad_h, pad_w, dtype=torch.bool, device=h.device)
+        padding[:height, :width] = False
+        mask = padding.view(1, pad_h * pad_w).expand(batch, pad_h * pad_w)
+        qkv = qkv.masked_fill(mask.view(batch, pad_h, pad_w, 1), 0.0)
+    tokens = pad_h * pad_w
+    q, k, v = qkv.view(batch, tokens, 3 * chans).split(chans, dim=-1)
+    window = (pad_h // plan.n_win, pad_w // plan.n_win)
+    index = region_routing(q, k, block_q=window, block_k=window, map_width=pad_w,
+                           topk=plan.topk, scale=plan.scale, key_padding_mask=mask)
+    heads = [t.view(batch, tokens, plan.heads, chans // plan.heads).transpose(1, 2)
+             for t in (q, k, v)]
+    block, layout = window[0] * window[1], [window[1], window[1], pad_w]
+    out, lse = attention.forward(*heads, index, mask, block, block, plan.scale, layout=layout)
+    attended = dwconv.forward(v.view(batch, pad_h, pad_w, chans), lepe_w, lepe_b,
+                              out.transpose(1, 2).reshape(batch, pad_h, pad_w, chans),
+                              plan.compute_dtype)
+    if padded:
+        attended = attended[:, :height, :width].contiguous()
+    return attended, (hp, qkv, out, lse, index, mask), (pad_h, pad_w, block, layout)
+
+
+def _routing_backward(plan: BlockPlan, grad_attended: Tensor, saved, geometry, qkv_wc: Tensor,
+                      lepe_w: Tensor, param_dtype: torch.dtype):
+    """(grad_h, qkv weight and bias, LePE weight and bias gradients) of
+    :func:`_routing_forward`."""
+    from ops import _triton_depthwise_conv as dwconv
+    from ops import _triton_gather_attention as attention
+    hp, qkv, out, lse, index, mask = saved
+    pad_h, pad_w, block, layout = geometry
+    batch, height, width, chans = grad_attended.shape
+    tokens = pad_h * pad_w
+    if (pad_h, pad_w) != (height, width):
+        grad_attended = F.pad(grad_attended, (0, 0, 0, pad_w - width, 0, pad_h - height))
+    q, k, v = qkv.view(batch, tokens, 3 * chans).split(chans, dim=-1)
+    heads = [t.view(batch, tokens, plan.heads, chans // plan.heads).transpose(1, 2)
+             for t in (q, k, v)]
+    grad_out = grad_attended.view(batch, tokens, plan.heads, chans // plan.heads).transpose(1, 2)
+    grad_q, grad_k, grad_v = attention.backward(grad_out, *heads, out, lse, index, mask, block,
+                                                block, plan.scale, layout=layout)
+    grad_v_map, g_lepe_w, g_lepe_b = dwconv.backward(
+        grad_attended, v.view(batch, pad_h, pad_w, chans), lepe_w, plan.compute_dtype, True,
+        True)
+    grad_qkv = torch.cat([t.transpose(1, 2).reshape(batch, tokens, chans)
+                          for t in (grad_q, grad_k, grad_v)], dim=-1)
+    grad_qkv[..., 2 * chans:] += grad_v_map.view(batch, tokens, chans)
+    grad_qkv = grad_qkv.view(batch, pad_h, pad_w, 3 * chans)
+    if mask is not None:
+        grad_qkv = grad_qkv.masked_fill(mask.view(batch, pad_h, pad_w, 1), 0.0)
+    grad_h, g_qkv_w, g_qkv_b = linear_backward(grad_qkv, hp, qkv_wc, weight_dtype=param_dtype,
+                                               bias_dtype=param_dtype)
+    if (pad_h, pad_w) != (height, width):
+        grad_h = grad_h[:, :height, :width].contiguous()
+    return grad_h, g_qkv_w, g_qkv_b, g_lepe_w, g_lepe_b
+
+
+def _full_forward(plan: BlockPlan, h: Tensor, qkv_wc: Tensor, lepe_w: Tensor, lepe_b: Tensor):
+    """Full attention (``F.scaled_dot_product_attention``, no qkv bias) + LePE of h itself, up
+    to the projection: (attended, tensors to save, the SDPA graph for the backward)."""
+    from ops import _triton_depthwise_conv as dwconv
+    batch, height, width, chans = h.shape
+    tokens = height * width
+    qkv = h.reshape(-1, chans) @ qkv_wc.t()
+    qkv = qkv.view(batch, tokens, 3, plan.heads, chans // plan.heads).permute(2, 0, 3, 1, 4)
+    leaves = qkv.unbind(0)
+    if plan.needs_grad:  # the SDPA backend's own backward, through a nested graph
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_() for t in leaves]
+            out = F.scaled_dot_product_attention(*leaves, scale=plan.scale)
+    else:
+        out = F.scaled_dot_product_attention(*leaves, scale=plan.scale)
+    attended = dwconv.forward(h, lepe_w, lepe_b,
+                              out.detach().transpose(1, 2).reshape(batch, height, width, chans),
+                              plan.compute_dtype)
+    return attended, (h,), (out, leaves)
+
+
+def _full_backward(plan: BlockPlan, grad_attended: Tensor, saved, graph, qkv_wc: Tensor,
+                   lepe_w: Tensor, param_dtype: torch.dtype):
+    """(grad_h, qkv weight gradient, None (no qkv bias), LePE weight and bias gradients) of
+    :func:`_full_forward`."""
+    from ops import _triton_depthwise_conv as dwconv
+    (h,) = saved
+    out, leaves = graph
+    batch, height, width, chans = h.shape
+    tokens = height * width
+    grad_out = grad_attended.view(batch, tokens, plan.heads, chans // plan.heads).transpose(1, 2)
+    grads = torch.autograd.grad(out, leaves, grad_out)
+    grad_qkv = torch.stack(grads).permute(1, 3, 0, 2, 4).reshape(batch, height, width,
+                                                                 3 * chans)
+    grad_h, g_qkv_w, _ = linear_backward(grad_qkv, h, qkv_wc, need_bias=False,
+                                         weight_dtype=param_dtype)
+    grad_h_lepe, g_lepe_w, g_lepe_b = dwconv.backward(grad_attended, h, lepe_w,
+                                                      plan.compute_dtype, True, True)
+    return grad_h + grad_h_lepe, g_qkv_w, None, g_lepe_w, g_lepe_b
+
+
+class _FusedBlock(torch.autograd.Function):
+    """Forward and backward of one block; see the module docstring."""
 
     @staticmethod
     def forward(ctx, x, pos_w, pos_b, n1_w, n1_b, qkv_w, qkv_b, lepe_w, lepe_b, proj_w,
                 proj_b, n2_w, n2_b, fc1_w, fc1_b, fc2_w, fc2_b, plan, drops):
         from ops import _triton_depthwise_conv as dwconv
-        from ops import _triton_gather_attention as attention
         cd = plan.compute_dtype
         with torch.autocast(x.device.type, enabled=False):
             x1 = dwconv.forward(x, pos_w, pos_b, x, cd)
             h, norm1 = _layer_norm_forward(x1, n1_w, n1_b, plan.eps1, plan.fused_norms, cd)
-            batch, height, width, chans = x1.shape
-            pad_h = (height + plan.n_win - 1) // plan.n_win * plan.n_win
-            pad_w = (width + plan.n_win - 1) // plan.n_win * plan.n_win
-            padded = (pad_h, pad_w) != (height, width)
-            if padded:
-                h = F.pad(h, (0, 0, 0, pad_w - width, 0, pad_h - height))
-            weights = [t.to(cd) for t in (qkv_w, qkv_b, proj_w, proj_b, fc1_w, fc1_b, fc2_w,
-                                          fc2_b)]
+            weights = [None if t is None else t.to(cd)
+                       for t in (qkv_w, qkv_b, proj_w, proj_b, fc1_w, fc1_b, fc2_w, fc2_b)]
             qkv_wc, qkv_bc, proj_wc, proj_bc, fc1_wc, fc1_bc, fc2_wc, fc2_bc = weights
-            qkv = _linear(h, qkv_wc, qkv_bc)
-            mask = None
-            if padded and plan.masked:
-                padding = torch.ones(pad_h, pad_w, dtype=torch.bool, device=x.device)
-                padding[:height, :width] = False
-                mask = padding.view(1, pad_h * pad_w).expand(batch, pad_h * pad_w)
-                qkv = qkv.masked_fill(mask.view(batch, pad_h, pad_w, 1), 0.0)
-            tokens = pad_h * pad_w
-            q, k, v = qkv.view(batch, tokens, 3 * chans).split(chans, dim=-1)
-            window = (pad_h // plan.n_win, pad_w // plan.n_win)
-            index = region_routing(q, k, block_q=window, block_k=window, map_width=pad_w,
-                                   topk=plan.topk, scale=plan.scale, key_padding_mask=mask)
-            heads = [t.view(batch, tokens, plan.heads, chans // plan.heads).transpose(1, 2)
-                     for t in (q, k, v)]
-            block = window[0] * window[1]
-            layout = [window[1], window[1], pad_w]
-            out, lse = attention.forward(*heads, index, mask, block, block, plan.scale,
-                                         layout=layout)
-            v_map = v.view(batch, pad_h, pad_w, chans)
-            attended = dwconv.forward(v_map, lepe_w, lepe_b,
-                                      out.transpose(1, 2).reshape(batch, pad_h, pad_w, chans),
-                                      cd)
-            if padded:
-                attended = attended[:, :height, :width].contiguous()
+            if plan.full_attention:
+                attended, mixer_saved, ctx.mixer_state = _full_forward(plan, h, qkv_wc, lepe_w,
+                                                                       lepe_b)
+            else:
+                attended, mixer_saved, ctx.mixer_state = _routing_forward(
+                    plan, h, qkv_wc, qkv_bc, lepe_w, lepe_b)
             branch = _linear(attended, proj_wc, proj_bc)
             drop1 = _drop_path_mask(branch, *drops[0]) if drops else None
             x2 = x1 + (branch if drop1 is None else branch * drop1)
@@ -144,27 +232,22 @@ class _RoutingBlock(torch.autograd.Function):
             branch = _linear(F.gelu(hidden), fc2_wc, fc2_bc)
             drop2 = _drop_path_mask(branch, *drops[1]) if drops else None
             x3 = x2 + (branch if drop2 is None else branch * drop2)
-        ctx.save_for_backward(x, x1, x2, h, h2, qkv, out, lse, index, attended, hidden,
-                              pos_w, lepe_w, n1_w, n1_b, n2_w, n2_b, *weights,
-                              *norm1[:2], *norm2[:2], drop1, drop2, mask)
+        ctx.save_for_backward(x, x1, x2, h2, attended, hidden, pos_w, lepe_w, n1_w, n1_b, n2_w,
+                              n2_b, *weights, *norm1[:2], *norm2[:2], drop1, drop2,
+                              *mixer_saved)
         ctx.norm_weights = (norm1[2:], norm2[2:])
-        ctx.plan, ctx.geometry = plan, (height, width, pad_h, pad_w, window, layout)
-        ctx.param_dtype = qkv_w.dtype
+        ctx.plan, ctx.param_dtype = plan, n1_w.dtype
         return x3
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
         from ops import _triton_depthwise_conv as dwconv
-        from ops import _triton_gather_attention as attention
-        (x, x1, x2, h, h2, qkv, out, lse, index, attended, hidden, pos_w, lepe_w, n1_w, n1_b,
-         n2_w, n2_b, qkv_wc, qkv_bc, proj_wc, proj_bc, fc1_wc, fc1_bc, fc2_wc, fc2_bc,
-         mean1, rstd1, mean2, rstd2, drop1, drop2, mask) = ctx.saved_tensors
+        (x, x1, x2, h2, attended, hidden, pos_w, lepe_w, n1_w, n1_b, n2_w, n2_b, qkv_wc,
+         qkv_bc, proj_wc, proj_bc, fc1_wc, fc1_bc, fc2_wc, fc2_bc, mean1, rstd1, mean2, rstd2,
+         drop1, drop2, *mixer_saved) = ctx.saved_tensors
         plan, param_dtype = ctx.plan, ctx.param_dtype
-        height, width, pad_h, pad_w, window, layout = ctx.geometry
         cd = plan.compute_dtype
-        batch, _, _, chans = x.shape
-        tokens = pad_h * pad_w
         with torch.autocast(x.device.type, enabled=False):
             # MLP branch: x3 = x2 + drop2 * fc2(gelu(fc1(LN2(x2))))
             grad_branch = grad if drop2 is None else grad * drop2
@@ -174,61 +257,44 @@ class _RoutingBlock(torch.autograd.Function):
                 grad_h2, x2, n2_w, n2_b, (mean2, rstd2) + ctx.norm_weights[1],
                 plan.fused_norms, cd)
             grad_x2 = grad + grad_x2
-            # attention branch: x2 = x1 + drop1 * proj(lepe(v) + attention)
+            # attention branch: x2 = x1 + drop1 * proj(mixer(LN1(x1)))
             grad_branch = (grad_x2 if drop1 is None else grad_x2 * drop1).to(cd)
             grad_attended, g_proj_w, g_proj_b = linear_backward(
                 grad_branch, attended, proj_wc, weight_dtype=param_dtype, bias_dtype=param_dtype)
-            if (pad_h, pad_w) != (height, width):
-                grad_attended = F.pad(grad_attended, (0, 0, 0, pad_w - width, 0,
-                                                      pad_h - height))
-            q, k, v = qkv.view(batch, tokens, 3 * chans).split(chans, dim=-1)
-            heads = [t.view(batch, tokens, plan.heads, chans // plan.heads).transpose(1, 2)
-                     for t in (q, k, v)]
-            grad_out = grad_attended.view(batch, tokens, plan.heads,
-                                          chans // plan.heads).transpose(1, 2)
-            block = window[0] * window[1]
-            grad_q, grad_k, grad_v = attention.backward(grad_out, *heads, out, lse, index,
-                                                        mask, block, block, plan.scale,
-                                                        layout=layout)
-            grad_v_map, g_lepe_w, g_lepe_b = dwconv.backward(
-                grad_attended, v.view(batch, pad_h, pad_w, chans), lepe_w, cd, True, True)
-            grad_qkv = torch.cat([t.transpose(1, 2).reshape(batch, tokens, chans)
-                                  for t in (grad_q, grad_k, grad_v)], dim=-1)
-            grad_qkv[..., 2 * chans:] += grad_v_map.view(batch, tokens, chans)
-            grad_qkv = grad_qkv.view(batch, pad_h, pad_w, 3 * chans)
-            if mask is not None:
-                grad_qkv = grad_qkv.masked_fill(mask.view(batch, pad_h, pad_w, 1), 0.0)
-            grad_h, g_qkv_w, g_qkv_b = linear_backward(
-                grad_qkv, h, qkv_wc, weight_dtype=param_dtype, bias_dtype=param_dtype)
-            if (pad_h, pad_w) != (height, width):
-                grad_h = grad_h[:, :height, :width]
+            mixer_backward = _full_backward if plan.full_attention else _routing_backward
+            grad_h, g_qkv_w, g_qkv_b, g_lepe_w, g_lepe_b = mixer_backward(
+                plan, grad_attended, mixer_saved, ctx.mixer_state, qkv_wc, lepe_w, param_dtype)
             grad_x1, g_n1_w, g_n1_b = _layer_norm_backward(
-                grad_h.contiguous(), x1, n1_w, n1_b, (mean1, rstd1) + ctx.norm_weights[0],
+                grad_h, x1, n1_w, n1_b, (mean1, rstd1) + ctx.norm_weights[0],
                 plan.fused_norms, cd)
             grad_x1 = grad_x2 + grad_x1
             # x1 = x + dwconv3(x)
             grad_x, g_pos_w, g_pos_b = dwconv.backward(grad_x1, x, pos_w, cd, True, True)
             grad_x = grad_x1 + grad_x
-        return (grad_x, g_pos_w.to(pos_w.dtype), g_pos_b.to(pos_w.dtype), g_n1_w, g_n1_b,
-                g_qkv_w, g_qkv_b, g_lepe_w.to(lepe_w.dtype), g_lepe_b.to(lepe_w.dtype),
+        return (grad_x, g_pos_w, g_pos_b, g_n1_w, g_n1_b, g_qkv_w, g_qkv_b, g_lepe_w, g_lepe_b,
                 g_proj_w, g_proj_b, g_n2_w, g_n2_b, g_fc1_w, g_fc1_b, g_fc2_w, g_fc2_b, None,
                 None)
 
 
-def routing_block(block, x: Tensor) -> Tensor:
-    """``block(x)`` for a :class:`backbones.biformer.BiFormerBlock` with bi-level routing
-    attention, through :class:`_RoutingBlock` (x: (B, H, W, C), its dtype kept)."""
+def fused_block(block, x: Tensor) -> Tensor:
+    """``block(x)`` for a :class:`backbones.biformer.BiFormerBlock` of ``attn_impl='fused'``
+    through :class:`_FusedBlock` (x: (B, H, W, C), its dtype kept)."""
+    from backbones.biformer import FullAttentionLePE
     attn, mlp = block.attn, block.mlp
     drops = None
     if block.training and hasattr(block.drop_path, 'drop_prob'):
         drops = ((block.drop_path.drop_prob, block.drop_path.scale_by_keep),) * 2
-    plan = BlockPlan(n_win=attn.n_win, topk=attn.topk, heads=attn.num_heads, scale=attn.scale,
-                     masked=attn.pad_mode == 'masked',
+    params = (block.pos_embed.weight, block.pos_embed.bias, block.norm1.weight,
+              block.norm1.bias, attn.qkv.weight, attn.qkv.bias, attn.lepe.weight,
+              attn.lepe.bias, attn.proj.weight, attn.proj.bias, block.norm2.weight,
+              block.norm2.bias, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias)
+    full = isinstance(attn, FullAttentionLePE)
+    plan = BlockPlan(full_attention=full, n_win=0 if full else attn.n_win,
+                     topk=0 if full else attn.topk, heads=attn.num_heads, scale=attn.scale,
+                     masked=not full and attn.pad_mode == 'masked',
                      fused_norms=block.norm1.takes_fused_kernel(x),
+                     needs_grad=torch.is_grad_enabled() and any(
+                         t is not None and t.requires_grad for t in (x,) + params),
                      eps1=block.norm1.eps, eps2=block.norm2.eps,
                      compute_dtype=autocast_dtype(x))
-    return _RoutingBlock.apply(
-        x, block.pos_embed.weight, block.pos_embed.bias, block.norm1.weight, block.norm1.bias,
-        attn.qkv.weight, attn.qkv.bias, attn.lepe.weight, attn.lepe.bias, attn.proj.weight,
-        attn.proj.bias, block.norm2.weight, block.norm2.bias, mlp.fc1.weight, mlp.fc1.bias,
-        mlp.fc2.weight, mlp.fc2.bias, plan, drops)
+    return _FusedBlock.apply(x, *params, plan, drops)

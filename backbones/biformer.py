@@ -348,9 +348,9 @@ class BiFormerBlock(nn.Module):
     """``x += dwconv3x3(x)``; ``x += attn(LN(x))``; ``x += mlp(LN(x))``. (B, H, W, C) in/out.
 
     ``topk > 0`` selects bi-level routing attention, ``topk == -2`` full attention with LePE
-    (the official encoding). ``fused_block`` (routing blocks of ``attn_impl='fused'``) runs the
-    block on CUDA as one autograd node over the same kernels (``backbones._fused_block``):
-    less host work per block in eager mode. Not measured on a GPU yet, hence off by default.
+    (the official encoding). ``fused_block`` (``attn_impl='fused'``) runs the block on CUDA as
+    one autograd node over the same kernels (``backbones._fused_block``): less host work per
+    block in eager mode. Not measured on a GPU yet, hence off by default.
     """
 
     def __init__(self, dim: int, topk: int, head_dim: int = 32, n_win: int = 7,
@@ -377,8 +377,8 @@ class BiFormerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._takes_fused_block(x):
-            from backbones._fused_block import routing_block
-            return routing_block(self, x)
+            from backbones._fused_block import fused_block
+            return fused_block(self, x)
         x = _depthwise(self.pos_embed, x, x, official=self.official)
         x = x + self.drop_path(self.attn(self.norm1(x)))
         x = x + self.drop_path(self._mlp(self.norm2(x)))
@@ -388,7 +388,7 @@ class BiFormerBlock(nn.Module):
 
     def _takes_fused_block(self, x: torch.Tensor) -> bool:
         return (self.fused_block and not self.official
-                and isinstance(self.attn, BiLevelRoutingAttention)
+                and isinstance(self.attn, (BiLevelRoutingAttention, FullAttentionLePE))
                 and isinstance(self.drop_path, (DropPath, nn.Identity))
                 and x.device.type in self.FUSED_BLOCK_DEVICES
                 and autocast_dtype(x) in TRITON_DTYPES and x.dtype in TRITON_DTYPES
@@ -507,7 +507,7 @@ class BiFormer(nn.Module):
         pad_mode: ``'official'`` (zero-pad before the projection, unmasked) or ``'masked'``.
         attn_impl: ``'fused'`` (:func:`ops.gather_attention`, :func:`ops.depthwise_conv2d`) or
             ``'gather'`` (the official formulation).
-        fused_block: run each routing block as one autograd node on CUDA (see
+        fused_block: run each block as one autograd node on CUDA (see
             :class:`BiFormerBlock`; not measured on a GPU yet, off by default).
         in_chans, num_classes, global_pool, drop_rate, drop_path_rate: as in timm.
     """

@@ -1,5 +1,5 @@
-"""BiFormerBlock(fused_block=True): one autograd node per routing block, same results as the
-module path (CPU: the Triton launchers run through the interpreter)."""
+"""BiFormerBlock(fused_block=True): one autograd node per block, same results as the module
+path (CPU: the Triton launchers run through the interpreter)."""
 import copy
 
 import pytest
@@ -44,6 +44,7 @@ def _relative_l2(got, expected):
     ('official', 15, 4, 0.5),   # padded to 21, drop path drawn as the module does
     ('masked', 15, 2, 0.0),     # padded keys excluded, padded values zeroed
     ('masked', 14, 1, 0.0),     # one slot (one-kernel backward)
+    ('official', 5, -2, 0.5),   # full attention (the last stage), any size
 ])
 def test_matches_module_path_fp32(fused_on_cpu, pad_mode, size, topk, drop_path):
     block = _block(pad_mode, topk, drop_path)
@@ -67,10 +68,11 @@ def test_fused_layer_norm_kernels(fused_on_cpu, monkeypatch):
         assert _relative_l2(got, expected) < 1e-5
 
 
-def test_fp16_against_fp64(fused_on_cpu):
+@pytest.mark.parametrize('topk, size', [(2, 15), (-2, 6)], ids=['routing', 'full'])
+def test_fp16_against_fp64(fused_on_cpu, topk, size):
     """fp16 through the fused block, against the module path in fp64 (relative L2)."""
-    block = _block('masked', topk=2)
-    x, grad = torch.randn(2, 15, 15, 64), torch.randn(2, 15, 15, 64)
+    block = _block('masked', topk=topk)
+    x, grad = torch.randn(2, size, size, 64), torch.randn(2, size, size, 64)
     fused = _run(block, x, grad, True, torch.float16)
     reference = _run(block, x, grad, False, torch.float64)
     for got, expected in zip(fused, reference):
@@ -130,19 +132,19 @@ def test_empty_batch_and_no_double_backward(fused_on_cpu):
 
 def test_taken_only_where_it_applies(monkeypatch, fused_on_cpu):
     calls = []
-    original = _fused_block.routing_block
-    monkeypatch.setattr(_fused_block, 'routing_block',
+    original = _fused_block.fused_block
+    monkeypatch.setattr(_fused_block, 'fused_block',
                         lambda block, x: calls.append(block) or original(block, x))
     x = torch.randn(1, 14, 14, 64)
     _block()(x)
-    assert len(calls) == 1
+    _block(topk=-2)(x)                                            # full attention
+    assert len(calls) == 2
     BiFormerBlock(64, 4, n_win=7)(x)                              # fused_block off
     BiFormerBlock(64, 4, n_win=7, attn_impl='gather', fused_block=True)(x)
-    BiFormerBlock(64, -2, n_win=7, fused_block=True)(x)           # full attention
     _block().double()(x.double())                                 # fp64: no Triton path
     monkeypatch.setattr(BiFormerBlock, 'FUSED_BLOCK_DEVICES', ('cuda',))
     _block()(x)                                                   # CPU, default devices
-    assert len(calls) == 1
+    assert len(calls) == 2
 
 
 def test_whole_model_with_drop_path_and_checkpointing(fused_on_cpu):
@@ -184,6 +186,7 @@ def test_timm_argument():
     (64, 56, 1, 'official'),     # BiFormer-T/S stage 1 at 224 px
     (256, 14, 16, 'official'),   # stage 3
     (128, 25, 4, 'masked'),      # stage 2 of an odd-sized detection input
+    (512, 7, -2, 'official'),    # stage 4: full attention
 ])
 def test_bf16_autocast_matches_module_path_on_gpu(dim, size, topk, pad_mode):
     """bf16 autocast on CUDA, the module path on the same kernels as the reference (relative

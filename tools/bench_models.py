@@ -9,7 +9,7 @@ the same models on the official gather formulation, and timm peers.
 
 A model is a timm name; ``NAME:gather`` runs a BiFormer on the official formulation
 (``attn_impl='gather'``), ``NAME:block`` with ``fused_block=True`` (one autograd node per
-routing block). Two settings: ``cls`` (classifier, 224 px, batch 128) and ``dense``
+block). Two settings: ``cls`` (classifier, 224 px, batch 128) and ``dense``
 (``features_only=True`` at 1024 px, batch 8; BiFormer with ``n_win=16`` as the official
 detection configs). Each cell times inference (``inference_mode``) and a training step
 (forward, backward, AdamW step, ``fused=True`` on CUDA) under autocast, after warm-up, with

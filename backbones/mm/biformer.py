@@ -74,7 +74,7 @@ class BiFormer(BaseModule):
         norm_eval: keep every BatchNorm in eval mode while training.
         with_cp: gradient checkpointing of the blocks.
         attn_impl: ``'fused'`` (ops.gather_attention) or ``'gather'`` (official formulation).
-        fused_block: each routing block as one autograd node on CUDA (docs/biformer.md; not
+        fused_block: each block as one autograd node on CUDA (docs/biformer.md; not
             measured on a GPU yet, off by default).
         init_cfg: e.g. ``dict(type='Pretrained', checkpoint=path)`` (optional ``prefix``):
             official classification checkpoints and ours (classifier or detector) load.
