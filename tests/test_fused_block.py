@@ -108,6 +108,8 @@ def test_no_grad_and_frozen_parameters(fused_on_cpu):
     assert out.grad_fn is None
     assert _relative_l2(out, expected) < 1e-5
     block.fused_block = True
+    with torch.inference_mode():
+        assert _relative_l2(block(x), expected) < 1e-5
     for p in block.parameters():
         p.requires_grad_(False)
     x.requires_grad_()
