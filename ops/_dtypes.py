@@ -18,3 +18,14 @@ def autocast_dtype(x: Tensor) -> torch.dtype:
 def describe(t) -> str:
     """A tensor's shape, or another value's type name, for error messages."""
     return str(tuple(t.shape)) if isinstance(t, Tensor) else type(t).__name__
+
+
+def check_float_tensor(name: str, t, x: Tensor, shape, expected: str) -> None:
+    """Raise a ValueError naming ``name`` unless t is a floating tensor of ``shape`` on x's
+    device; ``expected`` completes "{name} must ..." for a wrong shape."""
+    if not isinstance(t, Tensor) or tuple(t.shape) != tuple(shape):
+        raise ValueError(f'{name} must {expected}, got {describe(t)}')
+    if t.dtype not in FLOAT_DTYPES:
+        raise ValueError(f'{name} must be a floating tensor ({FLOAT_DTYPES}), got {t.dtype}')
+    if t.device != x.device:
+        raise ValueError(f'{name} must be on the device of x ({x.device}), got {t.device}')

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ops._dtypes import FLOAT_DTYPES, TRITON_DTYPES, autocast_dtype, describe
+from ops._dtypes import (FLOAT_DTYPES, TRITON_DTYPES, autocast_dtype, check_float_tensor,
+                         describe)
 from ops.gather_attention import BACKENDS, _is_compiling, is_exporting
 
 __all__ = ['depthwise_conv2d']
@@ -55,13 +56,8 @@ def _validate(x: Tensor, weight: Tensor, bias: Optional[Tensor], add: Optional[T
         if bias.device != x.device:
             raise ValueError(f'bias must be on the device of x ({x.device}), got {bias.device}')
     if add is not None:
-        if not isinstance(add, Tensor) or add.shape != x.shape:
-            raise ValueError(f'add must have the shape of x (B, H, W, C) = {tuple(x.shape)}, '
-                             f'got {describe(add)}')
-        if add.dtype not in FLOAT_DTYPES:
-            raise ValueError(f'add must be a floating tensor ({FLOAT_DTYPES}), got {add.dtype}')
-        if add.device != x.device:
-            raise ValueError(f'add must be on the device of x ({x.device}), got {add.device}')
+        check_float_tensor('add', add, x, x.shape,
+                           f'have the shape of x (B, H, W, C) = {tuple(x.shape)}')
 
 
 def depthwise_conv2d_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,

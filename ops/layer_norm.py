@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ops._dtypes import FLOAT_DTYPES, TRITON_DTYPES, autocast_dtype, describe
+from ops._dtypes import (FLOAT_DTYPES, TRITON_DTYPES, autocast_dtype, check_float_tensor,
+                         describe)
 from ops.gather_attention import BACKENDS, _is_compiling, is_exporting
 
 __all__ = ['layer_norm']
@@ -39,15 +40,8 @@ def _validate(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: 
     if chans == 0:
         raise ValueError('x must have at least one channel (..., C >= 1)')
     for name, t in (('weight', weight), ('bias', bias)):
-        if t is None:
-            continue
-        if not isinstance(t, Tensor) or tuple(t.shape) != (chans,):
-            raise ValueError(f'{name} must be None or have shape (C,) = ({chans},), got '
-                             f'{describe(t)}')
-        if t.dtype not in FLOAT_DTYPES:
-            raise ValueError(f'{name} must be a floating tensor ({FLOAT_DTYPES}), got {t.dtype}')
-        if t.device != x.device:
-            raise ValueError(f'{name} must be on the device of x ({x.device}), got {t.device}')
+        if t is not None:
+            check_float_tensor(name, t, x, (chans,), f'be None or have shape (C,) = ({chans},)')
     if (isinstance(eps, bool) or not isinstance(eps, (int, float))
             or not math.isfinite(eps) or eps < 0):
         raise ValueError(f'eps must be a finite number >= 0, got {eps!r}')
