@@ -55,23 +55,24 @@ def _layer_norm_forward(x: Tensor, weight: Tensor, bias: Tensor, eps: float, fus
     if fused:
         from ops import _triton_layer_norm as kernels
         y, mean, rstd = kernels.forward(x, weight, bias, eps, dtype)
-        return y, (mean, rstd, None, None)
+        return y, (mean, rstd, None, None, None)
     x_c, w_c, b_c = x.to(dtype), weight.to(dtype), bias.to(dtype)
     y, mean, rstd = torch.native_layer_norm(x_c, (x.shape[-1],), w_c, b_c, eps)
-    return y, (mean, rstd, w_c, b_c)
+    return y, (mean, rstd, x_c, w_c, b_c)
 
 
 def _layer_norm_backward(grad: Tensor, x: Tensor, weight: Tensor, bias: Tensor, state,
                          fused: bool, dtype: torch.dtype):
-    """(grad_x in x's dtype, grad_weight, grad_bias in the parameters' dtypes)."""
-    mean, rstd, w_c, b_c = state
+    """(grad_x in x's dtype, grad_weight, grad_bias in the parameters' dtypes); ``state`` holds
+    the statistics and, for PyTorch's kernel, the casts the forward made."""
+    mean, rstd, x_c, w_c, b_c = state
     if fused:
         from ops import _triton_layer_norm as kernels
         grad_x, grad_w, grad_b = kernels.backward(grad, x, weight, mean, rstd, dtype, True,
                                                   True, True)
     else:
         grad_x, grad_w, grad_b = torch.ops.aten.native_layer_norm_backward(
-            grad.to(dtype), x.to(dtype), (x.shape[-1],), mean, rstd, w_c, b_c,
+            grad.to(dtype), x_c, (x.shape[-1],), mean, rstd, w_c, b_c,
             [True, True, True])
     return grad_x.to(x.dtype), grad_w.to(weight.dtype), grad_b.to(bias.dtype)
 
@@ -235,7 +236,7 @@ class _FusedBlock(torch.autograd.Function):
         ctx.save_for_backward(x, x1, x2, h2, attended, hidden, pos_w, lepe_w, n1_w, n1_b, n2_w,
                               n2_b, *weights, *norm1[:2], *norm2[:2], drop1, drop2,
                               *mixer_saved)
-        ctx.norm_weights = (norm1[2:], norm2[2:])
+        ctx.norm_casts = (norm1[2:], norm2[2:])
         ctx.plan, ctx.param_dtype = plan, n1_w.dtype
         return x3
 
@@ -254,7 +255,7 @@ class _FusedBlock(torch.autograd.Function):
             grad_h2, g_fc1_w, g_fc1_b, g_fc2_w, g_fc2_b = gelu_mlp_backward(
                 grad_branch, h2, hidden, fc1_wc, fc2_wc, param_dtypes=(param_dtype,) * 4)
             grad_x2, g_n2_w, g_n2_b = _layer_norm_backward(
-                grad_h2, x2, n2_w, n2_b, (mean2, rstd2) + ctx.norm_weights[1],
+                grad_h2, x2, n2_w, n2_b, (mean2, rstd2) + ctx.norm_casts[1],
                 plan.fused_norms, cd)
             grad_x2 = grad + grad_x2
             # attention branch: x2 = x1 + drop1 * proj(mixer(LN1(x1)))
@@ -265,7 +266,7 @@ class _FusedBlock(torch.autograd.Function):
             grad_h, g_qkv_w, g_qkv_b, g_lepe_w, g_lepe_b = mixer_backward(
                 plan, grad_attended, mixer_saved, ctx.mixer_state, qkv_wc, lepe_w, param_dtype)
             grad_x1, g_n1_w, g_n1_b = _layer_norm_backward(
-                grad_h, x1, n1_w, n1_b, (mean1, rstd1) + ctx.norm_weights[0],
+                grad_h, x1, n1_w, n1_b, (mean1, rstd1) + ctx.norm_casts[0],
                 plan.fused_norms, cd)
             grad_x1 = grad_x2 + grad_x1
             # x1 = x + dwconv3(x)
