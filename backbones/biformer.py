@@ -350,13 +350,14 @@ class BiFormerBlock(nn.Module):
     ``topk > 0`` selects bi-level routing attention, ``topk == -2`` full attention with LePE
     (the official encoding). ``fused_block`` (``attn_impl='fused'``) runs the block on CUDA as
     one autograd node over the same kernels (``backbones._fused_block``): less host work per
-    block in eager mode. Not measured on a GPU yet, hence off by default.
+    block in eager mode (on by default: BiFormer-S eager on an H200, 1.23x the module path's
+    inference and 1.16x its training img/s, docs/benchmarks.md models run 6).
     """
 
     def __init__(self, dim: int, topk: int, head_dim: int = 32, n_win: int = 7,
                  mlp_ratio: float = 3.0, side_dwconv: int = 5, drop_path: float = 0.0,
                  pad_mode: str = 'official', attn_impl: str = 'fused',
-                 fused_block: bool = False):
+                 fused_block: bool = True):
         super().__init__()
         self.fused_block = fused_block
         self.pos_embed = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
@@ -508,7 +509,7 @@ class BiFormer(nn.Module):
         attn_impl: ``'fused'`` (:func:`ops.gather_attention`, :func:`ops.depthwise_conv2d`) or
             ``'gather'`` (the official formulation).
         fused_block: run each block as one autograd node on CUDA (see
-            :class:`BiFormerBlock`; not measured on a GPU yet, off by default).
+            :class:`BiFormerBlock`); ``False`` keeps one node per op (the module path).
         in_chans, num_classes, global_pool, drop_rate, drop_path_rate: as in timm.
     """
 
@@ -518,7 +519,7 @@ class BiFormer(nn.Module):
                  mlp_ratio: float = 3.0, n_win: int = 7, side_dwconv: int = 5,
                  pad_mode: str = 'official', attn_impl: str = 'fused', in_chans: int = 3,
                  num_classes: int = 1000, global_pool: str = 'avg', drop_rate: float = 0.0,
-                 drop_path_rate: float = 0.0, fused_block: bool = False):
+                 drop_path_rate: float = 0.0, fused_block: bool = True):
         super().__init__()
         self.num_classes = num_classes
         self.in_chans = in_chans

@@ -33,6 +33,8 @@ def test_column_sum_benchmark_times_both_forms(capsys):
 def test_models_benchmark_builds_the_biformer_variants():
     import bench_models
     from backbones.biformer import BiFormerBlock
-    model = bench_models.build_model('biformer_tiny:block', 'cls', None)
+    model = bench_models.build_model('biformer_tiny:module', 'cls', None)
+    assert not any(m.fused_block for m in model.modules() if isinstance(m, BiFormerBlock))
+    model = bench_models.build_model('biformer_tiny', 'cls', None)
     assert all(m.fused_block for m in model.modules() if isinstance(m, BiFormerBlock))
     assert bench_models.build_model('biformer_tiny:gather', 'cls', None).stages[0].blocks[0].official

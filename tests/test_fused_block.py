@@ -141,7 +141,7 @@ def test_taken_only_where_it_applies(monkeypatch, fused_on_cpu):
     _block()(x)
     _block(topk=-2)(x)                                            # full attention
     assert len(calls) == 2
-    BiFormerBlock(64, 4, n_win=7)(x)                              # fused_block off
+    BiFormerBlock(64, 4, n_win=7, fused_block=False)(x)           # fused_block off
     BiFormerBlock(64, 4, n_win=7, attn_impl='gather', fused_block=True)(x)
     _block().double()(x.double())                                 # fp64: no Triton path
     monkeypatch.setattr(BiFormerBlock, 'FUSED_BLOCK_DEVICES', ('cuda',))
@@ -176,11 +176,12 @@ def test_whole_model_with_drop_path_and_checkpointing(fused_on_cpu):
 
 
 def test_timm_argument():
-    model = timm.create_model('biformer_tiny', fused_block=True)
-    blocks = [m for m in model.modules() if isinstance(m, BiFormerBlock)]
+    """On by default; ``fused_block=False`` selects the module path."""
+    blocks = [m for m in timm.create_model('biformer_tiny').modules()
+              if isinstance(m, BiFormerBlock)]
     assert blocks and all(b.fused_block for b in blocks)
-    assert not any(b.fused_block for b in timm.create_model('biformer_tiny').modules()
-                   if isinstance(b, BiFormerBlock))
+    assert not any(b.fused_block for b in timm.create_model('biformer_tiny', fused_block=False)
+                   .modules() if isinstance(b, BiFormerBlock))
 
 
 @pytest.mark.gpu

@@ -100,12 +100,12 @@ def test_with_cp_matches_plain():
 
 
 def test_fused_block_matches_plain_with_frozen_stage(monkeypatch):
-    """``fused_block=True`` (taken on the CPU here, through the Triton interpreter) gives the
+    """``fused_block`` (the default; taken on the CPU here, through the Triton interpreter) gives the
     plain backbone's features and gradients, a frozen first stage included."""
     from backbones.biformer import BiFormerBlock
     monkeypatch.setattr(BiFormerBlock, 'FUSED_BLOCK_DEVICES', ('cuda', 'cpu'))
-    plain = _backbone(frozen_stages=1).train()
-    fused = _backbone(frozen_stages=1, fused_block=True).train()
+    plain = _backbone(frozen_stages=1, fused_block=False).train()
+    fused = _backbone(frozen_stages=1).train()
     fused.load_state_dict(plain.state_dict())
     x = torch.randn(1, 3, 45, 70)
     # Random projections: the squares of layer-normalised maps would sum to a constant.

@@ -8,8 +8,8 @@ the same models on the official gather formulation, and timm peers.
     python tools/benchmark.py models --cuda-graph      # replayed CUDA graphs: no host overhead
 
 A model is a timm name; ``NAME:gather`` runs a BiFormer on the official formulation
-(``attn_impl='gather'``), ``NAME:block`` with ``fused_block=True`` (one autograd node per
-block). Two settings: ``cls`` (classifier, 224 px, batch 128) and ``dense``
+(``attn_impl='gather'``), ``NAME:module`` with ``fused_block=False`` (one autograd node per
+op instead of per block). Two settings: ``cls`` (classifier, 224 px, batch 128) and ``dense``
 (``features_only=True`` at 1024 px, batch 8; BiFormer with ``n_win=16`` as the official
 detection configs). Each cell times inference (``inference_mode``) and a training step
 (forward, backward, AdamW step, ``fused=True`` on CUDA) under autocast, after warm-up, with
@@ -72,17 +72,17 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-MODEL_VARIANTS = {'gather': dict(attn_impl='gather'), 'block': dict(fused_block=True)}
+MODEL_VARIANTS = {'gather': dict(attn_impl='gather'), 'module': dict(fused_block=False)}
 
 
 def build_model(spec: str, setting: str, args) -> torch.nn.Module:
     """timm model for ``spec`` in ``setting``: ``NAME``, or ``NAME:gather`` (the official
-    formulation) or ``NAME:block`` (``fused_block=True``) for a BiFormer."""
+    formulation) or ``NAME:module`` (``fused_block=False``) for a BiFormer."""
     name, _, impl = spec.partition(':')
     kwargs = {}
     if impl:
         if impl not in MODEL_VARIANTS or not name.startswith('biformer'):
-            raise ValueError(f'model spec {spec!r}: only biformer_*:gather and biformer_*:block '
+            raise ValueError(f'model spec {spec!r}: only biformer_*:gather and biformer_*:module '
                              f'are understood')
         kwargs.update(MODEL_VARIANTS[impl])
     if setting == 'dense':

@@ -74,8 +74,8 @@ class BiFormer(BaseModule):
         norm_eval: keep every BatchNorm in eval mode while training.
         with_cp: gradient checkpointing of the blocks.
         attn_impl: ``'fused'`` (ops.gather_attention) or ``'gather'`` (official formulation).
-        fused_block: each block as one autograd node on CUDA (docs/biformer.md; not
-            measured on a GPU yet, off by default).
+        fused_block: each block as one autograd node on CUDA (docs/biformer.md); ``False``
+            keeps one node per op.
         init_cfg: e.g. ``dict(type='Pretrained', checkpoint=path)`` (optional ``prefix``):
             official classification checkpoints and ours (classifier or detector) load.
     """
@@ -84,7 +84,7 @@ class BiFormer(BaseModule):
                  pad_mode: str = 'official', drop_path_rate: float = 0.0,
                  out_indices: Sequence[int] = (0, 1, 2, 3), frozen_stages: int = -1,
                  norm_eval: bool = False, with_cp: bool = False, attn_impl: str = 'fused',
-                 fused_block: bool = False, init_cfg: Optional[Dict] = None):
+                 fused_block: bool = True, init_cfg: Optional[Dict] = None):
         super().__init__(init_cfg=init_cfg)
         settings = _resolve_arch(arch)
         out_indices = tuple(out_indices)
