@@ -47,14 +47,14 @@ LOG2E = 1.4426950408889634
 # size (None: any). 'fwd' and 'dq' tile query rows (BLOCK_M) by routed keys (BLOCK_N) and go by
 # block_q; 'dkdv' tiles key rows (BLOCK_N) by routed query rows (BLOCK_M) and goes by block_k,
 # and so does 'bwd', the dK/dV kernel when it also computes dQ (the one-kernel backward).
-# D <= 32 and D = 64 come from the CUDA-graph-timed sweep `tools/benchmark.py ops --tune` on an
-# H200 (2026-11-28, docs/ops.md "Tile configs" names the shapes behind each row); D > 64 keeps
-# the untuned defaults.
+# D <= 32 and D = 64 come from the CUDA-graph-timed sweep `tools/benchmark.py ops --tune fwd dq
+# dkdv bwd` on an H200 (2026-12-01, with the ALIGNED kernels; docs/ops.md "Tile configs" names
+# the shapes behind each row); D > 64 keeps the untuned defaults.
 SIZE_LIMITS = (8, 16, 32, 64, 128, None)
 HEAD_DIM_CLASSES = (32, 64, 256)
 _TILES = {  # kind: {max_block_d: one config per SIZE_LIMITS class}
     'fwd': {
-        32: ((16, 64, 2, 2), (16, 64, 2, 2), (64, 128, 4, 2), (64, 128, 4, 2), (64, 128, 4, 2),
+        32: ((16, 64, 2, 2), (16, 64, 2, 2), (64, 128, 4, 3), (64, 128, 4, 2), (64, 128, 4, 2),
              (64, 128, 4, 2)),
         64: ((16, 128, 4, 2), (16, 64, 2, 2), (16, 128, 4, 2), (64, 128, 4, 2), (64, 128, 4, 2),
              (64, 128, 4, 2)),
@@ -62,23 +62,28 @@ _TILES = {  # kind: {max_block_d: one config per SIZE_LIMITS class}
               (64, 128, 4, 2), (64, 128, 4, 2)),
     },
     'dq': {
-        32: ((16, 64, 2, 2),) * 6,
-        64: ((16, 64, 2, 2),) * 3 + ((64, 64, 4, 2),) * 3,
-        256: ((16, 64, 2, 2),) * 3 + ((64, 64, 4, 2),) * 3,
+        32: ((16, 64, 2, 2), (16, 64, 2, 2), (16, 64, 2, 2), (64, 128, 4, 2), (64, 128, 4, 2),
+             (64, 32, 4, 2)),
+        64: ((16, 64, 2, 2), (16, 64, 2, 2), (16, 64, 2, 2), (64, 128, 4, 2), (64, 128, 4, 2),
+             (64, 64, 4, 2)),
+        256: ((16, 64, 2, 2), (16, 64, 2, 2), (16, 64, 2, 2), (64, 64, 4, 2), (64, 64, 4, 2),
+              (64, 64, 4, 2)),
     },
     'dkdv': {
-        32: ((64, 16, 2, 2), (32, 16, 2, 2), (64, 16, 2, 2), (32, 64, 4, 2), (64, 16, 2, 2),
+        32: ((64, 16, 2, 2), (32, 16, 2, 2), (64, 16, 2, 2), (32, 64, 4, 2), (32, 128, 4, 2),
              (32, 64, 4, 2)),
-        64: ((64, 16, 2, 2), (64, 16, 2, 2), (64, 64, 4, 2), (32, 64, 4, 2), (64, 64, 4, 2),
+        64: ((64, 16, 2, 2), (64, 16, 2, 2), (64, 64, 4, 2), (32, 64, 4, 2), (32, 32, 2, 2),
              (64, 64, 4, 2)),
-        256: ((64, 16, 2, 2),) * 2 + ((64, 64, 4, 2),) * 4,
+        256: ((64, 16, 2, 2), (64, 16, 2, 2), (64, 64, 4, 2), (64, 64, 4, 2), (64, 64, 4, 2),
+              (64, 64, 4, 2)),
     },
-    'bwd': {  # the one-kernel backward (its rows: `--tune bwd`, 2026-12-01, docs/ops.md)
-        32: ((64, 16, 2, 2), (64, 16, 2, 2), (64, 32, 4, 2), (16, 64, 4, 2), (32, 128, 4, 2),
+    'bwd': {
+        32: ((64, 16, 2, 2), (64, 16, 2, 2), (32, 32, 2, 2), (16, 64, 4, 2), (32, 128, 4, 2),
              (32, 128, 4, 2)),
         64: ((64, 16, 2, 2), (64, 16, 2, 2), (64, 32, 4, 2), (64, 64, 4, 2), (32, 128, 4, 2),
              (16, 256, 8, 2)),
-        256: ((64, 16, 2, 2),) * 2 + ((32, 64, 4, 2),) * 4,
+        256: ((64, 16, 2, 2), (64, 16, 2, 2), (32, 64, 4, 2), (32, 64, 4, 2), (32, 64, 4, 2),
+              (32, 64, 4, 2)),
     },
 }
 _CONFIGS = {kind: {max_d: tuple(zip(SIZE_LIMITS, rows)) for max_d, rows in classes.items()}
@@ -175,6 +180,26 @@ def _step_columns(step, group_tile, block_k, groups, slot_keys, GPT, CPG,
 
 
 @triton.jit
+def _aligned_rows(tile, block_size, TPG, Rows, WINDOWS: tl.constexpr, BLOCK: tl.constexpr):
+    """``ALIGNED`` tiling, where ``BLOCK`` divides the group (or key block) size: the tile's
+    memory rows (all valid) and the group it lies in."""
+    group = tile // TPG
+    within = (tile % TPG) * BLOCK + tl.arange(0, BLOCK)
+    return _token_row(group, within, block_size, Rows, within < block_size, WINDOWS), group
+
+
+@triton.jit
+def _aligned_columns(step, group, block_k, index_ptr, stride_ig, stride_ik, Rows,
+                     WINDOWS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``ALIGNED`` key step, where ``BLOCK_N`` divides the group's routed keys: the key rows
+    of step ``step`` (all in range) and a score bias per column, -inf for a -1 slot."""
+    j = step * BLOCK_N + tl.arange(0, BLOCK_N)
+    block = tl.load(index_ptr + group * stride_ig + (j // block_k) * stride_ik).to(tl.int32)
+    key = _token_row(tl.maximum(block, 0), j % block_k, block_k, Rows, j >= 0, WINDOWS)
+    return key, tl.where(block >= 0, 0.0, float('-inf'))
+
+
+@triton.jit
 def _fwd_kernel(Q, K, V, Index, Mask, Out, Lse,
                 stride_qb, stride_qh, stride_qn, stride_qd,
                 stride_kb, stride_kh, stride_kn, stride_kd,
@@ -185,14 +210,21 @@ def _fwd_kernel(Q, K, V, Index, Mask, Out, Lse,
                 num_tiles, heads, num_q, head_dim, groups, block_q, block_k, slot_keys,
                 num_steps, GPT, TPG, RPG, CPG, scale_log2,
                 QRows, KRows,
-                HAS_MASK: tl.constexpr, WINDOWS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                HAS_MASK: tl.constexpr, WINDOWS: tl.constexpr, ALIGNED: tl.constexpr,
+                DOT_PRECISION: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Out and Lse; ``ALIGNED`` (see :func:`_query_plan`): every row and column of every
+    step is in range, so scores take no per-element admissibility mask."""
     program = tl.program_id(0).to(tl.int64)  # one flat grid: B*H may exceed grid dim 1
     tile = (program % num_tiles).to(tl.int32)
     bh = program // num_tiles
     b, h = bh // heads, bh % heads
-    q_pos, row_group, row_valid, group_tile = _tile_rows(tile, block_q, groups, GPT, TPG,
-                                                         RPG, QRows, WINDOWS, BLOCK_M)
+    if ALIGNED:
+        q_pos, group = _aligned_rows(tile, block_q, TPG, QRows, WINDOWS, BLOCK_M)
+        row_valid = q_pos >= 0
+    else:
+        q_pos, row_group, row_valid, group_tile = _tile_rows(tile, block_q, groups, GPT, TPG,
+                                                             RPG, QRows, WINDOWS, BLOCK_M)
     d = tl.arange(0, BLOCK_D)
     d_valid = d < head_dim
     q = tl.load(Q + b * stride_qb + h * stride_qh + q_pos[:, None] * stride_qn
@@ -205,16 +237,27 @@ def _fwd_kernel(Q, K, V, Index, Mask, Out, Lse,
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for step in range(num_steps):
-        key, col_group, col_valid = _step_columns(step, group_tile, block_k, groups, slot_keys,
-                                                  GPT, CPG, Index, stride_ig, stride_ik, Mask,
-                                                  stride_mn, KRows, HAS_MASK, WINDOWS,
-                                                  BLOCK_N)
-        kv_mask = col_valid[:, None] & d_valid[None, :]
+        if ALIGNED:
+            key, bias = _aligned_columns(step, group, block_k, Index, stride_ig, stride_ik,
+                                         KRows, WINDOWS, BLOCK_N)
+            kv_mask = d_valid[None, :]
+        else:
+            key, col_group, col_valid = _step_columns(step, group_tile, block_k, groups,
+                                                      slot_keys, GPT, CPG, Index, stride_ig,
+                                                      stride_ik, Mask, stride_mn, KRows,
+                                                      HAS_MASK, WINDOWS, BLOCK_N)
+            kv_mask = col_valid[:, None] & d_valid[None, :]
         k = tl.load(K + key[:, None] * stride_kn + d[None, :] * stride_kd, mask=kv_mask, other=0.0)
         v = tl.load(V + key[:, None] * stride_vn + d[None, :] * stride_vd, mask=kv_mask, other=0.0)
-        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
-        admissible = (row_group[:, None] == col_group[None, :]) & col_valid[None, :]
-        scores = tl.where(admissible, scores, float('-inf'))
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        if ALIGNED:
+            scores = scores * scale_log2 + bias[None, :]
+            if HAS_MASK:
+                padded = tl.load(Mask + key * stride_mn)
+                scores = tl.where(padded[None, :] == 0, scores, float('-inf'))
+        else:
+            admissible = (row_group[:, None] == col_group[None, :]) & col_valid[None, :]
+            scores = tl.where(admissible, scores * scale_log2, float('-inf'))
         m_new = tl.maximum(m_i, tl.max(scores, 1))
         m_safe = tl.where(m_new == float('-inf'), 0.0, m_new)
         p = tl.exp2(scores - m_safe[:, None])
@@ -244,16 +287,21 @@ def _bwd_dq_kernel(Q, K, V, Out, GradOut, Lse, Index, Mask, GradQ, Delta,
                    num_tiles, heads, num_q, head_dim, groups, block_q, block_k, slot_keys,
                    num_steps, GPT, TPG, RPG, CPG, scale, scale_log2,
                    QRows, KRows,
-                   HAS_MASK: tl.constexpr, WINDOWS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                   HAS_MASK: tl.constexpr, WINDOWS: tl.constexpr, ALIGNED: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """GradQ ((B, H, Nq, D) at strides ``stride_dq*``, unit head-dim stride, q's dtype) and
-    Delta = rowsum(dO * O) (B, H, Nq) fp32."""
+    Delta = rowsum(dO * O) (B, H, Nq) fp32. ``ALIGNED`` as in ``_fwd_kernel``."""
     program = tl.program_id(0).to(tl.int64)  # one flat grid: B*H may exceed grid dim 1
     tile = (program % num_tiles).to(tl.int32)
     bh = program // num_tiles
     b, h = bh // heads, bh % heads
-    q_pos, row_group, row_valid, group_tile = _tile_rows(tile, block_q, groups, GPT, TPG,
-                                                         RPG, QRows, WINDOWS, BLOCK_M)
+    if ALIGNED:
+        q_pos, group = _aligned_rows(tile, block_q, TPG, QRows, WINDOWS, BLOCK_M)
+        row_valid = q_pos >= 0
+    else:
+        q_pos, row_group, row_valid, group_tile = _tile_rows(tile, block_q, groups, GPT, TPG,
+                                                             RPG, QRows, WINDOWS, BLOCK_M)
     d = tl.arange(0, BLOCK_D)
     d_valid = d < head_dim
     row_mask = row_valid[:, None] & d_valid[None, :]
@@ -272,16 +320,27 @@ def _bwd_dq_kernel(Q, K, V, Out, GradOut, Lse, Index, Mask, GradQ, Delta,
     Mask += b * stride_mb
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for step in range(num_steps):
-        key, col_group, col_valid = _step_columns(step, group_tile, block_k, groups, slot_keys,
-                                                  GPT, CPG, Index, stride_ig, stride_ik, Mask,
-                                                  stride_mn, KRows, HAS_MASK, WINDOWS,
-                                                  BLOCK_N)
-        kv_mask = col_valid[:, None] & d_valid[None, :]
+        if ALIGNED:
+            key, bias = _aligned_columns(step, group, block_k, Index, stride_ig, stride_ik,
+                                         KRows, WINDOWS, BLOCK_N)
+            kv_mask = d_valid[None, :]
+        else:
+            key, col_group, col_valid = _step_columns(step, group_tile, block_k, groups,
+                                                      slot_keys, GPT, CPG, Index, stride_ig,
+                                                      stride_ik, Mask, stride_mn, KRows,
+                                                      HAS_MASK, WINDOWS, BLOCK_N)
+            kv_mask = col_valid[:, None] & d_valid[None, :]
         k = tl.load(K + key[:, None] * stride_kn + d[None, :] * stride_kd, mask=kv_mask, other=0.0)
         v = tl.load(V + key[:, None] * stride_vn + d[None, :] * stride_vd, mask=kv_mask, other=0.0)
-        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
-        admissible = (row_group[:, None] == col_group[None, :]) & col_valid[None, :]
-        p = tl.where(admissible, tl.exp2(scores - lse[:, None]), 0.0)
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        if ALIGNED:
+            p = tl.exp2(scores * scale_log2 + (bias[None, :] - lse[:, None]))
+            if HAS_MASK:
+                padded = tl.load(Mask + key * stride_mn)
+                p = tl.where(padded[None, :] == 0, p, 0.0)
+        else:
+            admissible = (row_group[:, None] == col_group[None, :]) & col_valid[None, :]
+            p = tl.where(admissible, tl.exp2(scores * scale_log2 - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
@@ -303,7 +362,7 @@ def _bwd_dkdv_kernel(Q, K, V, Out, GradOut, Lse, Delta, Order, Offsets, Mask, Gr
                      list_len, csr_row_b, csr_row_h, BPT, TPB, RPB, QPB, scale, scale_log2,
                      QRows, KRows,
                      HAS_MASK: tl.constexpr, DQ_MODE: tl.constexpr, WINDOWS: tl.constexpr,
-                     DOT_PRECISION: tl.constexpr,
+                     ALIGNED: tl.constexpr, DOT_PRECISION: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """GradK, GradV ((B, H, Nk, D) at strides ``stride_dk*``, unit head-dim stride, k's
     dtype), FlashAttention-2 style per key tile.
@@ -317,13 +376,20 @@ def _bwd_dkdv_kernel(Q, K, V, Out, GradOut, Lse, Delta, Order, Offsets, Mask, Gr
     the dQ contribution of its keys, which it stores into GradQ (strides ``stride_dq*``) when
     every query it visits routes to this tile alone (``DQ_MODE`` 1: one slot, whole key blocks
     per tile) or adds to an fp32 GradQ with atomics (``DQ_MODE`` 2).
+
+    ``ALIGNED`` (see :func:`_key_plan`): the tile is part of one key block and every step's
+    query rows lie in one routed group, so probabilities take no per-element mask.
     """
     program = tl.program_id(0).to(tl.int64)  # one flat grid: B*H may exceed grid dim 1
     tile = (program % num_tiles).to(tl.int32)
     bh = program // num_tiles
     b, h = bh // heads, bh % heads
-    key_pos, row_block, row_valid, block_tile = _tile_rows(tile, block_k, blocks, BPT, TPB,
-                                                           RPB, KRows, WINDOWS, BLOCK_N)
+    if ALIGNED:
+        key_pos, key_block = _aligned_rows(tile, block_k, TPB, KRows, WINDOWS, BLOCK_N)
+        row_valid = key_pos >= 0
+    else:
+        key_pos, row_block, row_valid, block_tile = _tile_rows(tile, block_k, blocks, BPT, TPB,
+                                                               RPB, KRows, WINDOWS, BLOCK_N)
     d = tl.arange(0, BLOCK_D)
     d_valid = d < head_dim
     row_mask = row_valid[:, None] & d_valid[None, :]
@@ -339,12 +405,16 @@ def _bwd_dkdv_kernel(Q, K, V, Out, GradOut, Lse, Delta, Order, Offsets, Mask, Gr
     Order += csr_row * list_len
     Offsets += csr_row * (blocks + 1)
     cols = tl.arange(0, BLOCK_M)
-    col_block = cols // QPB
-    block = block_tile * BPT + col_block
-    col_in_tile = (col_block < BPT) & (block < blocks)
-    start = tl.load(Offsets + block, mask=col_in_tile, other=0)
-    rows_routed = (tl.load(Offsets + block + 1, mask=col_in_tile, other=0) - start) * block_q
-    num_steps = tl.cdiv(tl.max(rows_routed, 0), QPB)
+    if ALIGNED:
+        start = tl.load(Offsets + key_block)
+        num_steps = (tl.load(Offsets + key_block + 1) - start) * (block_q // BLOCK_M)
+    else:
+        col_block = cols // QPB
+        block = block_tile * BPT + col_block
+        col_in_tile = (col_block < BPT) & (block < blocks)
+        start = tl.load(Offsets + block, mask=col_in_tile, other=0)
+        rows_routed = (tl.load(Offsets + block + 1, mask=col_in_tile, other=0) - start) * block_q
+        num_steps = tl.cdiv(tl.max(rows_routed, 0), QPB)
     Q += b * stride_qb + h * stride_qh
     Out += b * stride_ob + h * stride_oh
     GradOut += b * stride_gb + h * stride_gh
@@ -353,9 +423,14 @@ def _bwd_dkdv_kernel(Q, K, V, Out, GradOut, Lse, Delta, Order, Offsets, Mask, Gr
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for step in range(num_steps):
-        j = step * QPB + cols % QPB
-        col_valid = col_in_tile & (j < rows_routed)
-        group = tl.load(Order + start + j // block_q, mask=col_valid, other=0)
+        if ALIGNED:
+            j = step * BLOCK_M + cols
+            col_valid = j >= 0
+            group = tl.load(Order + start + j // block_q)
+        else:
+            j = step * QPB + cols % QPB
+            col_valid = col_in_tile & (j < rows_routed)
+            group = tl.load(Order + start + j // block_q, mask=col_valid, other=0)
         q_pos = _token_row(group, j % block_q, block_q, QRows, col_valid, WINDOWS)
         col_mask = col_valid[:, None] & d_valid[None, :]
         q = tl.load(Q + q_pos[:, None] * stride_qn + d[None, :] * stride_qd, mask=col_mask,
@@ -370,9 +445,14 @@ def _bwd_dkdv_kernel(Q, K, V, Out, GradOut, Lse, Delta, Order, Offsets, Mask, Gr
                         mask=col_mask, other=0.0)
             delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
         scores = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * scale_log2
-        admissible = (row_block[:, None] == col_block[None, :]) & col_valid[None, :] \
-            & row_live[:, None]
-        p = tl.where(admissible, tl.exp2(scores - lse[None, :]), 0.0)
+        if ALIGNED:
+            p = tl.exp2(scores - lse[None, :])
+            if HAS_MASK:
+                p = tl.where(row_live[:, None], p, 0.0)
+        else:
+            admissible = (row_block[:, None] == col_block[None, :]) & col_valid[None, :] \
+                & row_live[:, None]
+            p = tl.where(admissible, tl.exp2(scores - lse[None, :]), 0.0)
         dv += tl.dot(p.to(do.dtype), do, input_precision=DOT_PRECISION)
         dp = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[None, :])
@@ -448,14 +528,34 @@ def _transpose_index(index: Tensor, blocks: int):
     list_len = index.shape[-2] * slots
     order = torch.empty((batch * heads, list_len), dtype=torch.int32, device=index.device)
     offsets = torch.empty((batch * heads, blocks + 1), dtype=torch.int32, device=index.device)
-    num_chunks = cdiv(blocks + 1, _TRANSPOSE_BLOCK_B)
+    block_b, block_e = _transpose_tiles(batch * heads, blocks)
+    num_chunks = cdiv(blocks + 1, block_b)
     _transpose_index_kernel[(batch * heads * num_chunks,)](
         index, order, offsets, heads, *_index_strides(index), slots, list_len, blocks,
-        num_chunks, BLOCK_B=_TRANSPOSE_BLOCK_B, BLOCK_E=_TRANSPOSE_BLOCK_E, num_warps=4)
+        num_chunks, BLOCK_B=block_b, BLOCK_E=block_e, num_warps=4)
     return order, offsets
 
 
-_TRANSPOSE_BLOCK_B, _TRANSPOSE_BLOCK_E = 16, 256
+def _transpose_tiles(rows: int, blocks: int) -> Tuple[int, int]:
+    """(BLOCK_B key blocks, BLOCK_E index entries) per program of the transpose kernel:
+    16 x 256, or 4 x 1024 (4x the programs, a quarter of the loop trips) when 16-block
+    chunks would give fewer than 256 programs (few index rows of many blocks, e.g. BiFormer-B
+    at 1024 px: 4 rows of 256 blocks)."""
+    if rows * cdiv(blocks + 1, 16) >= 256:
+        return 16, 256
+    return 4, 1024
+
+
+_aligned_tiles = True
+
+
+def set_aligned_tiles(enabled: bool) -> None:
+    """Let the kernels take their ``ALIGNED`` form where the tiles divide the blocks (default
+    on; benchmarks and tests turn it off to compare with the general form)."""
+    global _aligned_tiles
+    _aligned_tiles = bool(enabled)
+    _query_plan.cache_clear()
+    _key_plan.cache_clear()
 
 
 @functools.lru_cache(maxsize=1024)
@@ -464,7 +564,9 @@ def _query_plan(kind: str, batch: int, heads: int, num_q: int, head_dim: int, bl
     """Grid, scalar arguments and meta-parameters of a kernel that tiles query rows.
 
     ``config`` overrides the ``_CONFIGS`` row (tuning). The key tile is capped at the next
-    power of two of the routed keys a tile needs, so short rows are not padded far.
+    power of two of the routed keys a tile needs, so short rows are not padded far. The tiling
+    is ``ALIGNED`` (no per-element masks) when BLOCK_M divides ``block_q`` and BLOCK_N the
+    routed keys of a group, and :func:`set_aligned_tiles` has not turned it off.
     """
     groups = num_q // block_q
     slot_keys = slots * block_k
@@ -481,16 +583,19 @@ def _query_plan(kind: str, batch: int, heads: int, num_q: int, head_dim: int, bl
     scalars = (num_tiles, heads, num_q, head_dim, groups, block_q, block_k, slot_keys,
                num_steps, groups_per_tile, tiles_per_group, min(block_q, block_m),
                cols_per_group)
-    meta = dict(DOT_PRECISION='ieee' if fp32 else 'tf32', BLOCK_M=block_m, BLOCK_N=block_n,
-                BLOCK_D=_block_d(head_dim), num_warps=num_warps, num_stages=num_stages)
+    aligned = _aligned_tiles and block_q % block_m == 0 and slot_keys % block_n == 0
+    meta = dict(ALIGNED=aligned, DOT_PRECISION='ieee' if fp32 else 'tf32', BLOCK_M=block_m,
+                BLOCK_N=block_n, BLOCK_D=_block_d(head_dim), num_warps=num_warps,
+                num_stages=num_stages)
     return (num_tiles * batch * heads,), scalars, meta
 
 
 @functools.lru_cache(maxsize=1024)
 def _key_plan(kind: str, batch: int, heads: int, num_k: int, head_dim: int, block_k: int,
-              fp32: bool, config: Optional[tuple]):
+              block_q: int, fp32: bool, config: Optional[tuple]):
     """Grid, scalar arguments and meta-parameters of the dK/dV kernel (tiles key rows), with
-    the tile config of ``kind`` ('dkdv' or 'bwd')."""
+    the tile config of ``kind`` ('dkdv' or 'bwd'). ``ALIGNED`` when BLOCK_N divides
+    ``block_k`` and BLOCK_M ``block_q`` (unless :func:`set_aligned_tiles` turned it off)."""
     blocks = num_k // block_k
     block_m, block_n, num_warps, num_stages = config or tile_config(kind, block_k, head_dim)
     blocks_per_tile = max(1, block_n // block_k)
@@ -502,8 +607,10 @@ def _key_plan(kind: str, batch: int, heads: int, num_k: int, head_dim: int, bloc
     num_tiles = cdiv(blocks, blocks_per_tile) * tiles_per_block
     scalars = (num_tiles, heads, num_k, head_dim, blocks, block_k)
     tiling = (blocks_per_tile, tiles_per_block, min(block_k, block_n), rows_per_block)
-    meta = dict(DOT_PRECISION='ieee' if fp32 else 'tf32', BLOCK_M=block_m, BLOCK_N=block_n,
-                BLOCK_D=_block_d(head_dim), num_warps=num_warps, num_stages=num_stages)
+    aligned = _aligned_tiles and block_k % block_n == 0 and block_q % block_m == 0
+    meta = dict(ALIGNED=aligned, DOT_PRECISION='ieee' if fp32 else 'tf32', BLOCK_M=block_m,
+                BLOCK_N=block_n, BLOCK_D=_block_d(head_dim), num_warps=num_warps,
+                num_stages=num_stages)
     return (num_tiles * batch * heads,), scalars, tiling, meta
 
 
@@ -631,7 +738,7 @@ def backward_dkdv(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor
     grad_k, grad_v = token_major(k), token_major(k)
     kind = 'dkdv' if dq_mode == 0 else 'bwd'
     grid, scalars, tiling, meta = _key_plan(kind, batch, heads, num_k, head_dim, block_k,
-                                            q.dtype == torch.float32, config)
+                                            block_q, q.dtype == torch.float32, config)
     mask, stride_mb, stride_mn, has_mask = _mask_args(key_padding_mask, order)
     csr_row_b, csr_row_h = (heads, 1) if index_is_per_head else (1, 0)
     layout_args, windows = _layout_args(layout, q, k, block_q, block_k)

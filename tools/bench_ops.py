@@ -21,6 +21,8 @@ Peers:
 * ``ours_split`` / ``ours_fused``: the same with the backward forced to the split (dQ kernel +
   dK/dV kernel) or the one-kernel form (dQ stored, or added by atomics): see
   ``ops._triton_gather_attention.set_backward_mode``.
+* ``ours_general``: ours with the kernels' ``ALIGNED`` form off (per-element masks at every
+  shape): see ``ops._triton_gather_attention.set_aligned_tiles``.
 * ``ours_map``: ours in the window layout BiFormer uses (``block_q=(h, w)``, ``map_width``):
   the same problem with the tokens read as the row-major pixels of a square map of square
   windows, where the shape has that form (BiFormer at 224/512/1024 px), "n/a" elsewhere.
@@ -57,8 +59,8 @@ from ops.gather_attention import gather_attention_reference  # noqa: E402
 from bench_timing import (copy_bandwidth, fwd_and_fwd_bwd_ms, least_slowdown,  # noqa: E402
                           peak_extra_mib, time_ms)
 
-PEERS = ('ours', 'ours_split', 'ours_fused', 'ours_map', 'official', 'gather_sdpa', 'flex',
-         'dense_sdpa')
+PEERS = ('ours', 'ours_split', 'ours_fused', 'ours_general', 'ours_map', 'official',
+         'gather_sdpa', 'flex', 'dense_sdpa')
 BACKWARD_MODE_OF_PEER = {'ours_split': 'split', 'ours_fused': 'fused'}
 
 
@@ -103,15 +105,17 @@ SHAPES_BY_NAME = {s.name: s for s in SHAPES}
 
 TUNE = {  # kind: (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates, see ops._triton_...
     'fwd': [(16, 64, 2, 2), (16, 128, 4, 2), (32, 64, 4, 2), (32, 128, 4, 2), (64, 64, 4, 2),
-            (64, 128, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (128, 128, 8, 2)],
+            (64, 128, 4, 2), (64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 4, 2), (128, 64, 4, 3),
+            (128, 64, 8, 2), (128, 128, 8, 2)],
     'dq': [(16, 32, 2, 2), (16, 64, 2, 2), (32, 32, 2, 2), (32, 64, 4, 2), (64, 32, 4, 2),
-           (64, 64, 4, 2), (64, 64, 8, 2), (128, 32, 8, 2), (128, 64, 8, 2)],
+           (64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 2), (64, 128, 4, 2), (128, 32, 8, 2),
+           (128, 64, 8, 2), (128, 64, 8, 3)],
     'dkdv': [(32, 16, 2, 2), (64, 16, 2, 2), (64, 16, 4, 2), (128, 16, 4, 2), (32, 32, 2, 2),
-             (64, 32, 4, 2), (128, 32, 4, 2), (32, 64, 4, 2), (64, 64, 4, 2), (128, 64, 8, 2),
-             (64, 128, 8, 2)],
+             (64, 32, 4, 2), (128, 32, 4, 2), (32, 64, 4, 2), (32, 64, 4, 3), (64, 64, 4, 2),
+             (64, 64, 4, 3), (128, 64, 8, 2), (32, 128, 4, 2), (64, 128, 8, 2)],
     'bwd': [(32, 16, 2, 2), (64, 16, 2, 2), (32, 32, 2, 2), (64, 32, 4, 2), (16, 64, 4, 2),
-            (32, 64, 4, 2), (64, 64, 4, 2), (16, 128, 4, 2), (32, 128, 4, 2), (32, 128, 8, 2),
-            (16, 256, 8, 2), (32, 256, 8, 2)],
+            (32, 64, 4, 2), (32, 64, 4, 3), (64, 64, 4, 2), (64, 64, 4, 3), (16, 128, 4, 2),
+            (32, 128, 4, 2), (32, 128, 8, 2), (64, 128, 8, 2), (16, 256, 8, 2), (32, 256, 8, 2)],
 }
 # Shapes the sweep times: at least one per (head dim, block size) class that a model uses.
 TUNE_SHAPES = ('t224_s3', 't224_s2', 's_det_s3', 't224_s1', 'b1024_s2', 'dsvt48_d32',
@@ -325,12 +329,13 @@ def run_peer(peer, shape, dtype, reps_ms):
     q, k, v, index, mask = make_problem(shape, dtype)
     fn = {'ours': ours, 'ours_map': ours_map, 'official': official_gather,
           'gather_sdpa': gather_sdpa, 'dense_sdpa': dense_sdpa,
-          **{p: ours for p in BACKWARD_MODE_OF_PEER}}.get(peer)
+          'ours_general': ours, **{p: ours for p in BACKWARD_MODE_OF_PEER}}.get(peer)
     if peer == 'ours_map' and map_windows(shape) is None:
         return dict(error='n/a: not square windows of a square map')
     if peer == 'flex':
         fn = FlexPeer(shape, index, mask)
     kernels.set_backward_mode(BACKWARD_MODE_OF_PEER.get(peer, 'auto'))
+    kernels.set_aligned_tiles(peer != 'ours_general')
     try:
         return measure(fn, q, k, v, index, mask, shape, reps_ms)
     except Exception as err:  # one peer's failure must not stop the run
@@ -338,6 +343,7 @@ def run_peer(peer, shape, dtype, reps_ms):
         return dict(error=f'{type(err).__name__}: {str(err).splitlines()[0][:160]}')
     finally:
         kernels.set_backward_mode('auto')
+        kernels.set_aligned_tiles(True)
         del q, k, v
         torch.cuda.empty_cache()
 
@@ -381,7 +387,7 @@ class KernelInputs:
         s = self.shape
         if kind in ('dkdv', 'bwd'):
             kernels._key_plan(kind, s.batch, s.heads, s.blocks * s.block_k, s.head_dim,
-                              s.block_k, False, config)
+                              s.block_k, s.block_q, False, config)
             return config
         meta = kernels._query_plan(kind, s.batch, s.heads, s.groups * s.block_q, s.head_dim,
                                    s.block_q, s.block_k, s.topk, False, config)[2]

@@ -176,6 +176,40 @@ def test_backward_modes_match_fp64(case, backward_mode):
     compare_to_fp64(q, k, v, index, mask, block_q, block_k)
 
 
+@pytest.fixture
+def aligned_tiles(request):
+    """Run the test under ``kernels.set_aligned_tiles(request.param)``, then restore True."""
+    kernels.set_aligned_tiles(request.param)
+    yield request.param
+    kernels.set_aligned_tiles(True)
+
+
+ALIGNED_CASES = {
+    # as TRITON_CASES, plus the map width (None: block-major tokens); tiles divide the blocks,
+    # so the kernels take their ALIGNED form (and the general one with it turned off)
+    'two_slots_per_head_masked': (1, 1, 2, 64, 4, 16, 2, 16, True, 0.2, None),
+    'one_slot_dq_stored': (1, 1, 2, 64, 3, 16, 1, 16, False, 0.1, None),
+    'window_8x8_two_slots': (1, 1, 4, 64, 4, 64, 2, 16, False, 0.1, 16),
+}
+
+
+@pytest.mark.parametrize('aligned_tiles', [True, False], indirect=True, ids=['aligned', 'general'])
+@pytest.mark.parametrize('case', list(ALIGNED_CASES), ids=list(ALIGNED_CASES))
+def test_aligned_and_general_tiles_match_fp64(case, aligned_tiles):
+    batch, heads, groups, block_q, blocks, block_k, slots, head_dim, per_head, masked, width = \
+        ALIGNED_CASES[case]
+    q, k, v, index, mask = make_inputs(batch, heads, groups, block_q, blocks, block_k, slots,
+                                       head_dim, per_head=per_head, masked_fraction=masked)
+    index[0, ..., 0, :] = -1  # a group routed nowhere
+    window = None if width is None else (8, 8)
+    plans = [kernels._query_plan(kind, batch, heads, groups * block_q, head_dim, block_q,
+                                 block_k, slots, True, None)[2] for kind in ('fwd', 'dq')]
+    plans.append(kernels._key_plan('dkdv', batch, heads, blocks * block_k, head_dim, block_k,
+                                   block_q, True, None)[3])
+    assert [plan['ALIGNED'] for plan in plans] == [aligned_tiles] * 3
+    compare_to_fp64(q, k, v, index, mask, window or block_q, window or block_k, map_width=width)
+
+
 def test_backward_mode_choice():
     choose = kernels.backward_dq_mode
     assert choose(1, 64, 32, 'auto') == 1 and choose(1, 64, 32, 'fused') == 1
@@ -250,9 +284,12 @@ def test_zero_size_inputs(shape, backend):
 
 
 @pytest.mark.parametrize('per_head', [False, True], ids=['shared', 'per_head'])
-def test_transpose_index_is_a_stable_counting_sort(per_head):
-    # 20 blocks span two programs of 16; 90 groups x 3 slots span two 256-entry steps.
-    blocks, groups, slots = 20, 90, 3
+@pytest.mark.parametrize('tiles', [(16, 256), (4, 1024)], ids=['16x256', '4x1024'])
+def test_transpose_index_is_a_stable_counting_sort(per_head, tiles, monkeypatch):
+    # Both tilings of the kernel: 20 blocks span several programs; the groups x 3 slots span
+    # two steps of BLOCK_E entries.
+    monkeypatch.setattr(kernels, '_transpose_tiles', lambda rows, blocks: tiles)
+    blocks, groups, slots = 20, {256: 90, 1024: 350}[tiles[1]], 3
     shape = (2, 2, groups, slots) if per_head else (2, groups, slots)
     index = torch.randint(-1, blocks, shape, device=DEVICE)
     index = index.transpose(-1, -2).contiguous().transpose(-1, -2)  # strided index
@@ -433,6 +470,7 @@ GPU_SHAPES = {
     'biformer_s_det_s1': (1, 2, 256, 273, 256, 273, 1, 32, 0.05),
     'dsvt_set_90_d64': (256, 4, 1, 90, 1, 90, 1, 64, 0.2),
     'head_dim_128': (2, 4, 64, 64, 64, 64, 4, 128, 0.0),
+    'biformer_b1024_s2': (2, 4, 64, 64, 64, 64, 8, 32, 0.05),
 }
 
 
