@@ -200,6 +200,53 @@ def _aligned_columns(step, group, block_k, index_ptr, stride_ig, stride_ik, Rows
 
 
 @triton.jit
+def _query_tile(tile, block_q, groups, GPT, TPG, RPG, QRows, WINDOWS: tl.constexpr,
+                ALIGNED: tl.constexpr, BLOCK_M: tl.constexpr):
+    """:func:`_tile_rows` of a query tile, or its ``ALIGNED`` form (packed-group slot 0, the
+    tile's group as its group tile)."""
+    if ALIGNED:
+        q_pos, group_tile = _aligned_rows(tile, block_q, TPG, QRows, WINDOWS, BLOCK_M)
+        row_group = tl.zeros_like(q_pos)
+        row_valid = q_pos >= 0
+    else:
+        q_pos, row_group, row_valid, group_tile = _tile_rows(tile, block_q, groups, GPT, TPG,
+                                                             RPG, QRows, WINDOWS, BLOCK_M)
+    return q_pos, row_group, row_valid, group_tile
+
+
+@triton.jit
+def _step_logits(q, K, V, step, group_tile, row_group, d, d_valid, block_k, groups, slot_keys,
+                 GPT, CPG, Index, stride_ig, stride_ik, stride_kn, stride_kd, stride_vn,
+                 stride_vd, Mask, stride_mn, KRows, scale_log2, HAS_MASK: tl.constexpr,
+                 WINDOWS: tl.constexpr, ALIGNED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
+    """One key step of a query tile: the base-2 logits ``q k^T * scale_log2`` (-inf where a
+    pair is not admissible) and the routed keys and values it read."""
+    if ALIGNED:
+        key, bias = _aligned_columns(step, group_tile, block_k, Index, stride_ig, stride_ik,
+                                     KRows, WINDOWS, BLOCK_N)
+        kv_mask = d_valid[None, :]
+    else:
+        key, col_group, col_valid = _step_columns(step, group_tile, block_k, groups, slot_keys,
+                                                  GPT, CPG, Index, stride_ig, stride_ik, Mask,
+                                                  stride_mn, KRows, HAS_MASK, WINDOWS,
+                                                  BLOCK_N)
+        kv_mask = col_valid[:, None] & d_valid[None, :]
+    k = tl.load(K + key[:, None] * stride_kn + d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+    v = tl.load(V + key[:, None] * stride_vn + d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+    logits = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+    if ALIGNED:
+        logits += bias[None, :]
+        if HAS_MASK:
+            padded = tl.load(Mask + key * stride_mn)
+            logits = tl.where(padded[None, :] == 0, logits, float('-inf'))
+    else:
+        admissible = (row_group[:, None] == col_group[None, :]) & col_valid[None, :]
+        logits = tl.where(admissible, logits, float('-inf'))
+    return logits, k, v
+
+
+@triton.jit
 def _fwd_kernel(Q, K, V, Index, Mask, Out, Lse,
                 stride_qb, stride_qh, stride_qn, stride_qd,
                 stride_kb, stride_kh, stride_kn, stride_kd,
@@ -219,12 +266,8 @@ def _fwd_kernel(Q, K, V, Index, Mask, Out, Lse,
     tile = (program % num_tiles).to(tl.int32)
     bh = program // num_tiles
     b, h = bh // heads, bh % heads
-    if ALIGNED:
-        q_pos, group = _aligned_rows(tile, block_q, TPG, QRows, WINDOWS, BLOCK_M)
-        row_valid = q_pos >= 0
-    else:
-        q_pos, row_group, row_valid, group_tile = _tile_rows(tile, block_q, groups, GPT, TPG,
-                                                             RPG, QRows, WINDOWS, BLOCK_M)
+    q_pos, row_group, row_valid, group_tile = _query_tile(tile, block_q, groups, GPT, TPG, RPG,
+                                                          QRows, WINDOWS, ALIGNED, BLOCK_M)
     d = tl.arange(0, BLOCK_D)
     d_valid = d < head_dim
     q = tl.load(Q + b * stride_qb + h * stride_qh + q_pos[:, None] * stride_qn
@@ -237,27 +280,11 @@ def _fwd_kernel(Q, K, V, Index, Mask, Out, Lse,
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for step in range(num_steps):
-        if ALIGNED:
-            key, bias = _aligned_columns(step, group, block_k, Index, stride_ig, stride_ik,
-                                         KRows, WINDOWS, BLOCK_N)
-            kv_mask = d_valid[None, :]
-        else:
-            key, col_group, col_valid = _step_columns(step, group_tile, block_k, groups,
-                                                      slot_keys, GPT, CPG, Index, stride_ig,
-                                                      stride_ik, Mask, stride_mn, KRows,
-                                                      HAS_MASK, WINDOWS, BLOCK_N)
-            kv_mask = col_valid[:, None] & d_valid[None, :]
-        k = tl.load(K + key[:, None] * stride_kn + d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-        v = tl.load(V + key[:, None] * stride_vn + d[None, :] * stride_vd, mask=kv_mask, other=0.0)
-        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        if ALIGNED:
-            scores = scores * scale_log2 + bias[None, :]
-            if HAS_MASK:
-                padded = tl.load(Mask + key * stride_mn)
-                scores = tl.where(padded[None, :] == 0, scores, float('-inf'))
-        else:
-            admissible = (row_group[:, None] == col_group[None, :]) & col_valid[None, :]
-            scores = tl.where(admissible, scores * scale_log2, float('-inf'))
+        scores, k, v = _step_logits(q, K, V, step, group_tile, row_group, d, d_valid, block_k,
+                                    groups, slot_keys, GPT, CPG, Index, stride_ig, stride_ik,
+                                    stride_kn, stride_kd, stride_vn, stride_vd, Mask,
+                                    stride_mn, KRows, scale_log2, HAS_MASK, WINDOWS, ALIGNED,
+                                    DOT_PRECISION, BLOCK_N)
         m_new = tl.maximum(m_i, tl.max(scores, 1))
         m_safe = tl.where(m_new == float('-inf'), 0.0, m_new)
         p = tl.exp2(scores - m_safe[:, None])
@@ -296,12 +323,8 @@ def _bwd_dq_kernel(Q, K, V, Out, GradOut, Lse, Index, Mask, GradQ, Delta,
     tile = (program % num_tiles).to(tl.int32)
     bh = program // num_tiles
     b, h = bh // heads, bh % heads
-    if ALIGNED:
-        q_pos, group = _aligned_rows(tile, block_q, TPG, QRows, WINDOWS, BLOCK_M)
-        row_valid = q_pos >= 0
-    else:
-        q_pos, row_group, row_valid, group_tile = _tile_rows(tile, block_q, groups, GPT, TPG,
-                                                             RPG, QRows, WINDOWS, BLOCK_M)
+    q_pos, row_group, row_valid, group_tile = _query_tile(tile, block_q, groups, GPT, TPG, RPG,
+                                                          QRows, WINDOWS, ALIGNED, BLOCK_M)
     d = tl.arange(0, BLOCK_D)
     d_valid = d < head_dim
     row_mask = row_valid[:, None] & d_valid[None, :]
@@ -320,27 +343,12 @@ def _bwd_dq_kernel(Q, K, V, Out, GradOut, Lse, Index, Mask, GradQ, Delta,
     Mask += b * stride_mb
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for step in range(num_steps):
-        if ALIGNED:
-            key, bias = _aligned_columns(step, group, block_k, Index, stride_ig, stride_ik,
-                                         KRows, WINDOWS, BLOCK_N)
-            kv_mask = d_valid[None, :]
-        else:
-            key, col_group, col_valid = _step_columns(step, group_tile, block_k, groups,
-                                                      slot_keys, GPT, CPG, Index, stride_ig,
-                                                      stride_ik, Mask, stride_mn, KRows,
-                                                      HAS_MASK, WINDOWS, BLOCK_N)
-            kv_mask = col_valid[:, None] & d_valid[None, :]
-        k = tl.load(K + key[:, None] * stride_kn + d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-        v = tl.load(V + key[:, None] * stride_vn + d[None, :] * stride_vd, mask=kv_mask, other=0.0)
-        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        if ALIGNED:
-            p = tl.exp2(scores * scale_log2 + (bias[None, :] - lse[:, None]))
-            if HAS_MASK:
-                padded = tl.load(Mask + key * stride_mn)
-                p = tl.where(padded[None, :] == 0, p, 0.0)
-        else:
-            admissible = (row_group[:, None] == col_group[None, :]) & col_valid[None, :]
-            p = tl.where(admissible, tl.exp2(scores * scale_log2 - lse[:, None]), 0.0)
+        logits, k, v = _step_logits(q, K, V, step, group_tile, row_group, d, d_valid, block_k,
+                                    groups, slot_keys, GPT, CPG, Index, stride_ig, stride_ik,
+                                    stride_kn, stride_kd, stride_vn, stride_vd, Mask,
+                                    stride_mn, KRows, scale_log2, HAS_MASK, WINDOWS, ALIGNED,
+                                    DOT_PRECISION, BLOCK_N)
+        p = tl.exp2(logits - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
