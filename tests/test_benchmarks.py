@@ -38,3 +38,14 @@ def test_models_benchmark_builds_the_biformer_variants():
     model = bench_models.build_model('biformer_tiny', 'cls', None)
     assert all(m.fused_block for m in model.modules() if isinstance(m, BiFormerBlock))
     assert bench_models.build_model('biformer_tiny:gather', 'cls', None).stages[0].blocks[0].official
+
+
+def test_models_benchmark_census_counts_a_training_step(capsys):
+    import bench_models
+    args = bench_models.parse_args(['--device', 'cpu', '--batch', '2', '--img', '32',
+                                    '--dtype', 'fp32', '--warmup', '1'])
+    row = bench_models.step_census('biformer_tiny', args, steps=1)
+    # a forward, a backward and an AdamW step of 30-odd parameterised layers: hundreds of ops
+    assert row['aten_ops'] > 300 and row['host_ms'] > 0 and row['wall_ms'] > 0
+    assert row['kernels'] is None and row['gpu_ms'] is None  # CPU: no device kernels
+    assert '| biformer_tiny | %d | - |' % row['aten_ops'] in bench_models.format_census([row])

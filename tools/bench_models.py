@@ -6,6 +6,8 @@ the same models on the official gather formulation, and timm peers.
         --settings cls --iters 20
     python tools/benchmark.py models --profile biformer_small   # + top CUDA ops of training
     python tools/benchmark.py models --cuda-graph      # replayed CUDA graphs: no host overhead
+    python tools/benchmark.py models --census biformer_small swin_tiny_patch4_window7_224
+                                 # + ops, kernels, host and GPU time of one training step
 
 A model is a timm name; ``NAME:gather`` runs a BiFormer on the official formulation
 (``attn_impl='gather'``), ``NAME:module`` with ``fused_block=False`` (one autograd node per
@@ -29,6 +31,7 @@ import time
 from typing import Dict, List
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import timm  # noqa: E402
@@ -67,6 +70,9 @@ def parse_args(argv):
                              'training step (no host launch overhead: what the GPU sustains)')
     parser.add_argument('--profile', default=None, metavar='MODEL',
                         help='also profile training steps of MODEL (cls setting), top ops')
+    parser.add_argument('--census', nargs='+', default=(), metavar='MODEL',
+                        help='also count, per eager training step of each MODEL (cls setting), '
+                             'the aten ops and kernels, and time the host and the GPU')
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--out', default=None, help='write results as JSON here')
     return parser.parse_args(argv)
@@ -91,6 +97,8 @@ def build_model(spec: str, setting: str, args) -> torch.nn.Module:
             kwargs['n_win'] = args.dense_n_win
         elif name.startswith('swin'):
             kwargs['img_size'] = args.dense_img
+    elif name.startswith('swin') and args is not None and args.img != 224:
+        kwargs['img_size'] = args.img  # timm's Swin checks the input size
     return timm.create_model(name, **kwargs)
 
 
@@ -214,16 +222,12 @@ def measure(model: torch.nn.Module, batch: int, img: int, args) -> Dict:
     return result
 
 
-def profile_training(spec: str, args, steps: int = 3, rows: int = 45) -> str:
-    """Table of the CUDA (or CPU) ops of ``steps`` training steps, by self device time."""
-    from torch.profiler import ProfilerActivity, profile
-
+def eager_training_step(spec: str, args):
+    """An eager training step of ``spec`` in the cls setting (AdamW, autocast), warmed up."""
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     model = build_model(spec, 'cls', args).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == 'cuda')
     x = torch.randn(args.batch, 3, args.img, args.img, device=device)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda'
-                                           else [])
 
     def step():
         optimizer.zero_grad(set_to_none=True)
@@ -235,13 +239,89 @@ def profile_training(spec: str, args, steps: int = 3, rows: int = 45) -> str:
 
     for _ in range(args.warmup):
         step()
-    with profile(activities=activities) as prof:
+    return step
+
+
+def _activities(device: torch.device):
+    from torch.profiler import ProfilerActivity
+    return [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda' else [])
+
+
+def profile_training(spec: str, args, steps: int = 3, rows: int = 45) -> str:
+    """Table of the CUDA (or CPU) ops of ``steps`` training steps, by self device time."""
+    from torch.profiler import profile
+
+    device = torch.device(args.device)
+    step = eager_training_step(spec, args)
+    with profile(activities=_activities(device)) as prof:
         for _ in range(steps):
             step()
         if device.type == 'cuda':
             torch.cuda.synchronize()
     sort_by = 'self_cuda_time_total' if device.type == 'cuda' else 'self_cpu_time_total'
     return prof.key_averages().table(sort_by=sort_by, row_limit=rows, max_name_column_width=60)
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts the aten ops dispatched while active (those inside a custom op not included)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _sync(device: torch.device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def step_census(spec: str, args, steps: int = 5) -> Dict:
+    """What one eager training step of ``spec`` (cls setting) costs: aten ops dispatched;
+    on CUDA, kernels launched and their summed GPU time (profiler); the host's time to issue
+    one step from an idle device (``host_ms``); the wall time per step in a loop
+    (``wall_ms``). A step whose ``host_ms`` exceeds its ``gpu_ms`` is bound by the host."""
+    from torch.profiler import DeviceType, profile
+
+    device = torch.device(args.device)
+    step = eager_training_step(spec, args)
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    wall_ms = 1e3 * (time.perf_counter() - start) / steps
+    start = time.perf_counter()
+    step()
+    host_ms = 1e3 * (time.perf_counter() - start)
+    _sync(device)
+    counter = _OpCounter()
+    with counter:
+        step()
+    row = dict(model=spec, aten_ops=counter.count, host_ms=host_ms, wall_ms=wall_ms,
+               kernels=None, gpu_ms=None)
+    if device.type == 'cuda':
+        with profile(activities=_activities(device)) as prof:
+            step()
+            _sync(device)
+        kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+        row.update(kernels=len(kernels),
+                   gpu_ms=sum(e.device_time for e in kernels if 'Memcpy' not in e.name) / 1e3)
+    return row
+
+
+def format_census(rows: List[Dict]) -> str:
+    lines = ['| model | aten ops / step | kernels / step | host issue ms | wall ms / step | '
+             'GPU kernel ms / step |', '|---|---:|---:|---:|---:|---:|']
+    for row in rows:
+        def cell(key, fmt):
+            return '-' if row[key] is None else fmt.format(row[key])
+        lines.append(f"| {row['model']} | {row['aten_ops']} | {cell('kernels', '{}')} | "
+                     f"{row['host_ms']:.1f} | {row['wall_ms']:.1f} | {cell('gpu_ms', '{:.1f}')} |")
+    return '\n'.join(lines)
 
 
 def environment(args) -> Dict:
@@ -299,6 +379,10 @@ def main(argv=None):
         report['profile'] = profile_training(args.profile, args)
         print(f'\nTraining-step profile of {args.profile} ({args.batch}x{args.img}px):')
         print(report['profile'])
+    if args.census:
+        report['census'] = [step_census(spec, args) for spec in args.census]
+        print(f'\nOne eager training step ({args.batch}x{args.img}px, {args.dtype}):')
+        print(format_census(report['census']))
     if args.out:
         with open(args.out, 'w') as f:
             json.dump(report, f, indent=1)
