@@ -193,19 +193,22 @@ ALIGNED_CASES = {
 }
 
 
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float16], ids=['fp32', 'fp16'])
 @pytest.mark.parametrize('aligned_tiles', [True, False], indirect=True, ids=['aligned', 'general'])
 @pytest.mark.parametrize('case', list(ALIGNED_CASES), ids=list(ALIGNED_CASES))
-def test_aligned_and_general_tiles_match_fp64(case, aligned_tiles):
+def test_aligned_and_general_tiles_match_fp64(case, aligned_tiles, dtype):
     batch, heads, groups, block_q, blocks, block_k, slots, head_dim, per_head, masked, width = \
         ALIGNED_CASES[case]
     q, k, v, index, mask = make_inputs(batch, heads, groups, block_q, blocks, block_k, slots,
-                                       head_dim, per_head=per_head, masked_fraction=masked)
+                                       head_dim, dtype=dtype, per_head=per_head,
+                                       masked_fraction=masked)
     index[0, ..., 0, :] = -1  # a group routed nowhere
     window = None if width is None else (8, 8)
     plans = [kernels._query_plan(kind, batch, heads, groups * block_q, head_dim, block_q,
-                                 block_k, slots, True, None)[2] for kind in ('fwd', 'dq')]
+                                 block_k, slots, dtype == torch.float32, None)[2]
+             for kind in ('fwd', 'dq')]
     plans.append(kernels._key_plan('dkdv', batch, heads, blocks * block_k, head_dim, block_k,
-                                   block_q, True, None)[3])
+                                   block_q, dtype == torch.float32, None)[3])
     assert [plan['ALIGNED'] for plan in plans] == [aligned_tiles] * 3
     compare_to_fp64(q, k, v, index, mask, window or block_q, window or block_k, map_width=width)
 
