@@ -101,17 +101,15 @@ def _routing_forward(plan: BlockPlan, h: Tensor, qkv_wc: Tensor, qkv_bc: Tensor,
     projection: (attended (B, H, W, C) contiguous, tensors to save, geometry)."""
     from ops import _triton_depthwise_conv as dwconv
     from ops import _triton_gather_attention as attention
+    from backbones.biformer import map_padding_mask, padded_map_size
     batch, height, width, chans = h.shape
-    pad_h = (height + plan.n_win - 1) // plan.n_win * plan.n_win
-    pad_w = (width + plan.n_win - 1) // plan.n_win * plan.n_win
+    pad_h, pad_w = padded_map_size(height, width, plan.n_win)
     padded = (pad_h, pad_w) != (height, width)
     hp = F.pad(h, (0, 0, 0, pad_w - width, 0, pad_h - height)) if padded else h
     qkv = _linear(hp, qkv_wc, qkv_bc)
     mask = None
     if padded and plan.masked:
-        padding = torch.ones(pad_h, pad_w, dtype=torch.bool, device=h.device)
-        padding[:height, :width] = False
-        mask = padding.view(1, pad_h * pad_w).expand(batch, pad_h * pad_w)
+        mask = map_padding_mask(batch, height, width, pad_h, pad_w, h.device)
         qkv = qkv.masked_fill(mask.view(batch, pad_h, pad_w, 1), 0.0)
     tokens = pad_h * pad_w
     q, k, v = qkv.view(batch, tokens, 3 * chans).split(chans, dim=-1)

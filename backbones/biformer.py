@@ -98,6 +98,21 @@ def _heads_to_map(x: torch.Tensor, n_win: int, height: int, width: int) -> torch
     return x.reshape(batch, height, width, heads * head_dim)
 
 
+def padded_map_size(height, width, n_win: int):
+    """(pad_height, pad_width): the map padded to multiples of ``n_win`` regions per side.
+    Computed as multiples (not ``height + (-height % n_win)``) so that with symbolic shapes
+    (torch.compile dynamic=True) the region sizes simplify exactly."""
+    return ((height + n_win - 1) // n_win * n_win, (width + n_win - 1) // n_win * n_win)
+
+
+def map_padding_mask(batch: int, height: int, width: int, pad_height: int, pad_width: int,
+                     device: torch.device) -> torch.Tensor:
+    """Bool (B, N) in row-major order of the padded map, True on padded tokens."""
+    padded = torch.ones(pad_height, pad_width, dtype=torch.bool, device=device)
+    padded[:height, :width] = False
+    return padded.view(1, pad_height * pad_width).expand(batch, pad_height * pad_width)
+
+
 class BiLevelRoutingAttention(nn.Module):
     """Bi-level routing attention (the official ``bra_legacy`` variant, ``qk_dim == dim``).
 
@@ -143,20 +158,10 @@ class BiLevelRoutingAttention(nn.Module):
         return (f'num_heads={self.num_heads}, n_win={self.n_win}, topk={self.topk}, '
                 f'pad_mode={self.pad_mode!r}, attn_impl={self.attn_impl!r}')
 
-    def _padding_mask(self, batch: int, height: int, width: int, pad_height: int,
-                      pad_width: int, device: torch.device) -> torch.Tensor:
-        """Bool (B, N) in row-major map order, True on padded tokens."""
-        padded = torch.ones(pad_height, pad_width, dtype=torch.bool, device=device)
-        padded[:height, :width] = False
-        return padded.view(1, pad_height * pad_width).expand(batch, pad_height * pad_width)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, H, W, C) -> (B, H, W, C)."""
         batch, height, width, chans = x.shape
-        # Padded sizes as multiples of the region count (not height + (-height % n_win)): with
-        # symbolic shapes (torch.compile dynamic=True) the region sizes then simplify exactly.
-        pad_height = (height + self.n_win - 1) // self.n_win * self.n_win
-        pad_width = (width + self.n_win - 1) // self.n_win * self.n_win
+        pad_height, pad_width = padded_map_size(height, width, self.n_win)
         pad_bottom, pad_right = pad_height - height, pad_width - width
         # While exporting, always take the padded path (padding by zero when the size is a
         # multiple already): a traced branch would fix the graph to the export size.
@@ -165,7 +170,8 @@ class BiLevelRoutingAttention(nn.Module):
             x = F.pad(x, (0, 0, 0, pad_right, 0, pad_bottom))
         padding_mask = None
         if is_padded and self.pad_mode == 'masked':
-            padding_mask = self._padding_mask(batch, height, width, pad_height, pad_width, x.device)
+            padding_mask = map_padding_mask(batch, height, width, pad_height, pad_width,
+                                            x.device)
         attend = self._fused_attention if self.attn_impl == 'fused' else self._gather_attention
         out = attend(x, padding_mask)
         if is_padded:
