@@ -45,12 +45,22 @@ def set_debug(enabled: bool) -> None:
 # Bound once: looking ``torch.onnx.is_in_onnx_export`` up goes through the module's lazy
 # ``__getattr__`` (microseconds on every op call otherwise).
 _in_onnx_export = torch.onnx.is_in_onnx_export
-_compiler_is_exporting = getattr(torch.compiler, 'is_exporting', lambda: False)
+_compiler = torch.compiler
+
+
+def _torch_exporting() -> bool:
+    """True while torch.export traces. Reads the flag that torch.export sets rather than
+    calling ``torch.compiler.is_exporting()``: Dynamo folds that call to True whenever it
+    traces, torch.compile included (torch <= 2.11), which would send compiled models down the
+    export path (the torch references instead of the Triton custom ops)."""
+    flag = getattr(_compiler, '_is_exporting_flag', None)
+    return _compiler.is_exporting() if flag is None else flag
 
 
 def is_exporting() -> bool:
-    """True while ONNX-exporting, jit-tracing or torch.export-ing (the graph must stay plain)."""
-    return _in_onnx_export() or torch.jit.is_tracing() or _compiler_is_exporting()
+    """True while ONNX-exporting, jit-tracing or torch.export-ing (the graph must stay plain);
+    False under torch.compile."""
+    return _in_onnx_export() or torch.jit.is_tracing() or _torch_exporting()
 
 
 def _is_compiling() -> bool:

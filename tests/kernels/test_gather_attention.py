@@ -414,6 +414,44 @@ def test_torch_compile_fullgraph(backend):
         torch.testing.assert_close(got, expected)
 
 
+
+def test_is_exporting_under_compile_and_export(monkeypatch):
+    """Compiled callers take the Triton custom ops, exported ones the references. Dynamo folds
+    ``torch.compiler.is_exporting()`` to True whenever it traces (torch <= 2.11; simulated
+    here), so ``ops.is_exporting`` must read the flag torch.export sets instead."""
+    monkeypatch.setattr(torch.compiler, 'is_exporting', lambda: True)
+
+    class Flagged(torch.nn.Module):
+        def forward(self, x):
+            return x + (1.0 if ops.is_exporting() else 0.0)
+
+    x = torch.zeros(2)
+    assert not ops.is_exporting()
+    assert torch.compile(Flagged(), fullgraph=True, backend='eager')(x).tolist() == [0.0, 0.0]
+    exported = torch.export.export(Flagged(), (x,))
+    assert exported.module()(x).tolist() == [1.0, 1.0]
+
+
+@pytest.mark.gpu
+def test_torch_compile_takes_the_custom_op_on_cuda():
+    """Under torch.compile a CUDA caller's graph holds the Triton custom op, not the
+    reference's gathers."""
+    q, k, v, index, _ = make_inputs(2, 2, 4, 16, 4, 16, 2, 32, dtype=torch.bfloat16)
+    targets = []
+
+    def recording_backend(gm, example_inputs):
+        targets.extend(str(node.target) for node in gm.graph.nodes if node.op == 'call_function')
+        return gm.forward
+
+    compiled = torch.compile(lambda q_: ops.gather_attention(q_, k, v, index, block_q=16,
+                                                             block_k=16),
+                             fullgraph=True, backend=recording_backend)
+    torch.testing.assert_close(compiled(q), ops.gather_attention(q, k, v, index, block_q=16,
+                                                                 block_k=16))
+    assert any('gather_attention_fwd' in target for target in targets), targets
+    assert not any('gather' in target and 'dsa_ops' not in target for target in targets), targets
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
