@@ -27,7 +27,9 @@ Two entry points share the launchers: :func:`triton_gather_attention` runs eager
 through the custom ops ``dsa_ops::gather_attention_fwd`` / ``_bwd``, which carry fake
 implementations for tracing.
 """
+import contextlib
 import functools
+import threading
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -631,6 +633,19 @@ def _mask_args(key_padding_mask: Optional[Tensor], like: Tensor):
 
 _WINDOW_ROWS_CACHE = {}
 _WINDOW_ROWS_CACHE_SIZE = 256
+_uncached = threading.local()
+
+
+@contextlib.contextmanager
+def _uncached_window_rows():
+    """Inside, :func:`window_rows` makes its tables afresh instead of caching them. The custom
+    ops (the torch.compile path) run so: in ``mode='reduce-overhead'`` Inductor warms its CUDA
+    graphs up with allocations from its own memory pool, which a cached table would outlive."""
+    _uncached.active = True
+    try:
+        yield
+    finally:
+        _uncached.active = False
 
 
 def window_rows(num_tokens: int, window: Tuple[int, int], map_width: int,
@@ -638,13 +653,14 @@ def window_rows(num_tokens: int, window: Tuple[int, int], map_width: int,
     """int32 (num_tokens,): the memory row, in a row-major map ``map_width`` wide, of each
     position in window-major order (``window = (h, w)``; :func:`to_window_major` of the row
     numbers). Cached per geometry, except while a CUDA graph is being captured (a tensor made
-    then holds its values only in replays)."""
+    then holds its values only in replays) and inside :func:`_uncached_window_rows`."""
     key = (num_tokens, window, map_width, device)
     rows = _WINDOW_ROWS_CACHE.get(key)
     if rows is None:
         rows = to_window_major(torch.arange(num_tokens, dtype=torch.int32, device=device),
                                window, map_width, 0)
-        if not (device.type == 'cuda' and torch.cuda.is_current_stream_capturing()):
+        if not (getattr(_uncached, 'active', False) or (
+                device.type == 'cuda' and torch.cuda.is_current_stream_capturing())):
             if len(_WINDOW_ROWS_CACHE) >= _WINDOW_ROWS_CACHE_SIZE:
                 _WINDOW_ROWS_CACHE.clear()
             _WINDOW_ROWS_CACHE[key] = rows
@@ -845,7 +861,8 @@ def gather_attention_fwd(q: Tensor, k: Tensor, v: Tensor, index: Tensor,
                          scale: float, layout: Optional[List[int]]) -> tuple[Tensor, Tensor]:
     """Forward: (out (B, H, Nq, D) token-major in q's dtype, lse (B, H, Nq) fp32, base 2, +inf
     if no key)."""
-    return forward(q, k, v, index, key_padding_mask, block_q, block_k, scale, layout=layout)
+    with _uncached_window_rows():
+        return forward(q, k, v, index, key_padding_mask, block_q, block_k, scale, layout=layout)
 
 
 @gather_attention_fwd.register_fake
@@ -860,8 +877,9 @@ def gather_attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out:
                          layout: Optional[List[int]]) -> tuple[Tensor, Tensor, Tensor]:
     """Backward: (grad_q, grad_k, grad_v), each in the shape and dtype of its input,
     token-major."""
-    return backward(grad_out, q, k, v, out, lse, index, key_padding_mask, block_q, block_k,
-                    scale, layout=layout)
+    with _uncached_window_rows():
+        return backward(grad_out, q, k, v, out, lse, index, key_padding_mask, block_q, block_k,
+                        scale, layout=layout)
 
 
 @gather_attention_bwd.register_fake

@@ -433,3 +433,25 @@ def test_torch_compile_fullgraph_matches_eager(pad_mode, size):
                                              compiled_model.parameters()):
         torch.testing.assert_close(compiled_param.grad, param.grad, rtol=1e-4, atol=1e-5,
                                    msg=lambda m, name=name: f'{name}: {m}')
+
+
+@pytest.mark.gpu
+def test_torch_compile_takes_the_triton_ops_on_cuda():
+    """Compiled on CUDA under bf16 autocast, the model's graph holds ops' Triton custom ops
+    (attention, depthwise convs), not the torch references; the compiled model matches eager."""
+    torch.manual_seed(0)
+    model = _small(pad_mode='masked').cuda()
+    targets = []
+
+    def recording_backend(gm, example_inputs):
+        targets.extend(str(node.target) for node in gm.graph.nodes if node.op == 'call_function')
+        return gm.forward
+
+    compiled = torch.compile(model, fullgraph=True, backend=recording_backend, dynamic=False)
+    x = torch.randn(2, 3, 45, 45, device='cuda')
+    with torch.autocast('cuda', torch.bfloat16):
+        got, expected = compiled(x), model(x)
+    assert any('gather_attention_fwd' in target for target in targets), targets
+    assert any('depthwise_conv2d_fwd' in target for target in targets), targets
+    assert not any('gather' in target and 'dsa_ops' not in target for target in targets), targets
+    assert _relative_error(got.float(), expected.float()) < 1e-2

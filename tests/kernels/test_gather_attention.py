@@ -432,6 +432,21 @@ def test_is_exporting_under_compile_and_export(monkeypatch):
     assert exported.module()(x).tolist() == [1.0, 1.0]
 
 
+
+def test_custom_ops_do_not_cache_window_rows():
+    """The compile path's custom ops make their window-row tables afresh (a cached one would
+    outlive the memory pool of Inductor's CUDA-graph warm-up); the eager path caches them."""
+    q, k, v, index, _ = make_inputs(1, 1, 4, 4, 4, 4, 2, 16)  # a 4x4 map of 2x2 windows
+    args = (q, k, v, index, None, 4, 4, 0.25, [2, 2, 4])
+    kernels._WINDOW_ROWS_CACHE.clear()
+    out, lse = kernels.gather_attention_fwd(*args)
+    kernels.gather_attention_bwd(torch.ones_like(q), q, k, v, out, lse, *args[3:])
+    assert not kernels._WINDOW_ROWS_CACHE
+    expected = ops.gather_attention(q, k, v, index, block_q=(2, 2), block_k=(2, 2), map_width=4,
+                                    scale=0.25, backend='triton')
+    assert len(kernels._WINDOW_ROWS_CACHE) == 1
+    torch.testing.assert_close(out, expected)
+
 @pytest.mark.gpu
 def test_torch_compile_takes_the_custom_op_on_cuda():
     """Under torch.compile a CUDA caller's graph holds the Triton custom op, not the
