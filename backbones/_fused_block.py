@@ -27,7 +27,7 @@ from torch.autograd.function import once_differentiable
 
 from ops._dtypes import autocast_dtype
 from ops.mlp import gelu_mlp_backward, linear_backward
-from ops.routing import region_routing
+from ops.routing import route_unchecked
 
 __all__ = ['BlockPlan', 'fused_block']
 
@@ -114,11 +114,11 @@ def _routing_forward(plan: BlockPlan, h: Tensor, qkv_wc: Tensor, qkv_bc: Tensor,
     tokens = pad_h * pad_w
     q, k, v = qkv.view(batch, tokens, 3 * chans).split(chans, dim=-1)
     window = (pad_h // plan.n_win, pad_w // plan.n_win)
-    index = region_routing(q, k, block_q=window, block_k=window, map_width=pad_w,
-                           topk=plan.topk, scale=plan.scale, key_padding_mask=mask)
+    block, layout = window[0] * window[1], [window[1], window[1], pad_w]
+    index = route_unchecked(q, k, block, block, window, window, pad_w, plan.topk, plan.scale,
+                            mask)
     heads = [t.view(batch, tokens, plan.heads, chans // plan.heads).transpose(1, 2)
              for t in (q, k, v)]
-    block, layout = window[0] * window[1], [window[1], window[1], pad_w]
     out, lse = attention.forward(*heads, index, mask, block, block, plan.scale, layout=layout)
     attended = dwconv.forward(v.view(batch, pad_h, pad_w, chans), lepe_w, lepe_b,
                               out.transpose(1, 2).reshape(batch, pad_h, pad_w, chans),
@@ -203,38 +203,46 @@ def _full_backward(plan: BlockPlan, grad_attended: Tensor, saved, graph, qkv_wc:
     return grad_h + grad_h_lepe, g_qkv_w, None, g_lepe_w, g_lepe_b
 
 
+def _block_forward(plan: BlockPlan, drops, x, pos_w, pos_b, n1_w, n1_b, qkv_w, qkv_b, lepe_w,
+                   lepe_b, proj_w, proj_b, n2_w, n2_b, fc1_w, fc1_b, fc2_w, fc2_b):
+    """(x3, tensors for the backward, the LayerNorms' casts, the mixer's state) of one block;
+    no autograd (the caller is :class:`_FusedBlock`, or an inference call)."""
+    from ops import _triton_depthwise_conv as dwconv
+    cd = plan.compute_dtype
+    with torch.autocast(x.device.type, enabled=False):
+        x1 = dwconv.forward(x, pos_w, pos_b, x, cd)
+        h, norm1 = _layer_norm_forward(x1, n1_w, n1_b, plan.eps1, plan.fused_norms, cd)
+        weights = [None if t is None else t.to(cd)
+                   for t in (qkv_w, qkv_b, proj_w, proj_b, fc1_w, fc1_b, fc2_w, fc2_b)]
+        qkv_wc, qkv_bc, proj_wc, proj_bc, fc1_wc, fc1_bc, fc2_wc, fc2_bc = weights
+        if plan.full_attention:
+            attended, mixer_saved, mixer_state = _full_forward(plan, h, qkv_wc, lepe_w, lepe_b)
+        else:
+            attended, mixer_saved, mixer_state = _routing_forward(plan, h, qkv_wc, qkv_bc,
+                                                                  lepe_w, lepe_b)
+        branch = _linear(attended, proj_wc, proj_bc)
+        drop1 = _drop_path_mask(branch, *drops[0]) if drops else None
+        x2 = x1 + (branch if drop1 is None else branch * drop1)
+        h2, norm2 = _layer_norm_forward(x2, n2_w, n2_b, plan.eps2, plan.fused_norms, cd)
+        hidden = _linear(h2, fc1_wc, fc1_bc)
+        branch = _linear(F.gelu(hidden), fc2_wc, fc2_bc)
+        drop2 = _drop_path_mask(branch, *drops[1]) if drops else None
+        x3 = x2 + (branch if drop2 is None else branch * drop2)
+    saved = (x, x1, x2, h2, attended, hidden, pos_w, lepe_w, n1_w, n1_b, n2_w, n2_b, *weights,
+             *norm1[:2], *norm2[:2], drop1, drop2, *mixer_saved)
+    return x3, saved, (norm1[2:], norm2[2:]), mixer_state
+
+
 class _FusedBlock(torch.autograd.Function):
     """Forward and backward of one block; see the module docstring."""
 
     @staticmethod
     def forward(ctx, x, pos_w, pos_b, n1_w, n1_b, qkv_w, qkv_b, lepe_w, lepe_b, proj_w,
                 proj_b, n2_w, n2_b, fc1_w, fc1_b, fc2_w, fc2_b, plan, drops):
-        from ops import _triton_depthwise_conv as dwconv
-        cd = plan.compute_dtype
-        with torch.autocast(x.device.type, enabled=False):
-            x1 = dwconv.forward(x, pos_w, pos_b, x, cd)
-            h, norm1 = _layer_norm_forward(x1, n1_w, n1_b, plan.eps1, plan.fused_norms, cd)
-            weights = [None if t is None else t.to(cd)
-                       for t in (qkv_w, qkv_b, proj_w, proj_b, fc1_w, fc1_b, fc2_w, fc2_b)]
-            qkv_wc, qkv_bc, proj_wc, proj_bc, fc1_wc, fc1_bc, fc2_wc, fc2_bc = weights
-            if plan.full_attention:
-                attended, mixer_saved, ctx.mixer_state = _full_forward(plan, h, qkv_wc, lepe_w,
-                                                                       lepe_b)
-            else:
-                attended, mixer_saved, ctx.mixer_state = _routing_forward(
-                    plan, h, qkv_wc, qkv_bc, lepe_w, lepe_b)
-            branch = _linear(attended, proj_wc, proj_bc)
-            drop1 = _drop_path_mask(branch, *drops[0]) if drops else None
-            x2 = x1 + (branch if drop1 is None else branch * drop1)
-            h2, norm2 = _layer_norm_forward(x2, n2_w, n2_b, plan.eps2, plan.fused_norms, cd)
-            hidden = _linear(h2, fc1_wc, fc1_bc)
-            branch = _linear(F.gelu(hidden), fc2_wc, fc2_bc)
-            drop2 = _drop_path_mask(branch, *drops[1]) if drops else None
-            x3 = x2 + (branch if drop2 is None else branch * drop2)
-        ctx.save_for_backward(x, x1, x2, h2, attended, hidden, pos_w, lepe_w, n1_w, n1_b, n2_w,
-                              n2_b, *weights, *norm1[:2], *norm2[:2], drop1, drop2,
-                              *mixer_saved)
-        ctx.norm_casts = (norm1[2:], norm2[2:])
+        x3, saved, ctx.norm_casts, ctx.mixer_state = _block_forward(
+            plan, drops, x, pos_w, pos_b, n1_w, n1_b, qkv_w, qkv_b, lepe_w, lepe_b, proj_w,
+            proj_b, n2_w, n2_b, fc1_w, fc1_b, fc2_w, fc2_b)
+        ctx.save_for_backward(*saved)
         ctx.plan, ctx.param_dtype = plan, n1_w.dtype
         return x3
 
@@ -296,4 +304,6 @@ def fused_block(block, x: Tensor) -> Tensor:
                          t is not None and t.requires_grad for t in (x,) + params),
                      eps1=block.norm1.eps, eps2=block.norm2.eps,
                      compute_dtype=autocast_dtype(x))
+    if not plan.needs_grad:  # inference: no autograd node
+        return _block_forward(plan, drops, x, *params)[0]
     return _FusedBlock.apply(x, *params, plan, drops)

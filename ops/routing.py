@@ -10,7 +10,6 @@ from ops.gather_attention import Block, _is_int_size, check_windows
 __all__ = ['region_routing']
 
 
-@torch.no_grad()
 def region_routing(q: Tensor, k: Tensor, *, block_q: Block, block_k: Block, topk: int,
                    map_width: Optional[int] = None, scale: Optional[float] = None,
                    key_padding_mask: Optional[Tensor] = None) -> Tensor:
@@ -65,13 +64,24 @@ def region_routing(q: Tensor, k: Tensor, *, block_q: Block, block_k: Block, topk
                          f'{key_padding_mask.dtype} {tuple(key_padding_mask.shape)}')
     if scale is None:
         scale = channels ** -0.5
+    return route_unchecked(q, k, block_q, block_k, windows.get('q'), windows.get('k'),
+                           map_width, topk, scale, key_padding_mask)
 
-    def per_region(x: Tensor, name: str, block: int, reduce: str) -> Tensor:
+
+def route_unchecked(q: Tensor, k: Tensor, block_q: int, block_k: int, q_window, k_window,
+                    map_width: Optional[int], topk: int, scale: float,
+                    key_padding_mask: Optional[Tensor]) -> Tensor:
+    """:func:`region_routing` without argument checks, for callers whose shapes hold by
+    construction (BiFormer's fused block): block sizes in tokens, and with ``map_width`` the
+    ``(h, w)`` windows of q and k (else None)."""
+    batch = q.shape[0]
+
+    def per_region(x: Tensor, window, block: int, reduce: str) -> Tensor:
         """(B, N, C) -> (B, regions, C): ``reduce`` ('mean' or 'sum') over each region's
         tokens, read in place (no reordering copy)."""
         tokens, chans = x.shape[1], x.shape[2]
-        if windows:
-            height, width = windows[name]
+        if window is not None:
+            height, width = window
             x = x.reshape(batch, tokens // map_width // height, height, map_width // width,
                           width, chans)
             dims = (2, 4)
@@ -80,19 +90,20 @@ def region_routing(q: Tensor, k: Tensor, *, block_q: Block, block_k: Block, topk
             dims = (2,)
         return getattr(x, reduce)(dim=dims).reshape(batch, tokens // block, chans)
 
-    q_regions = per_region(q, 'q', block_q, 'mean')
-    if key_padding_mask is None:
-        k_regions = per_region(k, 'k', block_k, 'mean')
-        region_is_empty = None
-    else:
-        real = (~key_padding_mask).unsqueeze(-1).to(k.dtype)
-        counts = per_region(real, 'k', block_k, 'sum')
-        k_regions = per_region(k * real, 'k', block_k, 'sum') / counts.clamp(min=1)
-        region_is_empty = counts.squeeze(-1) == 0                       # (B, M)
-    affinity = (q_regions * scale) @ k_regions.transpose(-1, -2)      # (B, G, M)
-    if region_is_empty is not None:
-        affinity = affinity.masked_fill(region_is_empty.unsqueeze(1), float('-inf'))
-    top_affinity, index = torch.topk(affinity, k=topk, dim=-1)
-    if region_is_empty is None:  # every region holds a real key: all picks are valid
-        return index
-    return index.masked_fill(top_affinity == float('-inf'), -1)
+    with torch.no_grad():
+        q_regions = per_region(q, q_window, block_q, 'mean')
+        if key_padding_mask is None:
+            k_regions = per_region(k, k_window, block_k, 'mean')
+            region_is_empty = None
+        else:
+            real = (~key_padding_mask).unsqueeze(-1).to(k.dtype)
+            counts = per_region(real, k_window, block_k, 'sum')
+            k_regions = per_region(k * real, k_window, block_k, 'sum') / counts.clamp(min=1)
+            region_is_empty = counts.squeeze(-1) == 0                       # (B, M)
+        affinity = (q_regions * scale) @ k_regions.transpose(-1, -2)      # (B, G, M)
+        if region_is_empty is not None:
+            affinity = affinity.masked_fill(region_is_empty.unsqueeze(1), float('-inf'))
+        top_affinity, index = torch.topk(affinity, k=topk, dim=-1)
+        if region_is_empty is None:  # every region holds a real key: all picks are valid
+            return index
+        return index.masked_fill(top_affinity == float('-inf'), -1)
