@@ -81,6 +81,21 @@ class _RecomputeGeluMlp(torch.autograd.Function):
                                  ctx.param_dtypes) + (None,)
 
 
+# CUDA products of fp16/bf16 operands write fp32 directly (``torch.mm(..., out_dtype=)``, torch
+# >= 2.8): one kernel instead of a product and a cast, and no rounding to 16 bits in between.
+_MM_OUT_DTYPE = 'dtype' in torch.ops.aten.mm.overloads()
+
+
+def weight_gradient(grad2d: Tensor, x2d: Tensor, dtype: torch.dtype) -> Tensor:
+    """``(grad2d.t() @ x2d)`` in ``dtype``: (out, in) from (rows, out) and (rows, in). An fp32
+    result of fp16/bf16 CUDA operands comes straight from the product (fp32 accumulation, one
+    rounding); otherwise the product is cast."""
+    if (dtype == torch.float32 and grad2d.dtype in (torch.float16, torch.bfloat16)
+            and grad2d.is_cuda and _MM_OUT_DTYPE and not torch.compiler.is_compiling()):
+        return torch.mm(grad2d.t(), x2d, out_dtype=torch.float32)
+    return (grad2d.t() @ x2d).to(dtype)
+
+
 def linear_backward(grad: Tensor, x: Optional[Tensor], weight: Tensor, need_input: bool = True,
                     need_weight: bool = True, need_bias: bool = True,
                     weight_dtype: Optional[torch.dtype] = None,
@@ -92,7 +107,7 @@ def linear_backward(grad: Tensor, x: Optional[Tensor], weight: Tensor, need_inpu
     grad2d = grad.reshape(-1, grad.shape[-1])
     grad_w = grad_b = grad_x = None
     if need_weight:
-        grad_w = (grad2d.t() @ x.reshape(-1, x.shape[-1])).to(weight_dtype or grad.dtype)
+        grad_w = weight_gradient(grad2d, x.reshape(-1, x.shape[-1]), weight_dtype or grad.dtype)
     if need_bias:
         grad_b = column_sum(grad2d).to(bias_dtype or grad.dtype)
     if need_input:

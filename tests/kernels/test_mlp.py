@@ -139,3 +139,19 @@ def test_gelu_mlp_cuda_autocast_tall_matches_plain():
                             torch.autograd.grad(ref, [x] + params, grad)):
         assert ours.dtype == theirs.dtype
         torch.testing.assert_close(ours, theirs, rtol=1e-2, atol=1e-2 * theirs.abs().max().item())
+
+
+@pytest.mark.parametrize('device', ['cpu', pytest.param('cuda', marks=pytest.mark.gpu)])
+def test_weight_gradient_fp32_from_bf16(device):
+    """fp32 weight gradients of bf16 operands: on CUDA straight from the product (closer to the
+    exact product than the rounded-then-cast one), elsewhere the cast product."""
+    from ops.mlp import weight_gradient
+    grad = torch.randn(4096, 96, device=device, dtype=torch.bfloat16)
+    x = torch.randn(4096, 64, device=device, dtype=torch.bfloat16)
+    exact = grad.double().t() @ x.double()
+    ours = weight_gradient(grad, x, torch.float32)
+    cast = (grad.t() @ x).float()
+    assert ours.dtype == torch.float32 and ours.shape == (96, 64)
+    error, cast_error = ((t.double() - exact).norm() / exact.norm() for t in (ours, cast))
+    assert error <= cast_error * (0.5 if device == 'cuda' else 1.0) + 1e-7
+    assert weight_gradient(grad, x, torch.bfloat16).dtype == torch.bfloat16
