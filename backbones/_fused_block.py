@@ -3,8 +3,8 @@
 Eager BiFormer is bound by the host, not the GPU (docs/benchmarks.md, models run 5): a block
 is ~170 aten ops and ~15 autograd nodes, each costing the host 15-40 µs, while its kernels
 are short. :class:`_FusedBlock` runs the block's forward and backward as straight-line calls
-of the kernels the module path runs (ops' Triton launchers, cuBLAS products, PyTorch's
-LayerNorm where the module uses it, in the same dtypes), inside one
+of the kernels the module path runs (ops' Triton launchers, cuBLAS products, in the same
+dtypes), inside one
 ``torch.autograd.Function``: the inner ops carry no autograd bookkeeping and there are no view
 nodes. Routing blocks get the attention's gradients token-major, so the qkv gradient is one
 concatenation; full-attention blocks (the last stage) keep ``F.scaled_dot_product_attention``
@@ -16,6 +16,13 @@ tokens), and ``x3 = x2 + drop(fc2(gelu(fc1(LN2(x2)))))``. Drop-path masks are dr
 module path's order, so the random stream and the masks are the same. Results agree with the
 module path to the rounding of the products (the backward forms some products in another
 order); the tests compare the two on the CPU through the Triton interpreter.
+
+One difference: the LayerNorms always run ops.layer_norm's kernels, with the fp32 weights and
+one rounding of the output, which is what the official model's LayerNorm computes under
+autocast (in fp32). The module path takes them only from ``AutocastLayerNorm.FUSED_MIN_NUMEL``
+elements (for the host cost of ``ops.layer_norm``'s checks) and below that PyTorch's
+LayerNorm on weights rounded to the autocast dtype. Here the kernels are called directly:
+fewer host calls than PyTorch's path (no casts) and less GPU time.
 """
 from dataclasses import dataclass
 from typing import Optional
@@ -41,40 +48,26 @@ class BlockPlan:
     heads: int
     scale: float
     masked: bool            # pad_mode 'masked'
-    fused_norms: bool       # ops.layer_norm's kernels (else PyTorch's on autocast-dtype inputs)
     needs_grad: bool        # a backward will follow (the SDPA graph is kept only then)
     eps1: float
     eps2: float
     compute_dtype: torch.dtype
 
 
-def _layer_norm_forward(x: Tensor, weight: Tensor, bias: Tensor, eps: float, fused: bool,
+def _layer_norm_forward(x: Tensor, weight: Tensor, bias: Tensor, eps: float,
                         dtype: torch.dtype):
-    """(y, state for :func:`_layer_norm_backward`), as ``AutocastLayerNorm``: the Triton kernel
-    with fp32 weights, or PyTorch's on x and weights cast to ``dtype``."""
-    if fused:
-        from ops import _triton_layer_norm as kernels
-        y, mean, rstd = kernels.forward(x, weight, bias, eps, dtype)
-        return y, (mean, rstd, None, None, None)
-    x_c, w_c, b_c = x.to(dtype), weight.to(dtype), bias.to(dtype)
-    y, mean, rstd = torch.native_layer_norm(x_c, (x.shape[-1],), w_c, b_c, eps)
-    return y, (mean, rstd, x_c, w_c, b_c)
+    """(y in ``dtype``, mean, rstd): ops.layer_norm's kernel with the fp32 weights."""
+    from ops import _triton_layer_norm as kernels
+    return kernels.forward(x, weight, bias, eps, dtype)
 
 
-def _layer_norm_backward(grad: Tensor, x: Tensor, weight: Tensor, bias: Tensor, state,
-                         fused: bool, dtype: torch.dtype):
-    """(grad_x in x's dtype, grad_weight, grad_bias in the parameters' dtypes); ``state`` holds
-    the statistics and, for PyTorch's kernel, the casts the forward made."""
-    mean, rstd, x_c, w_c, b_c = state
-    if fused:
-        from ops import _triton_layer_norm as kernels
-        grad_x, grad_w, grad_b = kernels.backward(grad, x, weight, mean, rstd, dtype, True,
-                                                  True, True)
-    else:
-        grad_x, grad_w, grad_b = torch.ops.aten.native_layer_norm_backward(
-            grad.to(dtype), x_c, (x.shape[-1],), mean, rstd, w_c, b_c,
-            [True, True, True])
-    return grad_x.to(x.dtype), grad_w.to(weight.dtype), grad_b.to(bias.dtype)
+def _layer_norm_backward(grad: Tensor, x: Tensor, weight: Tensor, bias: Tensor, mean: Tensor,
+                         rstd: Tensor, dtype: torch.dtype):
+    """(grad_x in x's dtype, grad_weight, grad_bias in the parameters' dtypes)."""
+    from ops import _triton_layer_norm as kernels
+    grad_x, grad_w, grad_b = kernels.backward(grad, x, weight, mean, rstd, dtype, True, True,
+                                              True)
+    return grad_x, grad_w, grad_b.to(bias.dtype)
 
 
 def _linear(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
@@ -205,13 +198,13 @@ def _full_backward(plan: BlockPlan, grad_attended: Tensor, saved, graph, qkv_wc:
 
 def _block_forward(plan: BlockPlan, drops, x, pos_w, pos_b, n1_w, n1_b, qkv_w, qkv_b, lepe_w,
                    lepe_b, proj_w, proj_b, n2_w, n2_b, fc1_w, fc1_b, fc2_w, fc2_b):
-    """(x3, tensors for the backward, the LayerNorms' casts, the mixer's state) of one block;
+    """(x3, tensors for the backward, the mixer's state) of one block;
     no autograd (the caller is :class:`_FusedBlock`, or an inference call)."""
     from ops import _triton_depthwise_conv as dwconv
     cd = plan.compute_dtype
     with torch.autocast(x.device.type, enabled=False):
         x1 = dwconv.forward(x, pos_w, pos_b, x, cd)
-        h, norm1 = _layer_norm_forward(x1, n1_w, n1_b, plan.eps1, plan.fused_norms, cd)
+        h, mean1, rstd1 = _layer_norm_forward(x1, n1_w, n1_b, plan.eps1, cd)
         weights = [None if t is None else t.to(cd)
                    for t in (qkv_w, qkv_b, proj_w, proj_b, fc1_w, fc1_b, fc2_w, fc2_b)]
         qkv_wc, qkv_bc, proj_wc, proj_bc, fc1_wc, fc1_bc, fc2_wc, fc2_bc = weights
@@ -223,14 +216,14 @@ def _block_forward(plan: BlockPlan, drops, x, pos_w, pos_b, n1_w, n1_b, qkv_w, q
         branch = _linear(attended, proj_wc, proj_bc)
         drop1 = _drop_path_mask(branch, *drops[0]) if drops else None
         x2 = x1 + (branch if drop1 is None else branch * drop1)
-        h2, norm2 = _layer_norm_forward(x2, n2_w, n2_b, plan.eps2, plan.fused_norms, cd)
+        h2, mean2, rstd2 = _layer_norm_forward(x2, n2_w, n2_b, plan.eps2, cd)
         hidden = _linear(h2, fc1_wc, fc1_bc)
         branch = _linear(F.gelu(hidden), fc2_wc, fc2_bc)
         drop2 = _drop_path_mask(branch, *drops[1]) if drops else None
         x3 = x2 + (branch if drop2 is None else branch * drop2)
     saved = (x, x1, x2, h2, attended, hidden, pos_w, lepe_w, n1_w, n1_b, n2_w, n2_b, *weights,
-             *norm1[:2], *norm2[:2], drop1, drop2, *mixer_saved)
-    return x3, saved, (norm1[2:], norm2[2:]), mixer_state
+             mean1, rstd1, mean2, rstd2, drop1, drop2, *mixer_saved)
+    return x3, saved, mixer_state
 
 
 class _FusedBlock(torch.autograd.Function):
@@ -239,7 +232,7 @@ class _FusedBlock(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, pos_w, pos_b, n1_w, n1_b, qkv_w, qkv_b, lepe_w, lepe_b, proj_w,
                 proj_b, n2_w, n2_b, fc1_w, fc1_b, fc2_w, fc2_b, plan, drops):
-        x3, saved, ctx.norm_casts, ctx.mixer_state = _block_forward(
+        x3, saved, ctx.mixer_state = _block_forward(
             plan, drops, x, pos_w, pos_b, n1_w, n1_b, qkv_w, qkv_b, lepe_w, lepe_b, proj_w,
             proj_b, n2_w, n2_b, fc1_w, fc1_b, fc2_w, fc2_b)
         ctx.save_for_backward(*saved)
@@ -260,9 +253,8 @@ class _FusedBlock(torch.autograd.Function):
             grad_branch = grad if drop2 is None else grad * drop2
             grad_h2, g_fc1_w, g_fc1_b, g_fc2_w, g_fc2_b = gelu_mlp_backward(
                 grad_branch, h2, hidden, fc1_wc, fc2_wc, param_dtypes=(param_dtype,) * 4)
-            grad_x2, g_n2_w, g_n2_b = _layer_norm_backward(
-                grad_h2, x2, n2_w, n2_b, (mean2, rstd2) + ctx.norm_casts[1],
-                plan.fused_norms, cd)
+            grad_x2, g_n2_w, g_n2_b = _layer_norm_backward(grad_h2, x2, n2_w, n2_b, mean2,
+                                                           rstd2, cd)
             grad_x2 = grad + grad_x2
             # attention branch: x2 = x1 + drop1 * proj(mixer(LN1(x1)))
             grad_branch = (grad_x2 if drop1 is None else grad_x2 * drop1).to(cd)
@@ -271,9 +263,8 @@ class _FusedBlock(torch.autograd.Function):
             mixer_backward = _full_backward if plan.full_attention else _routing_backward
             grad_h, g_qkv_w, g_qkv_b, g_lepe_w, g_lepe_b = mixer_backward(
                 plan, grad_attended, mixer_saved, ctx.mixer_state, qkv_wc, lepe_w, param_dtype)
-            grad_x1, g_n1_w, g_n1_b = _layer_norm_backward(
-                grad_h, x1, n1_w, n1_b, (mean1, rstd1) + ctx.norm_casts[0],
-                plan.fused_norms, cd)
+            grad_x1, g_n1_w, g_n1_b = _layer_norm_backward(grad_h, x1, n1_w, n1_b, mean1,
+                                                           rstd1, cd)
             grad_x1 = grad_x2 + grad_x1
             # x1 = x + dwconv3(x)
             grad_x, g_pos_w, g_pos_b = dwconv.backward(grad_x1, x, pos_w, cd, True, True)
@@ -299,7 +290,6 @@ def fused_block(block, x: Tensor) -> Tensor:
     plan = BlockPlan(full_attention=full, n_win=0 if full else attn.n_win,
                      topk=0 if full else attn.topk, heads=attn.num_heads, scale=attn.scale,
                      masked=not full and attn.pad_mode == 'masked',
-                     fused_norms=block.norm1.takes_fused_kernel(x),
                      needs_grad=torch.is_grad_enabled() and any(
                          t is not None and t.requires_grad for t in (x,) + params),
                      eps1=block.norm1.eps, eps2=block.norm2.eps,

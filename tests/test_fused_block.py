@@ -56,16 +56,22 @@ def test_matches_module_path_fp32(fused_on_cpu, pad_mode, size, topk, drop_path)
         assert _relative_l2(got, expected) < 1e-5
 
 
-def test_fused_layer_norm_kernels(fused_on_cpu, monkeypatch):
-    """Sizes where the block's LayerNorms take ops.layer_norm's kernels (2^23 elements and
-    more on the GPU; every size here)."""
+def test_layer_norms_on_the_kernels_at_every_size(fused_on_cpu, monkeypatch):
+    """The block's LayerNorms run ops.layer_norm's kernels at any size; the module path's do so
+    from FUSED_MIN_NUMEL elements (here every size too), and the two agree."""
     from backbones.biformer import AutocastLayerNorm
-    monkeypatch.setattr(AutocastLayerNorm, 'FUSED_MIN_NUMEL', 1)
+    from ops import _triton_layer_norm
+    calls = []
+    forward = _triton_layer_norm.forward
+    monkeypatch.setattr(_triton_layer_norm, 'forward', lambda *a, **k: calls.append(1) or
+                        forward(*a, **k))
     block = _block('masked', topk=2)
     x, grad = torch.randn(2, 15, 15, 64), torch.randn(2, 15, 15, 64)
-    for got, expected in zip(_run(block, x, grad, True, torch.float32),
-                             _run(block, x, grad, False, torch.float32)):
-        assert _relative_l2(got, expected) < 1e-5
+    got = _run(block, x, grad, True, torch.float32)
+    assert len(calls) == 2
+    monkeypatch.setattr(AutocastLayerNorm, 'FUSED_MIN_NUMEL', 1)
+    for got_t, expected in zip(got, _run(block, x, grad, False, torch.float32)):
+        assert _relative_l2(got_t, expected) < 1e-5
 
 
 @pytest.mark.parametrize('topk, size', [(2, 15), (-2, 6)], ids=['routing', 'full'])
