@@ -198,8 +198,8 @@ def _full_backward(plan: BlockPlan, grad_attended: Tensor, saved, graph, qkv_wc:
 
 def _block_forward(plan: BlockPlan, drops, x, pos_w, pos_b, n1_w, n1_b, qkv_w, qkv_b, lepe_w,
                    lepe_b, proj_w, proj_b, n2_w, n2_b, fc1_w, fc1_b, fc2_w, fc2_b):
-    """(x3, tensors for the backward, the mixer's state) of one block;
-    no autograd (the caller is :class:`_FusedBlock`, or an inference call)."""
+    """(x3, tensors for the backward, the mixer's state) of one block, computed without
+    autograd: by :class:`_FusedBlock`, or directly when no gradient is needed."""
     from ops import _triton_depthwise_conv as dwconv
     cd = plan.compute_dtype
     with torch.autocast(x.device.type, enabled=False):
