@@ -59,7 +59,7 @@ def forbid_triton_launches():
         name = getattr(getattr(kernel, 'fn', None), '__name__', type(kernel).__name__)
         raise RuntimeError(f'Triton kernel {name!r} was launched during ONNX export; the op must '
                            f'take its torch reference path while exporting '
-                           f'(torch.onnx.is_in_onnx_export() / torch.compiler.is_exporting())')
+                           f'(ops.is_exporting())')
 
     originals = {cls: cls.run for cls in (JITFunction, InterpretedFunction)}
     try:
