@@ -23,6 +23,15 @@ def test_models_benchmark_rejects_cuda_graph_on_cpu(capsys):
     assert '--cuda-graph needs a CUDA device' in rows[0]['error']
 
 
+
+def test_models_benchmark_compile_flag_takes_an_optional_mode():
+    import bench_models
+    assert bench_models.parse_args([]).compile is None
+    assert bench_models.parse_args(['--compile']).compile == 'default'
+    assert bench_models.parse_args(['--compile', 'reduce-overhead', '--models', 'x']).compile \
+        == 'reduce-overhead'
+
+
 def test_column_sum_benchmark_times_both_forms(capsys):
     rows = benchmark.main(['colsum', '--device', 'cpu', '--shapes', '64x8', '33x5'])
     assert [(r['rows'], r['chans']) for r in rows] == [(64, 8), (33, 5)]

@@ -64,12 +64,11 @@ def parse_args(argv):
     parser.add_argument('--iters', type=int, default=10)
     parser.add_argument('--no-train', action='store_true', help='inference only')
     parser.add_argument('--channels-last', action='store_true')
-    parser.add_argument('--compile', action='store_true', help='torch.compile every model')
-    parser.add_argument('--compile-mode', default=None,
+    parser.add_argument('--compile', nargs='?', const='default', default=None, metavar='MODE',
                         choices=('default', 'reduce-overhead', 'max-autotune',
                                  'max-autotune-no-cudagraphs'),
-                        help='torch.compile mode (implies --compile; reduce-overhead replays '
-                             "Inductor's CUDA graphs)")
+                        help="torch.compile every model, in MODE (default: 'default'; "
+                             "reduce-overhead replays Inductor's CUDA graphs)")
     parser.add_argument('--cuda-graph', action='store_true',
                         help='time CUDA-graph replays of the inference call and of the whole '
                              'training step (no host launch overhead: what the GPU sustains)')
@@ -168,7 +167,7 @@ def measure(model: torch.nn.Module, batch: int, img: int, args) -> Dict:
     """img/s and peak memory (GB) of inference and of a training step."""
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     graphed = args.cuda_graph
-    if graphed and (device.type != 'cuda' or args.compile or args.compile_mode):
+    if graphed and (device.type != 'cuda' or args.compile):
         raise ValueError('--cuda-graph needs a CUDA device and excludes --compile')
     # Graph capture needs autocast's weight-cast cache off (the casts are then captured).
     autocast = dict(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32,
@@ -176,9 +175,8 @@ def measure(model: torch.nn.Module, batch: int, img: int, args) -> Dict:
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=memory_format)
     runner = model
-    if args.compile or args.compile_mode:
-        runner = torch.compile(model, mode=None if args.compile_mode in (None, 'default')
-                               else args.compile_mode)
+    if args.compile:
+        runner = torch.compile(model, mode=None if args.compile == 'default' else args.compile)
     x = torch.randn(batch, 3, img, img, device=device).to(memory_format=memory_format)
     timer, result = Timer(device), {}
 
