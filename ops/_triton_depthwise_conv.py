@@ -29,11 +29,10 @@ from torch.autograd.function import once_differentiable
 from ops._sizes import cdiv, next_power_of_2
 
 # One row per kernel: (positions per program BLOCK_P, widest BLOCK_W, widest BLOCK_C,
-# num_warps). From a probe of a few rows on an H200 at 128x56x56x64 bf16 (docs/ops.md), not a
-# sweep: `python tools/benchmark.py dwconv --tune` sweeps candidates. fwd/dx spill at more
-# than 32 fp32 accumulator elements per thread; dw is fastest with one warp.
+# num_warps), each the row with the least summed slowdown over the 9 shapes of
+# `python tools/benchmark.py dwconv --tune` on an H200 (bf16, 2026-12-01; docs/ops.md).
 KINDS = ('fwd', 'dx', 'dw')
-_CONFIGS = {'fwd': (64, 16, 64, 4), 'dx': (64, 16, 64, 4), 'dw': (32, 16, 64, 1)}
+_CONFIGS = {'fwd': (32, 16, 64, 2), 'dx': (64, 16, 32, 2), 'dw': (64, 16, 32, 1)}
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
