@@ -1,17 +1,22 @@
 """Fused Triton kernels for :func:`ops.depthwise_conv2d` (NHWC): launchers, autograd, custom ops.
 
-Tiling. A program owns ``BLOCK_H x BLOCK_W`` positions of one image, flattened to
-``BLOCK_H * BLOCK_W`` rows, by ``BLOCK_C`` channels. Channels are the fast axis, so loads from
-an NHWC tensor with unit channel stride vectorize. The ``kh * kw`` taps are unrolled: each
-loads the shifted tile (zeros outside the map, so 'same' zero padding needs no copy).
+Tiling. Channels are the fast axis, so loads from an NHWC tensor with unit channel stride
+vectorize; out-of-map positions load zeros, so 'same' zero padding needs no copy.
 
-* Forward (``_conv_kernel``, grid ``(B * tiles, cdiv(C, BLOCK_C))``): the conv accumulated in
-  fp32, plus bias and the add-tensor, stored once in the output dtype.
+* Forward (``_conv_rows_kernel``, grid ``(B * tiles, cdiv(C, BLOCK_C))``): a program owns
+  ``BLOCK_H`` rows x ``BLOCK_W`` columns of one image by ``BLOCK_C`` channels and slides down
+  its rows. It loads each input row once per column tap (``kw`` loads, the halo rows
+  included) and adds it, times the matching kernel row, into the ``kh`` accumulators of the
+  output rows it touches (a tuple of ``(BLOCK_W, BLOCK_C)`` fp32 tiles, rotated per row); the
+  finished top row gets bias and the add-tensor and is stored once in the output dtype. So
+  each input element is loaded ``kw (1 + (kh - 1) / BLOCK_H)`` times, not ``kh * kw``, and the
+  ``kh * kw`` weight vectors stay in registers.
 * dx: the same kernel on dy with the flipped kernel.
-* dweight, dbias (``_dw_kernel``, the forward's grid): a program loads its dy tile once, and
-  per tap the shifted x tile, and writes the tile's sum of ``x_shifted * dy`` to an fp32
-  partial buffer (tiles, kh * kw + 1, C) (the last row sums dy, for dbias) that torch
-  ``sum(0)`` reduces. No atomics, so results are deterministic.
+* dweight, dbias (``_dw_kernel``, grid ``(B * tiles, cdiv(C, BLOCK_C))`` over tiles of
+  ``BLOCK_H x BLOCK_W`` positions): a program loads its dy tile once, and per tap the shifted
+  x tile, and writes the tile's sum of ``x_shifted * dy`` to an fp32 partial buffer
+  (tiles, kh * kw + 1, C) (the last row sums dy, for dbias) that torch ``sum(0)`` reduces. No
+  atomics, so results are deterministic.
 
 Eager calls go through a ``torch.autograd.Function`` straight to the launchers; under
 ``torch.compile`` or export through the custom ops ``dsa_ops::depthwise_conv2d_fwd`` / ``_bwd``
@@ -28,45 +33,63 @@ from torch.autograd.function import once_differentiable
 
 from ops._sizes import cdiv, next_power_of_2
 
-# One row per kernel: (positions per program BLOCK_P, widest BLOCK_W, widest BLOCK_C,
-# num_warps), each the row with the least summed slowdown over the 9 shapes of
-# `python tools/benchmark.py dwconv --tune` on an H200 (bf16, 2026-12-01; docs/ops.md).
+# Tile rows per kernel and kernel-height class (3: kernels up to 3 rows; 5: taller). fwd, dx:
+# (rows per program BLOCK_H, widest BLOCK_W, widest BLOCK_C, num_warps); dw: (positions per
+# tile BLOCK_P, widest BLOCK_W, widest BLOCK_C, num_warps). Each is the row with the least
+# mean slowdown over its class's shapes in `python tools/benchmark.py dwconv --tune` on an
+# H200 (bf16, 2026-12-01; docs/ops.md).
 KINDS = ('fwd', 'dx', 'dw')
-_CONFIGS = {'fwd': (32, 16, 64, 2), 'dx': (64, 16, 32, 2), 'dw': (64, 16, 32, 1)}
+KERNEL_CLASSES = (3, 5)
+_CONFIGS = {'fwd': {3: (32, 8, 64, 2), 5: (32, 8, 32, 2)},
+            'dx': {3: (32, 8, 128, 2), 5: (32, 8, 32, 2)},
+            'dw': {3: (64, 8, 64, 1), 5: (64, 8, 32, 1)}}
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+
+def kernel_class(kernel_h: int) -> int:
+    """The ``_CONFIGS`` class of a kernel with ``kernel_h`` rows."""
+    return KERNEL_CLASSES[0] if kernel_h <= KERNEL_CLASSES[0] else KERNEL_CLASSES[1]
 
 
 def _is_power_of_2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
-def config_for(row: tuple, height: int, width: int, channels: int):
-    """(BLOCK_H, BLOCK_W, BLOCK_C, num_warps) that a row (BLOCK_P, widest BLOCK_W, widest
-    BLOCK_C, num_warps) gives for an H x W x C map: BLOCK_W = min(widest, next_pow2(W)),
-    BLOCK_H = BLOCK_P // BLOCK_W (at most next_pow2(H)), BLOCK_C = min(widest, next_pow2(C))."""
-    block_p, widest_w, widest_c, num_warps = row
-    block_w = min(widest_w, next_power_of_2(width), block_p)
-    block_h = min(block_p // block_w, next_power_of_2(height))
-    return block_h, block_w, min(widest_c, next_power_of_2(channels)), num_warps
+def config_for(kind: str, row: tuple, height: int, width: int, channels: int):
+    """(BLOCK_H, BLOCK_W, BLOCK_C, num_warps) that a row of kernel ``kind`` gives for an
+    H x W x C map: BLOCK_W = min(widest, next_pow2(W)), BLOCK_C = min(widest, next_pow2(C));
+    fwd/dx: BLOCK_H = the row count that splits H into cdiv(H, rows) equal strips; dw:
+    BLOCK_H = BLOCK_P // BLOCK_W, at most next_pow2(H)."""
+    block, widest_w, widest_c, num_warps = row
+    block_c = min(widest_c, next_power_of_2(channels))
+    if kind == 'dw':
+        block_w = min(widest_w, next_power_of_2(width), block)
+        return (min(block // block_w, next_power_of_2(height)), block_w, block_c, num_warps)
+    return (cdiv(height, cdiv(height, block)) if height else 1,
+            min(widest_w, next_power_of_2(width)), block_c, num_warps)
 
 
-def tile_config(kind: str, height: int, width: int, channels: int):
-    """(BLOCK_H, BLOCK_W, BLOCK_C, num_warps) of kernel ``kind`` for an H x W x C map."""
-    return config_for(_CONFIGS[kind], height, width, channels)
+def tile_config(kind: str, kernel_h: int, height: int, width: int, channels: int):
+    """(BLOCK_H, BLOCK_W, BLOCK_C, num_warps) of kernel ``kind`` for a conv kernel with
+    ``kernel_h`` rows on an H x W x C map."""
+    return config_for(kind, _CONFIGS[kind][kernel_class(kernel_h)], height, width, channels)
 
 
 def set_tile_configs(table: dict) -> None:
-    """Replace rows of ``_CONFIGS``: ``{kind: (BLOCK_P, BLOCK_W, BLOCK_C, num_warps)}``, powers
-    of two (tuning sweeps)."""
-    for kind, row in table.items():
+    """Replace rows of ``_CONFIGS``: ``{kind: {kernel class: row}}``, each row 4 powers of two
+    (tuning sweeps; classes may be JSON strings)."""
+    for kind, rows in table.items():
         if kind not in _CONFIGS:
             raise ValueError(f'kind must be one of {KINDS}, got {kind!r}')
-        row = tuple(int(v) for v in row)
-        if len(row) != 4 or not all(_is_power_of_2(v) for v in row):
-            raise ValueError(f'{kind} row must be 4 powers of two (BLOCK_P, BLOCK_W, BLOCK_C, '
-                             f'num_warps), got {row}')
-        _CONFIGS[kind] = row
+        for kernel_cls, row in rows.items():
+            if int(kernel_cls) not in KERNEL_CLASSES:
+                raise ValueError(f'kernel class must be one of {KERNEL_CLASSES}, got {kernel_cls!r}')
+            row = tuple(int(v) for v in row)
+            if len(row) != 4 or not all(_is_power_of_2(v) for v in row):
+                raise ValueError(f'{kind} row must be 4 powers of two (BLOCK_H or BLOCK_P, '
+                                 f'BLOCK_W, BLOCK_C, num_warps), got {row}')
+            _CONFIGS[kind][int(kernel_cls)] = row
     _plan.cache_clear()
 
 
@@ -102,51 +125,67 @@ def _load_shifted(X, offsets, i, j, c_valid, height, width, stride_h, stride_w, 
 
 
 @triton.jit
-def _conv_taps(X, offsets, i, j, c, c_valid, height, width, stride_h, stride_w,
-               Wt, stride_wc, stride_wh, stride_ww,
-               KH: tl.constexpr, KW: tl.constexpr, SIGN: tl.constexpr,
-               ROUND_X: tl.constexpr, ROUND_W: tl.constexpr,
-               BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """fp32 sum over taps (u, v) of X[i + SIGN (u - KH//2), j + SIGN (v - KW//2)] * W[c, u, v];
-    SIGN = -1 is the flipped kernel (dx). X and W are rounded to ROUND_X / ROUND_W first."""
-    acc = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
+def _conv_rows_kernel(X, Wt, Bias, Add, Out,
+                      stride_xb, stride_xh, stride_xw, stride_xc,
+                      stride_wc, stride_wh, stride_ww, stride_bias,
+                      stride_ab, stride_ah, stride_aw, stride_ac,
+                      height, width, channels, tiles_w, tiles_per_image,
+                      KH: tl.constexpr, KW: tl.constexpr, SIGN: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, HAS_ADD: tl.constexpr, ROUND_X: tl.constexpr,
+                      COMPUTE: tl.constexpr,
+                      BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Out = conv(X) + bias + add over this program's BLOCK_H rows x BLOCK_W columns x BLOCK_C
+    channels; SIGN = -1 convolves with the flipped kernel (dx). X is rounded to ROUND_X,
+    weight and bias to COMPUTE; fp32 accumulation."""
+    program = tl.program_id(0)
+    b = (program // tiles_per_image).to(tl.int64)
+    tile = program % tiles_per_image
+    row0 = (tile // tiles_w) * BLOCK_H
+    j = (tile % tiles_w) * BLOCK_W + tl.arange(0, BLOCK_W)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_valid = c < channels
+    # taps[u * KW + v]: the weight applied to input offset (u - KH//2, v - KW//2), per channel.
+    taps = ()
     for u in tl.static_range(KH):
         for v in tl.static_range(KW):
-            xv = _load_shifted(X, offsets, i, j, c_valid, height, width, stride_h, stride_w,
-                               SIGN * (u - KH // 2), SIGN * (v - KW // 2))
-            wv = tl.load(Wt + c * stride_wc + u * stride_wh + v * stride_ww, mask=c_valid,
-                         other=0.0)
-            acc += xv.to(ROUND_X).to(tl.float32) * wv.to(ROUND_W).to(tl.float32)[None, :]
-    return acc
-
-
-@triton.jit
-def _conv_kernel(X, Wt, Bias, Add, Out,
-                 stride_xb, stride_xh, stride_xw, stride_xc,
-                 stride_wc, stride_wh, stride_ww, stride_bias,
-                 stride_ab, stride_ah, stride_aw, stride_ac,
-                 height, width, channels, tiles_w, tiles_per_image,
-                 KH: tl.constexpr, KW: tl.constexpr, SIGN: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, HAS_ADD: tl.constexpr, ROUND_X: tl.constexpr,
-                 COMPUTE: tl.constexpr,
-                 BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Out = conv(X) (the flipped kernel if SIGN = -1) + bias + add; X rounded to ROUND_X,
-    weight and bias to COMPUTE."""
-    b, i, j, c, pos_valid, c_valid = _tile(height, width, channels, tiles_w, tiles_per_image,
-                                           BLOCK_H, BLOCK_W, BLOCK_C)
-    x_offsets = _offsets(b, i, j, c, stride_xb, stride_xh, stride_xw, stride_xc)
-    acc = _conv_taps(X, x_offsets, i, j, c, c_valid, height, width, stride_xh, stride_xw,
-                     Wt, stride_wc, stride_wh, stride_ww, KH, KW, SIGN, ROUND_X, COMPUTE,
-                     BLOCK_H * BLOCK_W, BLOCK_C)
-    mask = pos_valid[:, None] & c_valid[None, :]
-    if HAS_BIAS:
-        bias = tl.load(Bias + c * stride_bias, mask=c_valid, other=0.0)
-        acc += bias.to(COMPUTE).to(tl.float32)[None, :]
-    if HAS_ADD:
-        add_offsets = _offsets(b, i, j, c, stride_ab, stride_ah, stride_aw, stride_ac)
-        acc += tl.load(Add + add_offsets, mask=mask, other=0.0).to(tl.float32)
-    out_offsets = _offsets(b, i, j, c, height * width * channels, width * channels, channels, 1)
-    tl.store(Out + out_offsets, acc.to(Out.dtype.element_ty), mask=mask)
+            wu = u if SIGN == 1 else KH - 1 - u
+            wv = v if SIGN == 1 else KW - 1 - v
+            w = tl.load(Wt + c * stride_wc + wu * stride_wh + wv * stride_ww, mask=c_valid,
+                        other=0.0)
+            taps = taps + (w.to(COMPUTE).to(tl.float32)[None, :],)
+    x_columns = X + b * stride_xb + (j.to(tl.int64) * stride_xw)[:, None] + (c * stride_xc)[None, :]
+    # acc[k] holds output row r - KH//2 + k while input row r is added in.
+    acc = ()
+    for k in tl.static_range(KH):
+        acc = acc + (tl.zeros([BLOCK_W, BLOCK_C], tl.float32),)
+    out_mask_wc = (j < width)[:, None] & c_valid[None, :]
+    for r in range(row0 - KH // 2, row0 + BLOCK_H + KH // 2):
+        r64 = b * 0 + r  # int64 row offsets
+        row_valid = (r >= 0) & (r < height)
+        for v in tl.static_range(KW):
+            jj = j + (v - KW // 2)
+            valid = row_valid & (jj >= 0) & (jj < width)
+            xv = tl.load(x_columns + (r64 * stride_xh + (v - KW // 2) * stride_xw),
+                         mask=valid[:, None] & c_valid[None, :], other=0.0)
+            xv = xv.to(ROUND_X).to(tl.float32)
+            updated = ()
+            for k in tl.static_range(KH):
+                updated = updated + (acc[k] + xv * taps[(KH - 1 - k) * KW + v],)
+            acc = updated
+        out_row = r64 - KH // 2
+        result = acc[0]
+        mask = out_mask_wc & (out_row >= row0) & (out_row < height)
+        if HAS_BIAS:
+            bias = tl.load(Bias + c * stride_bias, mask=c_valid, other=0.0)
+            result += bias.to(COMPUTE).to(tl.float32)[None, :]
+        if HAS_ADD:
+            add_offsets = (b * stride_ab + out_row * stride_ah
+                           + (j.to(tl.int64) * stride_aw)[:, None] + (c * stride_ac)[None, :])
+            result += tl.load(Add + add_offsets, mask=mask, other=0.0).to(tl.float32)
+        out_offsets = ((b * height + out_row) * width + j.to(tl.int64))[:, None] * channels \
+            + c[None, :]
+        tl.store(Out + out_offsets, result.to(Out.dtype.element_ty), mask=mask)
+        acc = acc[1:] + (tl.zeros([BLOCK_W, BLOCK_C], tl.float32),)
 
 
 @triton.jit
@@ -174,11 +213,12 @@ def _dw_kernel(X, GradOut, Partials,
 
 
 @functools.lru_cache(maxsize=1024)
-def _plan(kind: str, batch: int, height: int, width: int, channels: int,
+def _plan(kind: str, kernel_h: int, batch: int, height: int, width: int, channels: int,
           config: Optional[tuple]):
     """Grid, scalar arguments and meta-parameters of one launch. ``config`` (BLOCK_H, BLOCK_W,
     BLOCK_C, num_warps) overrides ``tile_config`` (tuning)."""
-    block_h, block_w, block_c, num_warps = config or tile_config(kind, height, width, channels)
+    block_h, block_w, block_c, num_warps = config or tile_config(kind, kernel_h, height, width,
+                                                                  channels)
     tiles_w = cdiv(width, block_w)
     tiles_per_image = cdiv(height, block_h) * tiles_w
     grid = (batch * tiles_per_image, cdiv(channels, block_c))
@@ -203,8 +243,8 @@ def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], add: Optional[Ten
 
 def _launch_conv(kind, x, weight, bias, add, out, sign, round_x, compute_dtype, config):
     batch, height, width, channels = x.shape
-    grid, scalars, meta = _plan(kind, batch, height, width, channels, config)
-    _conv_kernel[grid](
+    grid, scalars, meta = _plan(kind, weight.shape[2], batch, height, width, channels, config)
+    _conv_rows_kernel[grid](
         x, weight, x if bias is None else bias, x if add is None else add, out,
         *x.stride(), weight.stride(0), weight.stride(2), weight.stride(3),
         0 if bias is None else bias.stride(0), *(x.stride() if add is None else add.stride()),
@@ -231,7 +271,7 @@ def backward_dw(grad_out: Tensor, x: Tensor, weight: Tensor, compute_dtype: torc
         return torch.zeros_like(weight), weight.new_zeros(channels)
     kernel_h, kernel_w = weight.shape[2:]
     taps = kernel_h * kernel_w
-    grid, scalars, meta = _plan('dw', batch, height, width, channels, config)
+    grid, scalars, meta = _plan('dw', kernel_h, batch, height, width, channels, config)
     partials = x.new_empty((grid[0], taps + 1, channels), dtype=torch.float32)
     _dw_kernel[grid](x, grad_out, partials, *x.stride(), *grad_out.stride(), *scalars,
                      KH=kernel_h, KW=kernel_w, COMPUTE=_TL_DTYPES[compute_dtype], **meta)

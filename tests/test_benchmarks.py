@@ -58,3 +58,16 @@ def test_models_benchmark_census_counts_a_training_step(capsys):
     assert row['aten_ops'] > 300 and row['host_ms'] > 0 and row['wall_ms'] > 0
     assert row['kernels'] is None and row['gpu_ms'] is None  # CPU: no device kernels
     assert '| biformer_tiny | %d | - |' % row['aten_ops'] in bench_models.format_census([row])
+
+
+def test_dwconv_tuning_chooses_a_row_per_kernel_class():
+    import bench_dwconv
+    fast3, fast5 = bench_dwconv.TUNE_ROWS['fwd'][:2]
+    others = bench_dwconv.TUNE_ROWS['fwd'][2:]
+
+    def timings(best):
+        return {row: 1.0 if row == best else 2.0 for row in (fast3, fast5, *others)}
+    chosen = bench_dwconv.choose_rows({'fwd': {'s56_c64_k3': timings(fast3),
+                                               's28_c128_k3': timings(fast3),
+                                               's56_c64_k5': timings(fast5)}})
+    assert chosen == {'fwd': {3: fast3, 5: fast5}}

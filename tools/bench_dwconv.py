@@ -5,6 +5,7 @@ a CUDA GPU, one table per shape.
     python tools/benchmark.py dwconv --shapes s56_c64_k3 det256_c64_k3 --reps-ms 100
     python tools/benchmark.py dwconv --autocast               # fp32 x/add/weight, bf16 autocast
     python tools/benchmark.py dwconv --tune --configs dw.json  # sweep tile rows, write the best
+    python tools/benchmark.py dwconv --tune --kinds fwd dx --configs dw.json
     python tools/benchmark.py dwconv --configs dw.json        # benchmark with those rows
 
 Every peer computes ``add + dwconv(x) + bias`` on an NHWC map x (B, H, W, C) and its gradients
@@ -24,11 +25,12 @@ Peers:
 * ``cudnn_cl``: x and weight as channels_last NCHW tensors (the cuDNN channels_last path), then
   a separate add; the output stays NCHW channels_last (no permute back).
 
-``--tune`` times each of our launchers (fwd, dx, dw) alone (CUDA-graph replay) for each
-candidate row ``(BLOCK_P, BLOCK_W, BLOCK_C, num_warps)`` of
-``ops/_triton_depthwise_conv.py`` on every shape (after compiling the candidates in parallel
-worker processes into Triton's disk cache), prints each shape's best and, per kernel, the row
-with the least summed slowdown over the shapes. ``--configs`` receives those rows (a
+``--tune`` times each of our launchers (fwd, dx, dw, or those of ``--kinds``) alone
+(CUDA-graph replay) for each candidate row of ``ops/_triton_depthwise_conv.py``'s ``_CONFIGS``
+on every shape (after compiling the candidates in parallel
+worker processes into Triton's disk cache), prints each shape's best and, per kernel and kernel class
+(``KERNEL_CLASSES``: 3x3 and smaller, taller), the row with the least mean slowdown over that
+class's shapes. ``--configs`` receives those rows (a
 ``set_tile_configs`` table) and all timings, rewritten after every shape.
 """
 import argparse
@@ -72,12 +74,15 @@ SHAPES.append(Shape('det256_c64_k3', 8, 256, 256, 64, 3,
                     'BiFormer 1024 px detection, batch 8, stage 1 pos_embed 3x3'))
 SHAPES_BY_NAME = {s.name: s for s in SHAPES}
 
-# Candidate rows for --tune: (BLOCK_P, widest BLOCK_W, widest BLOCK_C, num_warps) with 16 to
-# 32 fp32 accumulator elements per thread for fwd/dx (more spilled on the H200), 32 to 128 for dw.
+# Candidate rows for --tune. fwd/dx: (rows per program, widest BLOCK_W, widest BLOCK_C,
+# num_warps) with 4 to 16 fp32 elements per thread in each of the kh row accumulators; dw:
+# (positions per tile, BLOCK_W, BLOCK_C, num_warps) with 32 to 128 accumulator elements.
 _ROWS = [(p, w, c, nw) for p, w in ((32, 16), (64, 8), (64, 16), (64, 32), (128, 16), (128, 32),
                                     (256, 32))
          for c in (32, 64, 128) for nw in (1, 2, 4, 8)]
-TUNE_ROWS = dict(fwd=[r for r in _ROWS if 16 <= r[0] * r[2] // (32 * r[3]) <= 32],
+_SLIDING_ROWS = [(h, w, c, nw) for h in (8, 16, 32) for w in (8, 16, 32) for c in (32, 64, 128)
+                 for nw in (1, 2, 4)]
+TUNE_ROWS = dict(fwd=[r for r in _SLIDING_ROWS if 4 <= r[1] * r[2] // (32 * r[3]) <= 16],
                  dw=[r for r in _ROWS if 32 <= r[0] * r[2] // (32 * r[3]) <= 128])
 TUNE_ROWS['dx'] = TUNE_ROWS['fwd']
 
@@ -215,7 +220,7 @@ def _candidates(kind, shape):
     """{effective (BLOCK_H, BLOCK_W, BLOCK_C, num_warps): [TUNE_ROWS rows giving it]}."""
     unique = {}
     for row in TUNE_ROWS[kind]:
-        config = kernels.config_for(row, shape.height, shape.width, shape.chans)
+        config = kernels.config_for(kind, row, shape.height, shape.width, shape.chans)
         unique.setdefault(config, []).append(row)
     return unique
 
@@ -230,23 +235,27 @@ def _compile_worker(shape_name, kind, dtype_name, autocast):
 
 
 def choose_rows(timings):
-    """Per kernel, the row with the least summed slowdown (time / the shape's best time) over
-    the timed shapes: {kind: row}."""
+    """Per kernel and kernel class, the row with the least mean slowdown (time / the shape's
+    best time) over the timed shapes of that class: {kind: {class: row}}."""
     chosen = {}
     for kind, per_shape in timings.items():
-        if per_shape:
-            chosen[kind] = least_slowdown(TUNE_ROWS[kind], per_shape.values())
+        for kernel_cls in kernels.KERNEL_CLASSES:
+            of_class = [t for name, t in per_shape.items()
+                        if kernels.kernel_class(SHAPES_BY_NAME[name].kernel) == kernel_cls]
+            if of_class:
+                chosen.setdefault(kind, {})[kernel_cls] = least_slowdown(TUNE_ROWS[kind],
+                                                                         of_class)
     return chosen
 
 
-def tune(shapes, dtype_name, autocast, reps_ms, configs_path, workers):
+def tune(shapes, kinds, dtype_name, autocast, reps_ms, configs_path, workers):
     """Time each kernel alone for every TUNE_ROWS row (CUDA-graph replay), print each shape's
     best, and write the chosen rows and all timings to ``configs_path`` after every shape."""
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
     from triton.testing import do_bench_cudagraph
     dtype, compute_dtype = _dtypes(dtype_name, autocast)
-    tasks = [(s.name, kind) for s in shapes for kind in kernels.KINDS]
+    tasks = [(s.name, kind) for s in shapes for kind in kinds]
     started = time.time()
     try:
         with ProcessPoolExecutor(max_workers=workers, mp_context=get_context('spawn')) as pool:
@@ -256,10 +265,10 @@ def tune(shapes, dtype_name, autocast, reps_ms, configs_path, workers):
     except Exception as err:  # the timing pass compiles what is missing, serially
         print(f'parallel compilation failed ({type(err).__name__}: {err}); compiling serially',
               flush=True)
-    timings = {kind: {} for kind in kernels.KINDS}
+    timings = {kind: {} for kind in kinds}
     for shape in shapes:
         problem = make_problem(shape, dtype)
-        for kind in kernels.KINDS:
+        for kind in kinds:
             measured = {}
             for config, rows in _candidates(kind, shape).items():
                 ms = do_bench_cudagraph(_launcher(kind, problem, config, compute_dtype),
@@ -267,11 +276,11 @@ def tune(shapes, dtype_name, autocast, reps_ms, configs_path, workers):
                 measured.update({row: ms for row in rows})
             timings[kind][shape.name] = measured
             best = min(measured, key=measured.get)
-            current = kernels._CONFIGS[kind]
+            current = kernels._CONFIGS[kind][kernels.kernel_class(shape.kernel)]
             size = (shape.height, shape.width, shape.chans)
             current_ms = (f'{measured[current] * 1e3:.1f} us' if current in measured
                           else 'not timed')
-            print(f'{shape.name:14s} {kind}: best row {best} -> {kernels.config_for(best, *size)} '
+            print(f'{shape.name:14s} {kind}: best row {best} -> {kernels.config_for(kind, best, *size)} '
                   f'{measured[best] * 1e3:.1f} us; current row {current} {current_ms}',
                   flush=True)
         del problem
@@ -281,10 +290,12 @@ def tune(shapes, dtype_name, autocast, reps_ms, configs_path, workers):
                 kind: {name: {str(list(row)): ms for row, ms in per.items()}
                        for name, per in per_shape.items()}
                 for kind, per_shape in timings.items()}), f, indent=1)
-    for kind, row in choose_rows(timings).items():
-        slowdown = mean_slowdown(row, timings[kind].values())
-        print(f'chosen {kind} row (BLOCK_P, BLOCK_W, BLOCK_C, num_warps) {row}: mean '
-              f'slowdown {slowdown:.3f} vs the per-shape best', flush=True)
+    for kind, rows in choose_rows(timings).items():
+        for kernel_cls, row in rows.items():
+            of_class = [t for name, t in timings[kind].items()
+                        if kernels.kernel_class(SHAPES_BY_NAME[name].kernel) == kernel_cls]
+            print(f'chosen {kind} row for kernel class {kernel_cls} {row}: mean slowdown '
+                  f'{mean_slowdown(row, of_class):.3f} vs the per-shape best', flush=True)
     print(f'wrote {configs_path}')
 
 
@@ -298,6 +309,8 @@ def main(argv=None):
                         help='fp32 tensors under bf16 autocast (BiFormer pos_embed in AMP)')
     parser.add_argument('--reps-ms', type=int, default=100, help='timing budget per measurement')
     parser.add_argument('--tune', action='store_true', help='sweep the tile rows of ours')
+    parser.add_argument('--kinds', nargs='+', default=list(kernels.KINDS), choices=kernels.KINDS,
+                        help='the kernels --tune sweeps')
     parser.add_argument('--configs', help='JSON of tile rows: written by --tune, applied to '
                         'ours otherwise')
     parser.add_argument('--workers', type=int, default=12,
@@ -311,7 +324,7 @@ def main(argv=None):
     if args.tune:
         if not args.configs:
             sys.exit('--tune needs --configs FILE to write the chosen rows to')
-        tune(shapes, args.dtype, args.autocast, args.reps_ms, args.configs, args.workers)
+        tune(shapes, args.kinds, args.dtype, args.autocast, args.reps_ms, args.configs, args.workers)
         return
     if args.configs:
         with open(args.configs) as f:

@@ -65,9 +65,12 @@ def compare_to_fp64(x, weight, bias, add, backend='triton'):
 
 @pytest.fixture
 def small_tiles():
-    """Tiles of 2x4 positions and 8 channels: several tiles and channel blocks on tiny maps."""
-    saved = dict(kernels._CONFIGS)
-    kernels.set_tile_configs({kind: (8, 4, 8, 1) for kind in kernels.KINDS})
+    """Strips of 2 rows x 4 columns (fwd, dx) and tiles of 2x4 positions (dw), 8 channels:
+    several strips, tiles and channel blocks on tiny maps."""
+    saved = {kind: dict(rows) for kind, rows in kernels._CONFIGS.items()}
+    kernels.set_tile_configs({kind: {cls: row for cls in kernels.KERNEL_CLASSES}
+                              for kind, row in (('fwd', (2, 4, 8, 1)), ('dx', (2, 4, 8, 1)),
+                                                ('dw', (8, 4, 8, 1)))})
     yield
     kernels.set_tile_configs(saved)
 
@@ -127,7 +130,8 @@ def test_triton_matches_fp64(case, dtype):
 
 @pytest.mark.parametrize('kernel', [(3, 3), (5, 5)], ids=['3x3', '5x5'])
 def test_triton_small_tiles_and_partial_channel_blocks(small_tiles, kernel):
-    # 7x9 maps in 2x4 tiles (4 x 3 tiles, ragged at both edges), C = 12 in blocks of 8.
+    # 7x9 maps in 2x4 tiles or strips (4 x 3, ragged at both edges), C = 12 in blocks of 8;
+    # the 5x5 halo spans two strips.
     compare_to_fp64(*make_inputs(1, 7, 9, 12, *kernel))
 
 
