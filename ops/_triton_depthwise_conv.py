@@ -37,12 +37,14 @@ from ops._sizes import cdiv, next_power_of_2
 # (rows per program BLOCK_H, widest BLOCK_W, widest BLOCK_C, num_warps); dw: (positions per
 # tile BLOCK_P, widest BLOCK_W, widest BLOCK_C, num_warps). Each is the row with the least
 # mean slowdown over its class's shapes in `python tools/benchmark.py dwconv --tune` on an
-# H200 (bf16, 2026-12-01; docs/ops.md).
+# H200 (2026-12-01; docs/ops.md), in the dtypes BiFormer runs them in under bf16 AMP: class 3
+# with --autocast (the 3x3 pos_embed reads and writes the fp32 residual stream), class 5 in
+# bf16 (the 5x5 LePE on the bf16 value map).
 KINDS = ('fwd', 'dx', 'dw')
 KERNEL_CLASSES = (3, 5)
 _CONFIGS = {'fwd': {3: (32, 8, 64, 2), 5: (32, 8, 32, 2)},
-            'dx': {3: (32, 8, 128, 2), 5: (32, 8, 32, 2)},
-            'dw': {3: (64, 8, 64, 1), 5: (64, 8, 32, 1)}}
+            'dx': {3: (32, 8, 64, 2), 5: (32, 8, 32, 2)},
+            'dw': {3: (64, 32, 32, 2), 5: (64, 8, 32, 1)}}
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
