@@ -117,6 +117,7 @@ TRITON_CASES = {
     '3x5_no_bias': (1, 6, 9, 8, 3, 5, False, True),
     '5x5_no_add': (2, 5, 3, 4, 5, 5, True, False),
     '1x1_plain': (1, 3, 4, 5, 1, 1, False, False),
+    '7x5_map_narrower_than_kernel': (1, 8, 4, 8, 7, 5, True, True),
 }
 
 
