@@ -33,25 +33,30 @@ from torch.autograd.function import once_differentiable
 
 from ops._sizes import cdiv, next_power_of_2
 
-# Tile rows per kernel and kernel-height class (3: kernels up to 3 rows; 5: taller). fwd, dx:
-# (rows per program BLOCK_H, widest BLOCK_W, widest BLOCK_C, num_warps); dw: (positions per
-# tile BLOCK_P, widest BLOCK_W, widest BLOCK_C, num_warps). Each is the row with the least
-# mean slowdown over its class's shapes in `python tools/benchmark.py dwconv --tune` on an
-# H200 (2026-12-01; docs/ops.md), in the dtypes BiFormer runs them in under bf16 AMP: class 3
-# with --autocast (the 3x3 pos_embed reads and writes the fp32 residual stream), class 5 in
-# bf16 (the 5x5 LePE on the bf16 value map).
+# Tile rows per kernel and tile class '<kernel rows>/<element bits>': '3/..' serves kernels of
+# up to 3 rows, '5/..' taller ones; '../16' inputs of fp16/bf16, '../32' fp32 ones (the tensor
+# the kernel slides over: x forward and for dweight, dy for dx). fwd, dx rows: (rows per
+# program BLOCK_H, widest BLOCK_W, widest BLOCK_C, num_warps); dw rows: (positions per tile
+# BLOCK_P, widest BLOCK_W, widest BLOCK_C, num_warps). Each is the row with the least mean
+# slowdown over its class's shapes in `python tools/benchmark.py dwconv --tune` on an H200
+# (2026-12-01; docs/ops.md): '../16' from the bf16 sweeps, '3/32' from the --autocast sweep
+# (BiFormer's 3x3 pos_embed on the fp32 residual stream under AMP). '5/32' was not swept and
+# takes the 16-bit rows.
 KINDS = ('fwd', 'dx', 'dw')
-KERNEL_CLASSES = (3, 5)
-_CONFIGS = {'fwd': {3: (32, 8, 64, 2), 5: (32, 8, 32, 2)},
-            'dx': {3: (32, 8, 64, 2), 5: (32, 8, 32, 2)},
-            'dw': {3: (64, 32, 32, 2), 5: (64, 8, 32, 1)}}
+TILE_CLASSES = ('3/16', '3/32', '5/16', '5/32')
+_CONFIGS = {'fwd': {'3/16': (32, 8, 64, 2), '3/32': (32, 8, 64, 2),
+                    '5/16': (32, 8, 32, 2), '5/32': (32, 8, 32, 2)},
+            'dx': {'3/16': (32, 8, 128, 2), '3/32': (32, 8, 64, 2),
+                   '5/16': (32, 8, 32, 2), '5/32': (32, 8, 32, 2)},
+            'dw': {'3/16': (64, 8, 64, 1), '3/32': (64, 32, 32, 2),
+                   '5/16': (64, 8, 32, 1), '5/32': (64, 8, 32, 1)}}
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
-def kernel_class(kernel_h: int) -> int:
-    """The ``_CONFIGS`` class of a kernel with ``kernel_h`` rows."""
-    return KERNEL_CLASSES[0] if kernel_h <= KERNEL_CLASSES[0] else KERNEL_CLASSES[1]
+def tile_class(kernel_h: int, dtype: torch.dtype) -> str:
+    """The ``_CONFIGS`` class of a kernel with ``kernel_h`` rows sliding over ``dtype``."""
+    return f'{3 if kernel_h <= 3 else 5}/{32 if dtype.itemsize >= 4 else 16}'
 
 
 def _is_power_of_2(n: int) -> bool:
@@ -72,26 +77,26 @@ def config_for(kind: str, row: tuple, height: int, width: int, channels: int):
             min(widest_w, next_power_of_2(width)), block_c, num_warps)
 
 
-def tile_config(kind: str, kernel_h: int, height: int, width: int, channels: int):
-    """(BLOCK_H, BLOCK_W, BLOCK_C, num_warps) of kernel ``kind`` for a conv kernel with
-    ``kernel_h`` rows on an H x W x C map."""
-    return config_for(kind, _CONFIGS[kind][kernel_class(kernel_h)], height, width, channels)
+def tile_config(kind: str, tile_cls: str, height: int, width: int, channels: int):
+    """(BLOCK_H, BLOCK_W, BLOCK_C, num_warps) of kernel ``kind`` in tile class ``tile_cls``
+    (:func:`tile_class`) on an H x W x C map."""
+    return config_for(kind, _CONFIGS[kind][tile_cls], height, width, channels)
 
 
 def set_tile_configs(table: dict) -> None:
-    """Replace rows of ``_CONFIGS``: ``{kind: {kernel class: row}}``, each row 4 powers of two
-    (tuning sweeps; classes may be JSON strings)."""
+    """Replace rows of ``_CONFIGS``: ``{kind: {tile class: row}}``, each row 4 powers of two
+    (tuning sweeps)."""
     for kind, rows in table.items():
         if kind not in _CONFIGS:
             raise ValueError(f'kind must be one of {KINDS}, got {kind!r}')
-        for kernel_cls, row in rows.items():
-            if int(kernel_cls) not in KERNEL_CLASSES:
-                raise ValueError(f'kernel class must be one of {KERNEL_CLASSES}, got {kernel_cls!r}')
+        for tile_cls, row in rows.items():
+            if tile_cls not in TILE_CLASSES:
+                raise ValueError(f'tile class must be one of {TILE_CLASSES}, got {tile_cls!r}')
             row = tuple(int(v) for v in row)
             if len(row) != 4 or not all(_is_power_of_2(v) for v in row):
                 raise ValueError(f'{kind} row must be 4 powers of two (BLOCK_H or BLOCK_P, '
                                  f'BLOCK_W, BLOCK_C, num_warps), got {row}')
-            _CONFIGS[kind][int(kernel_cls)] = row
+            _CONFIGS[kind][tile_cls] = row
     _plan.cache_clear()
 
 
@@ -215,11 +220,11 @@ def _dw_kernel(X, GradOut, Partials,
 
 
 @functools.lru_cache(maxsize=1024)
-def _plan(kind: str, kernel_h: int, batch: int, height: int, width: int, channels: int,
+def _plan(kind: str, tile_cls: str, batch: int, height: int, width: int, channels: int,
           config: Optional[tuple]):
     """Grid, scalar arguments and meta-parameters of one launch. ``config`` (BLOCK_H, BLOCK_W,
     BLOCK_C, num_warps) overrides ``tile_config`` (tuning)."""
-    block_h, block_w, block_c, num_warps = config or tile_config(kind, kernel_h, height, width,
+    block_h, block_w, block_c, num_warps = config or tile_config(kind, tile_cls, height, width,
                                                                   channels)
     tiles_w = cdiv(width, block_w)
     tiles_per_image = cdiv(height, block_h) * tiles_w
@@ -245,7 +250,8 @@ def forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], add: Optional[Ten
 
 def _launch_conv(kind, x, weight, bias, add, out, sign, round_x, compute_dtype, config):
     batch, height, width, channels = x.shape
-    grid, scalars, meta = _plan(kind, weight.shape[2], batch, height, width, channels, config)
+    grid, scalars, meta = _plan(kind, tile_class(weight.shape[2], x.dtype), batch, height,
+                                width, channels, config)
     _conv_rows_kernel[grid](
         x, weight, x if bias is None else bias, x if add is None else add, out,
         *x.stride(), weight.stride(0), weight.stride(2), weight.stride(3),
@@ -273,7 +279,8 @@ def backward_dw(grad_out: Tensor, x: Tensor, weight: Tensor, compute_dtype: torc
         return torch.zeros_like(weight), weight.new_zeros(channels)
     kernel_h, kernel_w = weight.shape[2:]
     taps = kernel_h * kernel_w
-    grid, scalars, meta = _plan('dw', kernel_h, batch, height, width, channels, config)
+    grid, scalars, meta = _plan('dw', tile_class(kernel_h, x.dtype), batch, height, width,
+                                channels, config)
     partials = x.new_empty((grid[0], taps + 1, channels), dtype=torch.float32)
     _dw_kernel[grid](x, grad_out, partials, *x.stride(), *grad_out.stride(), *scalars,
                      KH=kernel_h, KW=kernel_w, COMPUTE=_TL_DTYPES[compute_dtype], **meta)

@@ -2,6 +2,8 @@
 import os
 import sys
 
+import torch
+
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 'tools'))
 import benchmark  # noqa: E402
@@ -60,14 +62,16 @@ def test_models_benchmark_census_counts_a_training_step(capsys):
     assert '| biformer_tiny | %d | - |' % row['aten_ops'] in bench_models.format_census([row])
 
 
-def test_dwconv_tuning_chooses_a_row_per_kernel_class():
+def test_dwconv_tuning_chooses_a_row_per_tile_class():
     import bench_dwconv
     fast3, fast5 = bench_dwconv.TUNE_ROWS['fwd'][:2]
     others = bench_dwconv.TUNE_ROWS['fwd'][2:]
 
     def timings(best):
         return {row: 1.0 if row == best else 2.0 for row in (fast3, fast5, *others)}
-    chosen = bench_dwconv.choose_rows({'fwd': {'s56_c64_k3': timings(fast3),
-                                               's28_c128_k3': timings(fast3),
-                                               's56_c64_k5': timings(fast5)}})
-    assert chosen == {'fwd': {3: fast3, 5: fast5}}
+    swept = {'fwd': {'s56_c64_k3': timings(fast3), 's28_c128_k3': timings(fast3),
+                     's56_c64_k5': timings(fast5)}}
+    assert bench_dwconv.choose_rows(swept, torch.bfloat16) == {'fwd': {'3/16': fast3,
+                                                                       '5/16': fast5}}
+    assert bench_dwconv.choose_rows(swept, torch.float32) == {'fwd': {'3/32': fast3,
+                                                                      '5/32': fast5}}

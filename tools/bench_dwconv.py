@@ -28,9 +28,9 @@ Peers:
 ``--tune`` times each of our launchers (fwd, dx, dw, or those of ``--kinds``) alone
 (CUDA-graph replay) for each candidate row of ``ops/_triton_depthwise_conv.py``'s ``_CONFIGS``
 on every shape (after compiling the candidates in parallel
-worker processes into Triton's disk cache), prints each shape's best and, per kernel and kernel class
-(``KERNEL_CLASSES``: 3x3 and smaller, taller), the row with the least mean slowdown over that
-class's shapes. ``--configs`` receives those rows (a
+worker processes into Triton's disk cache), prints each shape's best and, per kernel and tile class
+(``tile_class``: kernels of up to 3 rows or taller, 16- or 32-bit tensors: the swept dtype),
+the row with the least mean slowdown over that class's shapes. ``--configs`` receives those rows (a
 ``set_tile_configs`` table) and all timings, rewritten after every shape.
 """
 import argparse
@@ -234,17 +234,18 @@ def _compile_worker(shape_name, kind, dtype_name, autocast):
     torch.cuda.synchronize()
 
 
-def choose_rows(timings):
-    """Per kernel and kernel class, the row with the least mean slowdown (time / the shape's
-    best time) over the timed shapes of that class: {kind: {class: row}}."""
+def choose_rows(timings, dtype):
+    """Per kernel and tile class (``kernels.tile_class`` of the shape's kernel and the swept
+    tensor dtype), the row with the least mean slowdown (time / the shape's best time) over
+    the timed shapes of that class: {kind: {class: row}}."""
     chosen = {}
     for kind, per_shape in timings.items():
-        for kernel_cls in kernels.KERNEL_CLASSES:
-            of_class = [t for name, t in per_shape.items()
-                        if kernels.kernel_class(SHAPES_BY_NAME[name].kernel) == kernel_cls]
-            if of_class:
-                chosen.setdefault(kind, {})[kernel_cls] = least_slowdown(TUNE_ROWS[kind],
-                                                                         of_class)
+        by_class = {}
+        for name, measured in per_shape.items():
+            tile_cls = kernels.tile_class(SHAPES_BY_NAME[name].kernel, dtype)
+            by_class.setdefault(tile_cls, []).append(measured)
+        for tile_cls, of_class in by_class.items():
+            chosen.setdefault(kind, {})[tile_cls] = least_slowdown(TUNE_ROWS[kind], of_class)
     return chosen
 
 
@@ -276,7 +277,7 @@ def tune(shapes, kinds, dtype_name, autocast, reps_ms, configs_path, workers):
                 measured.update({row: ms for row in rows})
             timings[kind][shape.name] = measured
             best = min(measured, key=measured.get)
-            current = kernels._CONFIGS[kind][kernels.kernel_class(shape.kernel)]
+            current = kernels._CONFIGS[kind][kernels.tile_class(shape.kernel, dtype)]
             size = (shape.height, shape.width, shape.chans)
             current_ms = (f'{measured[current] * 1e3:.1f} us' if current in measured
                           else 'not timed')
@@ -286,15 +287,15 @@ def tune(shapes, kinds, dtype_name, autocast, reps_ms, configs_path, workers):
         del problem
         torch.cuda.empty_cache()
         with open(configs_path, 'w') as f:
-            json.dump(dict(configs=choose_rows(timings), timings={
+            json.dump(dict(configs=choose_rows(timings, dtype), timings={
                 kind: {name: {str(list(row)): ms for row, ms in per.items()}
                        for name, per in per_shape.items()}
                 for kind, per_shape in timings.items()}), f, indent=1)
-    for kind, rows in choose_rows(timings).items():
-        for kernel_cls, row in rows.items():
+    for kind, rows in choose_rows(timings, dtype).items():
+        for tile_cls, row in rows.items():
             of_class = [t for name, t in timings[kind].items()
-                        if kernels.kernel_class(SHAPES_BY_NAME[name].kernel) == kernel_cls]
-            print(f'chosen {kind} row for kernel class {kernel_cls} {row}: mean slowdown '
+                        if kernels.tile_class(SHAPES_BY_NAME[name].kernel, dtype) == tile_cls]
+            print(f'chosen {kind} row for tile class {tile_cls} {row}: mean slowdown '
                   f'{mean_slowdown(row, of_class):.3f} vs the per-shape best', flush=True)
     print(f'wrote {configs_path}')
 

@@ -68,7 +68,7 @@ def small_tiles():
     """Strips of 2 rows x 4 columns (fwd, dx) and tiles of 2x4 positions (dw), 8 channels:
     several strips, tiles and channel blocks on tiny maps."""
     saved = {kind: dict(rows) for kind, rows in kernels._CONFIGS.items()}
-    kernels.set_tile_configs({kind: {cls: row for cls in kernels.KERNEL_CLASSES}
+    kernels.set_tile_configs({kind: {cls: row for cls in kernels.TILE_CLASSES}
                               for kind, row in (('fwd', (2, 4, 8, 1)), ('dx', (2, 4, 8, 1)),
                                                 ('dw', (8, 4, 8, 1)))})
     yield
@@ -299,3 +299,15 @@ def test_biformer_block_matches_official_convs_on_gpu(topk):
     assert relative_l2(out_f, out_o) < 2e-2 and relative_l2(dx_f, dx_o) < 3e-2
     for name in ('pos_embed.weight', 'pos_embed.bias', 'attn.lepe.weight', 'attn.lepe.bias'):
         assert relative_l2(grads_f[name], grads_o[name]) < 3e-2, name
+
+
+def test_tile_classes_follow_kernel_height_and_element_size():
+    assert kernels.tile_class(1, torch.bfloat16) == '3/16'
+    assert kernels.tile_class(3, torch.float16) == '3/16'
+    assert kernels.tile_class(3, torch.float32) == '3/32'
+    assert kernels.tile_class(7, torch.float32) == '5/32'
+    assert set(kernels.TILE_CLASSES) == {c for rows in kernels._CONFIGS.values() for c in rows}
+    with pytest.raises(ValueError, match='tile class must be one of'):
+        kernels.set_tile_configs({'fwd': {'7/16': (8, 8, 32, 1)}})
+    with pytest.raises(ValueError, match='4 powers of two'):
+        kernels.set_tile_configs({'dw': {'3/16': (8, 8, 30, 1)}})
