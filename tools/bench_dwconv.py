@@ -27,10 +27,10 @@ Peers:
 
 ``--tune`` times each of our launchers (fwd, dx, dw, or those of ``--kinds``) alone
 (CUDA-graph replay) for each candidate row of ``ops/_triton_depthwise_conv.py``'s ``_CONFIGS``
-on every shape (after compiling the candidates in parallel
-worker processes into Triton's disk cache), prints each shape's best and, per kernel and tile class
-(``tile_class``: kernels of up to 3 rows or taller, 16- or 32-bit tensors: the swept dtype),
-the row with the least mean slowdown over that class's shapes. ``--configs`` receives those rows (a
+on every shape, after compiling the candidates in parallel worker processes into Triton's disk
+cache. It prints each shape's best and, per kernel and tile class (``tile_class``: kernels of
+up to 3 rows or taller; 16- or 32-bit tensors, from the swept dtype), the row with the least
+mean slowdown over that class's shapes. ``--configs`` receives those rows (a
 ``set_tile_configs`` table) and all timings, rewritten after every shape.
 """
 import argparse
@@ -281,7 +281,8 @@ def tune(shapes, kinds, dtype_name, autocast, reps_ms, configs_path, workers):
             size = (shape.height, shape.width, shape.chans)
             current_ms = (f'{measured[current] * 1e3:.1f} us' if current in measured
                           else 'not timed')
-            print(f'{shape.name:14s} {kind}: best row {best} -> {kernels.config_for(kind, best, *size)} '
+            best_config = kernels.config_for(kind, best, *size)
+            print(f'{shape.name:14s} {kind}: best row {best} -> {best_config} '
                   f'{measured[best] * 1e3:.1f} us; current row {current} {current_ms}',
                   flush=True)
         del problem
@@ -325,7 +326,8 @@ def main(argv=None):
     if args.tune:
         if not args.configs:
             sys.exit('--tune needs --configs FILE to write the chosen rows to')
-        tune(shapes, args.kinds, args.dtype, args.autocast, args.reps_ms, args.configs, args.workers)
+        tune(shapes, args.kinds, args.dtype, args.autocast, args.reps_ms, args.configs,
+             args.workers)
         return
     if args.configs:
         with open(args.configs) as f:
