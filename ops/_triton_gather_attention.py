@@ -30,6 +30,7 @@ implementations for tracing.
 import contextlib
 import functools
 import threading
+import warnings
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -37,6 +38,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+from triton.runtime.errors import OutOfResources
 
 from ops._sizes import cdiv, next_power_of_2
 from ops.gather_attention import to_window_major
@@ -125,6 +127,58 @@ def set_tile_configs(table: dict) -> None:
             _CONFIGS[kind][max_d] = rows
     _query_plan.cache_clear()
     _key_plan.cache_clear()
+    _FITTED.clear()
+
+
+# Tile configs replaced because a device's shared memory could not hold them (the table is
+# tuned on an H200, 228 KB per SM; consumer GPUs have about 100 KB): {(device index, kind,
+# block size, head dim): the first smaller config that launched}.
+_FITTED = {}
+
+
+def _smaller_config(kind: str, config: tuple) -> Optional[tuple]:
+    """The next config to try when ``config`` does not fit: one pipeline stage, then half the
+    key tile (fwd, dq) or half the query rows (dkdv, bwd: its key tile decides the one-kernel
+    backward's dQ mode, so it stays); None below 16."""
+    block_m, block_n, num_warps, num_stages = config
+    if num_stages > 1:
+        return block_m, block_n, num_warps, 1
+    if kind in ('fwd', 'dq') and block_n > 16:
+        return block_m, block_n // 2, num_warps, num_stages
+    if block_m > 16:
+        return block_m // 2, block_n, num_warps, num_stages
+    return None
+
+
+def _launch_fitting(kind: str, block_size: int, head_dim: int, device: torch.device,
+                    config: Optional[tuple], launch):
+    """``launch(config)`` (plan and kernel launch). With the table's config (``config`` None),
+    a config the device cannot hold (Triton raises ``OutOfResources`` before the kernel runs)
+    is replaced by :func:`_smaller_config` ones until one launches; that one is remembered per
+    device and shape class, with a warning."""
+    if config is not None:
+        return launch(config)
+    key = (device.index, kind, block_size, head_dim)
+    fitted = _FITTED.get(key)
+    try:
+        return launch(fitted)
+    except OutOfResources as err:
+        failure = err
+    first = fitted or tile_config(kind, block_size, head_dim)
+    tried = first
+    while (tried := _smaller_config(kind, tried)) is not None:
+        try:
+            result = launch(tried)
+        except (OutOfResources, ValueError):  # too large still, or not a valid tiling
+            continue
+        _FITTED[key] = tried
+        name = torch.cuda.get_device_name(device) if device.type == 'cuda' else str(device)
+        warnings.warn(f'gather attention {kind} kernel: tile config {first} needs more shared '
+                      f'memory than {name} has ({failure}); using {tried}, which is slower '
+                      f'than a config tuned for this GPU (tools/benchmark.py ops --tune)',
+                      stacklevel=3)
+        return result
+    raise failure
 
 
 def _block_d(head_dim: int) -> int:
@@ -713,15 +767,19 @@ def forward(q: Tensor, k: Tensor, v: Tensor, index: Tensor, key_padding_mask: Op
                            device=q.device))
     out = token_major(q)
     lse = q.new_empty((batch, heads, num_q), dtype=torch.float32)
-    grid, scalars, meta = _query_plan('fwd', batch, heads, num_q, head_dim, block_q, block_k,
-                                      index.shape[-1], q.dtype == torch.float32, config)
     mask, stride_mb, stride_mn, has_mask = _mask_args(key_padding_mask, index)
     layout_args, windows = _layout_args(layout, q, k, block_q, block_k)
-    _fwd_kernel[grid](
-        q, k, v, index, mask, out, lse,
-        *q.stride(), *k.stride(), *v.stride(), *_row_strides(out), *_index_strides(index),
-        stride_mb, stride_mn, *scalars, scale * LOG2E, *layout_args, HAS_MASK=has_mask,
-        WINDOWS=windows, **meta)
+
+    def launch(tiles):
+        grid, scalars, meta = _query_plan('fwd', batch, heads, num_q, head_dim, block_q,
+                                          block_k, index.shape[-1], q.dtype == torch.float32,
+                                          tiles)
+        _fwd_kernel[grid](
+            q, k, v, index, mask, out, lse,
+            *q.stride(), *k.stride(), *v.stride(), *_row_strides(out), *_index_strides(index),
+            stride_mb, stride_mn, *scalars, scale * LOG2E, *layout_args, HAS_MASK=has_mask,
+            WINDOWS=windows, **meta)
+    _launch_fitting('fwd', block_q, head_dim, q.device, config, launch)
     return out, lse
 
 
@@ -734,16 +792,20 @@ def backward_dq(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, 
     batch, heads, num_q, head_dim = q.shape
     grad_q = token_major(q)
     delta = q.new_empty((batch, heads, num_q), dtype=torch.float32)
-    grid, scalars, meta = _query_plan('dq', batch, heads, num_q, head_dim, block_q, block_k,
-                                      index.shape[-1], q.dtype == torch.float32, config)
     mask, stride_mb, stride_mn, has_mask = _mask_args(key_padding_mask, index)
     layout_args, windows = _layout_args(layout, q, k, block_q, block_k)
-    _bwd_dq_kernel[grid](
-        q, k, v, out, grad_out, lse, index, mask, grad_q, delta,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(),
-        *_row_strides(grad_q), *_index_strides(index), stride_mb, stride_mn,
-        *scalars, scale, scale * LOG2E, *layout_args, HAS_MASK=has_mask, WINDOWS=windows,
-        **meta)
+
+    def launch(tiles):
+        grid, scalars, meta = _query_plan('dq', batch, heads, num_q, head_dim, block_q,
+                                          block_k, index.shape[-1], q.dtype == torch.float32,
+                                          tiles)
+        _bwd_dq_kernel[grid](
+            q, k, v, out, grad_out, lse, index, mask, grad_q, delta,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(),
+            *_row_strides(grad_q), *_index_strides(index), stride_mb, stride_mn,
+            *scalars, scale, scale * LOG2E, *layout_args, HAS_MASK=has_mask, WINDOWS=windows,
+            **meta)
+    _launch_fitting('dq', block_q, head_dim, q.device, config, launch)
     return grad_q, delta
 
 
@@ -761,19 +823,22 @@ def backward_dkdv(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor
     num_k = k.shape[2]
     grad_k, grad_v = token_major(k), token_major(k)
     kind = 'dkdv' if dq_mode == 0 else 'bwd'
-    grid, scalars, tiling, meta = _key_plan(kind, batch, heads, num_k, head_dim, block_k,
-                                            block_q, q.dtype == torch.float32, config)
     mask, stride_mb, stride_mn, has_mask = _mask_args(key_padding_mask, order)
     csr_row_b, csr_row_h = (heads, 1) if index_is_per_head else (1, 0)
     layout_args, windows = _layout_args(layout, q, k, block_q, block_k)
-    _bwd_dkdv_kernel[grid](
-        q, k, v, out, grad_out, lse, order if delta is None else delta, order, offsets, mask,
-        grad_k, grad_v, grad_k if grad_q is None else grad_q,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(),
-        *_row_strides(grad_k), *_row_strides(grad_k if grad_q is None else grad_q),
-        stride_mb, stride_mn, *scalars, num_q, block_q, order.shape[1], csr_row_b, csr_row_h,
-        *tiling, scale, scale * LOG2E, *layout_args, HAS_MASK=has_mask, DQ_MODE=dq_mode,
-        WINDOWS=windows, **meta)
+
+    def launch(tiles):
+        grid, scalars, tiling, meta = _key_plan(kind, batch, heads, num_k, head_dim, block_k,
+                                                block_q, q.dtype == torch.float32, tiles)
+        _bwd_dkdv_kernel[grid](
+            q, k, v, out, grad_out, lse, order if delta is None else delta, order, offsets,
+            mask, grad_k, grad_v, grad_k if grad_q is None else grad_q,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(),
+            *_row_strides(grad_k), *_row_strides(grad_k if grad_q is None else grad_q),
+            stride_mb, stride_mn, *scalars, num_q, block_q, order.shape[1], csr_row_b,
+            csr_row_h, *tiling, scale, scale * LOG2E, *layout_args, HAS_MASK=has_mask,
+            DQ_MODE=dq_mode, WINDOWS=windows, **meta)
+    _launch_fitting(kind, block_k, head_dim, q.device, config, launch)
     return grad_k, grad_v
 
 

@@ -581,3 +581,47 @@ def test_window_layout_under_cuda_graph_capture():
     assert not kernels._WINDOW_ROWS_CACHE
     graph.replay()
     torch.testing.assert_close(captured, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize('slots', [1, 3], ids=['one_kernel_backward', 'split_backward'])
+def test_tile_configs_too_large_for_the_device_shrink_and_are_remembered(monkeypatch, slots):
+    """A GPU with less shared memory than the H200 the table was tuned on: configs whose launch
+    raises OutOfResources are replaced by smaller ones (one stage, then smaller tiles), with one
+    warning, and the results stay right."""
+    from triton.runtime.errors import OutOfResources
+    monkeypatch.setattr(kernels, '_FITTED', {})
+    launched = []
+
+    class SmallDevice:
+        """A kernel that refuses more than one stage or tiles over 16 x 32."""
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **meta):
+                if meta['num_stages'] > 1 or meta['BLOCK_M'] > 16 or meta['BLOCK_N'] > 32:
+                    raise OutOfResources(300_000, 100_000, 'shared memory')
+                launched.append((meta['BLOCK_M'], meta['BLOCK_N'], meta['num_stages']))
+                return self.kernel[grid](*args, **meta)
+            return launch
+    for name in ('_fwd_kernel', '_bwd_dq_kernel', '_bwd_dkdv_kernel'):
+        monkeypatch.setattr(kernels, name, SmallDevice(getattr(kernels, name)))
+    q, k, v, index, _ = make_inputs(1, 2, 4, 16, 4, 16, slots, 16, empty_fraction=0.0)
+    grad = torch.randn_like(q)
+
+    def run(backend):
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        out = ops.gather_attention(*leaves, index, block_q=16, block_k=16, backend=backend)
+        return [out] + list(torch.autograd.grad(out, leaves, grad))
+    with pytest.warns(UserWarning, match='needs more shared memory'):
+        got = run('triton')
+    for result, expected in zip(got, run('torch')):
+        torch.testing.assert_close(result, expected, atol=1e-4, rtol=1e-4)
+    assert launched and all(m <= 16 and n <= 32 and stages == 1 for m, n, stages in launched)
+    assert kernels._FITTED
+    launched.clear()
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # remembered: no second warning, no failed launch
+        run('triton')
+    assert launched
