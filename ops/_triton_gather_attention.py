@@ -695,11 +695,12 @@ def _uncached_window_rows():
     """Inside, :func:`window_rows` makes its tables afresh instead of caching them. The custom
     ops (the torch.compile path) run so: in ``mode='reduce-overhead'`` Inductor warms its CUDA
     graphs up with allocations from its own memory pool, which a cached table would outlive."""
+    outer = getattr(_uncached, 'active', False)
     _uncached.active = True
     try:
         yield
     finally:
-        _uncached.active = False
+        _uncached.active = outer
 
 
 def window_rows(num_tokens: int, window: Tuple[int, int], map_width: int,

@@ -446,6 +446,12 @@ def test_custom_ops_do_not_cache_window_rows():
                                     scale=0.25, backend='triton')
     assert len(kernels._WINDOW_ROWS_CACHE) == 1
     torch.testing.assert_close(out, expected)
+    kernels._WINDOW_ROWS_CACHE.clear()
+    with kernels._uncached_window_rows():
+        with kernels._uncached_window_rows():  # nested: the outer context stays uncached
+            pass
+        kernels.window_rows(16, (2, 2), 4, q.device)
+    assert not kernels._WINDOW_ROWS_CACHE
 
 @pytest.mark.gpu
 def test_torch_compile_takes_the_custom_op_on_cuda():
