@@ -97,6 +97,34 @@ def set_tile_configs(table: dict) -> None:
 
 
 @triton.jit
+def _strip(X, stride_xb, stride_xw, stride_xc, channels, tiles_w, tiles_per_image,
+           BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's id, image b (int64), first row, columns j, channels c and which exist,
+    and X's pointers at row 0 of its columns and channels."""
+    program = tl.program_id(0)
+    b = (program // tiles_per_image).to(tl.int64)
+    tile = program % tiles_per_image
+    row0 = (tile // tiles_w) * BLOCK_H
+    j = (tile % tiles_w) * BLOCK_W + tl.arange(0, BLOCK_W)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    x_columns = (X + b * stride_xb + (j.to(tl.int64) * stride_xw)[:, None]
+                 + (c * stride_xc)[None, :])
+    return program, b, row0, j, c, c < channels, x_columns
+
+
+@triton.jit
+def _row_tap(x_columns, r, j, c_valid, dj, height, width, stride_h, stride_w,
+             ROUND: tl.constexpr):
+    """fp32 (BLOCK_W, BLOCK_C) of X at row r, columns j + dj (rounded to ROUND; zero outside
+    the map)."""
+    jj = j + dj
+    valid = (r >= 0) & (r < height) & (jj >= 0) & (jj < width)
+    xv = tl.load(x_columns + (r * stride_h + dj * stride_w), mask=valid[:, None] & c_valid[None, :],
+                 other=0.0)
+    return xv.to(ROUND).to(tl.float32)
+
+
+@triton.jit
 def _conv_rows_kernel(X, Wt, Bias, Add, Out,
                       stride_xb, stride_xh, stride_xw, stride_xc,
                       stride_wc, stride_wh, stride_ww, stride_bias,
@@ -109,13 +137,9 @@ def _conv_rows_kernel(X, Wt, Bias, Add, Out,
     """Out = conv(X) + bias + add over this program's BLOCK_H rows x BLOCK_W columns x BLOCK_C
     channels; SIGN = -1 convolves with the flipped kernel (dx). X is rounded to ROUND_X,
     weight and bias to COMPUTE; fp32 accumulation."""
-    program = tl.program_id(0)
-    b = (program // tiles_per_image).to(tl.int64)
-    tile = program % tiles_per_image
-    row0 = (tile // tiles_w) * BLOCK_H
-    j = (tile % tiles_w) * BLOCK_W + tl.arange(0, BLOCK_W)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_valid = c < channels
+    program, b, row0, j, c, c_valid, x_columns = _strip(
+        X, stride_xb, stride_xw, stride_xc, channels, tiles_w, tiles_per_image, BLOCK_H,
+        BLOCK_W, BLOCK_C)
     # taps[u * KW + v]: the weight applied to input offset (u - KH//2, v - KW//2), per channel.
     taps = ()
     for u in tl.static_range(KH):
@@ -125,7 +149,6 @@ def _conv_rows_kernel(X, Wt, Bias, Add, Out,
             w = tl.load(Wt + c * stride_wc + wu * stride_wh + wv * stride_ww, mask=c_valid,
                         other=0.0)
             taps = taps + (w.to(COMPUTE).to(tl.float32)[None, :],)
-    x_columns = X + b * stride_xb + (j.to(tl.int64) * stride_xw)[:, None] + (c * stride_xc)[None, :]
     # acc[k] holds output row r - KH//2 + k while input row r is added in.
     acc = ()
     for k in tl.static_range(KH):
@@ -133,13 +156,9 @@ def _conv_rows_kernel(X, Wt, Bias, Add, Out,
     out_mask_wc = (j < width)[:, None] & c_valid[None, :]
     for r in range(row0 - KH // 2, row0 + BLOCK_H + KH // 2):
         r64 = b * 0 + r  # int64 row offsets
-        row_valid = (r >= 0) & (r < height)
         for v in tl.static_range(KW):
-            jj = j + (v - KW // 2)
-            valid = row_valid & (jj >= 0) & (jj < width)
-            xv = tl.load(x_columns + (r64 * stride_xh + (v - KW // 2) * stride_xw),
-                         mask=valid[:, None] & c_valid[None, :], other=0.0)
-            xv = xv.to(ROUND_X).to(tl.float32)
+            xv = _row_tap(x_columns, r64, j, c_valid, v - KW // 2, height, width, stride_xh,
+                          stride_xw, ROUND_X)
             updated = ()
             for k in tl.static_range(KH):
                 updated = updated + (acc[k] + xv * taps[(KH - 1 - k) * KW + v],)
@@ -170,14 +189,9 @@ def _dw_rows_kernel(X, GradOut, Partials,
     """Partials[program, u * KW + v, c] = sum over this program's BLOCK_H rows x BLOCK_W
     columns of dy[i, j] * x[i + u - KH//2, j + v - KW//2] (x rounded to COMPUTE);
     Partials[program, KH * KW, c] = their sum of dy."""
-    program = tl.program_id(0)
-    b = (program // tiles_per_image).to(tl.int64)
-    tile = program % tiles_per_image
-    row0 = (tile // tiles_w) * BLOCK_H
-    j = (tile % tiles_w) * BLOCK_W + tl.arange(0, BLOCK_W)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_valid = c < channels
-    x_columns = X + b * stride_xb + (j.to(tl.int64) * stride_xw)[:, None] + (c * stride_xc)[None, :]
+    program, b, row0, j, c, c_valid, x_columns = _strip(
+        X, stride_xb, stride_xw, stride_xc, channels, tiles_w, tiles_per_image, BLOCK_H,
+        BLOCK_W, BLOCK_C)
     dy_columns = (GradOut + b * stride_gb + (j.to(tl.int64) * stride_gw)[:, None]
                   + (c * stride_gc)[None, :])
     dy_mask_wc = (j < width)[:, None] & c_valid[None, :]
@@ -197,13 +211,9 @@ def _dw_rows_kernel(X, GradOut, Partials,
                      other=0.0).to(tl.float32)
         acc_bias += dy
         window = window + (dy,)
-        row_valid = (r >= 0) & (r < height)
         for v in tl.static_range(KW):
-            jj = j + (v - KW // 2)
-            valid = row_valid & (jj >= 0) & (jj < width)
-            xv = tl.load(x_columns + (r64 * stride_xh + (v - KW // 2) * stride_xw),
-                         mask=valid[:, None] & c_valid[None, :], other=0.0)
-            xv = xv.to(COMPUTE).to(tl.float32)
+            xv = _row_tap(x_columns, r64, j, c_valid, v - KW // 2, height, width, stride_xh,
+                          stride_xw, COMPUTE)
             updated = ()
             for t in tl.static_range(KH * KW):
                 # tap t = (u, v'): x row r meets dy row r - u + KH//2 = window[KH - 1 - u]
