@@ -12,11 +12,12 @@ vectorize; out-of-map positions load zeros, so 'same' zero padding needs no copy
   each input element is loaded ``kw (1 + (kh - 1) / BLOCK_H)`` times, not ``kh * kw``, and the
   ``kh * kw`` weight vectors stay in registers.
 * dx: the same kernel on dy with the flipped kernel.
-* dweight, dbias (``_dw_kernel``, grid ``(B * tiles, cdiv(C, BLOCK_C))`` over tiles of
-  ``BLOCK_H x BLOCK_W`` positions): a program loads its dy tile once, and per tap the shifted
-  x tile, and writes the tile's sum of ``x_shifted * dy`` to an fp32 partial buffer
-  (tiles, kh * kw + 1, C) (the last row sums dy, for dbias) that torch ``sum(0)`` reduces. No
-  atomics, so results are deterministic.
+* dweight, dbias (``_dw_rows_kernel``, the forward's grid): a program slides down its strip
+  the same way, keeping the kh dy rows that meet the current x row in a rotating window and
+  ``kh * kw`` (BLOCK_W, BLOCK_C) fp32 accumulators, one per tap; it then writes each tap's sum
+  over its columns, and the sum of dy (for dbias), to an fp32 partial buffer
+  (programs, kh * kw + 1, C) that torch ``sum(0)`` reduces. No atomics, so results are
+  deterministic.
 
 Eager calls go through a ``torch.autograd.Function`` straight to the launchers; under
 ``torch.compile`` or export through the custom ops ``dsa_ops::depthwise_conv2d_fwd`` / ``_bwd``
@@ -35,21 +36,19 @@ from ops._sizes import cdiv, next_power_of_2
 
 # Tile rows per kernel and tile class '<kernel rows>/<element bits>': '3/..' serves kernels of
 # up to 3 rows, '5/..' taller ones; '../16' inputs of fp16/bf16, '../32' fp32 ones (the tensor
-# the kernel slides over: x forward and for dweight, dy for dx). fwd, dx rows: (rows per
-# program BLOCK_H, widest BLOCK_W, widest BLOCK_C, num_warps); dw rows: (positions per tile
-# BLOCK_P, widest BLOCK_W, widest BLOCK_C, num_warps). Each is the row with the least mean
-# slowdown over its class's shapes in `python tools/benchmark.py dwconv --tune` on an H200
-# (2026-12-01; docs/ops.md): '../16' from the bf16 sweeps, '3/32' from the --autocast sweep
-# (BiFormer's 3x3 pos_embed on the fp32 residual stream under AMP). '5/32' was not swept and
-# takes the 16-bit rows.
+# the kernel slides over: x forward and for dweight, dy for dx). A row is (rows per strip
+# BLOCK_H, widest BLOCK_W, widest BLOCK_C, num_warps). fwd and dx rows are the ones with the
+# least mean slowdown over their class's shapes in `python tools/benchmark.py dwconv --tune`
+# on an H200 (2026-12-01; docs/ops.md): '../16' from the bf16 sweeps, '3/32' from the
+# --autocast sweep (BiFormer's 3x3 pos_embed on the fp32 residual stream under AMP); '5/32'
+# was not swept and takes the 16-bit rows. The dw rows are not swept yet.
 KINDS = ('fwd', 'dx', 'dw')
 TILE_CLASSES = ('3/16', '3/32', '5/16', '5/32')
 _CONFIGS = {'fwd': {'3/16': (32, 8, 64, 2), '3/32': (32, 8, 64, 2),
                     '5/16': (32, 8, 32, 2), '5/32': (32, 8, 32, 2)},
             'dx': {'3/16': (32, 8, 128, 2), '3/32': (32, 8, 64, 2),
                    '5/16': (32, 8, 32, 2), '5/32': (32, 8, 32, 2)},
-            'dw': {'3/16': (64, 8, 64, 1), '3/32': (64, 32, 32, 2),
-                   '5/16': (64, 8, 32, 1), '5/32': (64, 8, 32, 1)}}
+            'dw': {cls: (16, 8, 32, 2) for cls in TILE_CLASSES}}
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
@@ -64,17 +63,14 @@ def _is_power_of_2(n: int) -> bool:
 
 
 def config_for(kind: str, row: tuple, height: int, width: int, channels: int):
-    """(BLOCK_H, BLOCK_W, BLOCK_C, num_warps) that a row of kernel ``kind`` gives for an
-    H x W x C map: BLOCK_W = min(widest, next_pow2(W)), BLOCK_C = min(widest, next_pow2(C));
-    fwd/dx: BLOCK_H = the row count that splits H into cdiv(H, rows) equal strips; dw:
-    BLOCK_H = BLOCK_P // BLOCK_W, at most next_pow2(H)."""
-    block, widest_w, widest_c, num_warps = row
-    block_c = min(widest_c, next_power_of_2(channels))
-    if kind == 'dw':
-        block_w = min(widest_w, next_power_of_2(width), block)
-        return (min(block // block_w, next_power_of_2(height)), block_w, block_c, num_warps)
-    return (cdiv(height, cdiv(height, block)) if height else 1,
-            min(widest_w, next_power_of_2(width)), block_c, num_warps)
+    """(BLOCK_H, BLOCK_W, BLOCK_C, num_warps) that a row (rows per strip, widest BLOCK_W,
+    widest BLOCK_C, num_warps) of kernel ``kind`` gives for an H x W x C map: BLOCK_H splits H
+    into cdiv(H, rows) equal strips, BLOCK_W = min(widest, next_pow2(W)), BLOCK_C =
+    min(widest, next_pow2(C))."""
+    rows, widest_w, widest_c, num_warps = row
+    return (cdiv(height, cdiv(height, rows)) if height else 1,
+            min(widest_w, next_power_of_2(width)), min(widest_c, next_power_of_2(channels)),
+            num_warps)
 
 
 def tile_config(kind: str, tile_cls: str, height: int, width: int, channels: int):
@@ -101,34 +97,31 @@ def set_tile_configs(table: dict) -> None:
 
 
 @triton.jit
-def _tile(height, width, channels, tiles_w, tiles_per_image,
-          BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
-    """This program's image (int64), rows i and columns j of its positions, channels, and
-    which positions and channels exist."""
+def _strip(X, stride_xb, stride_xw, stride_xc, channels, tiles_w, tiles_per_image,
+           BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's id, image b (int64), first row, columns j, channels c and which exist,
+    and X's pointers at row 0 of its columns and channels."""
     program = tl.program_id(0)
     b = (program // tiles_per_image).to(tl.int64)
     tile = program % tiles_per_image
-    p = tl.arange(0, BLOCK_H * BLOCK_W)
-    i = (tile // tiles_w) * BLOCK_H + p // BLOCK_W
-    j = (tile % tiles_w) * BLOCK_W + p % BLOCK_W
+    row0 = (tile // tiles_w) * BLOCK_H
+    j = (tile % tiles_w) * BLOCK_W + tl.arange(0, BLOCK_W)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    return b, i, j, c, (i < height) & (j < width), c < channels
+    x_columns = (X + b * stride_xb + (j.to(tl.int64) * stride_xw)[:, None]
+                 + (c * stride_xc)[None, :])
+    return program, b, row0, j, c, c < channels, x_columns
 
 
 @triton.jit
-def _offsets(b, i, j, c, stride_b, stride_h, stride_w, stride_c):
-    """int64 element offsets (positions, channels) of image b, positions (i, j), channels c."""
-    rows = b * stride_b + i.to(tl.int64) * stride_h + j.to(tl.int64) * stride_w
-    return rows[:, None] + (c * stride_c)[None, :]
-
-
-@triton.jit
-def _load_shifted(X, offsets, i, j, c_valid, height, width, stride_h, stride_w, di, dj):
-    """X at positions (i + di, j + dj), in its dtype; zero outside the map."""
-    ii, jj = i + di, j + dj
-    valid = (ii >= 0) & (ii < height) & (jj >= 0) & (jj < width)
-    return tl.load(X + offsets + (di * stride_h + dj * stride_w),
-                   mask=valid[:, None] & c_valid[None, :], other=0.0)
+def _row_tap(x_columns, r, j, c_valid, dj, height, width, stride_h, stride_w,
+             ROUND: tl.constexpr):
+    """fp32 (BLOCK_W, BLOCK_C) of X at row r, columns j + dj (rounded to ROUND; zero outside
+    the map)."""
+    jj = j + dj
+    valid = (r >= 0) & (r < height) & (jj >= 0) & (jj < width)
+    xv = tl.load(x_columns + (r * stride_h + dj * stride_w), mask=valid[:, None] & c_valid[None, :],
+                 other=0.0)
+    return xv.to(ROUND).to(tl.float32)
 
 
 @triton.jit
@@ -144,13 +137,9 @@ def _conv_rows_kernel(X, Wt, Bias, Add, Out,
     """Out = conv(X) + bias + add over this program's BLOCK_H rows x BLOCK_W columns x BLOCK_C
     channels; SIGN = -1 convolves with the flipped kernel (dx). X is rounded to ROUND_X,
     weight and bias to COMPUTE; fp32 accumulation."""
-    program = tl.program_id(0)
-    b = (program // tiles_per_image).to(tl.int64)
-    tile = program % tiles_per_image
-    row0 = (tile // tiles_w) * BLOCK_H
-    j = (tile % tiles_w) * BLOCK_W + tl.arange(0, BLOCK_W)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_valid = c < channels
+    program, b, row0, j, c, c_valid, x_columns = _strip(
+        X, stride_xb, stride_xw, stride_xc, channels, tiles_w, tiles_per_image, BLOCK_H,
+        BLOCK_W, BLOCK_C)
     # taps[u * KW + v]: the weight applied to input offset (u - KH//2, v - KW//2), per channel.
     taps = ()
     for u in tl.static_range(KH):
@@ -160,7 +149,6 @@ def _conv_rows_kernel(X, Wt, Bias, Add, Out,
             w = tl.load(Wt + c * stride_wc + wu * stride_wh + wv * stride_ww, mask=c_valid,
                         other=0.0)
             taps = taps + (w.to(COMPUTE).to(tl.float32)[None, :],)
-    x_columns = X + b * stride_xb + (j.to(tl.int64) * stride_xw)[:, None] + (c * stride_xc)[None, :]
     # acc[k] holds output row r - KH//2 + k while input row r is added in.
     acc = ()
     for k in tl.static_range(KH):
@@ -168,13 +156,9 @@ def _conv_rows_kernel(X, Wt, Bias, Add, Out,
     out_mask_wc = (j < width)[:, None] & c_valid[None, :]
     for r in range(row0 - KH // 2, row0 + BLOCK_H + KH // 2):
         r64 = b * 0 + r  # int64 row offsets
-        row_valid = (r >= 0) & (r < height)
         for v in tl.static_range(KW):
-            jj = j + (v - KW // 2)
-            valid = row_valid & (jj >= 0) & (jj < width)
-            xv = tl.load(x_columns + (r64 * stride_xh + (v - KW // 2) * stride_xw),
-                         mask=valid[:, None] & c_valid[None, :], other=0.0)
-            xv = xv.to(ROUND_X).to(tl.float32)
+            xv = _row_tap(x_columns, r64, j, c_valid, v - KW // 2, height, width, stride_xh,
+                          stride_xw, ROUND_X)
             updated = ()
             for k in tl.static_range(KH):
                 updated = updated + (acc[k] + xv * taps[(KH - 1 - k) * KW + v],)
@@ -196,27 +180,53 @@ def _conv_rows_kernel(X, Wt, Bias, Add, Out,
 
 
 @triton.jit
-def _dw_kernel(X, GradOut, Partials,
-               stride_xb, stride_xh, stride_xw, stride_xc,
-               stride_gb, stride_gh, stride_gw, stride_gc,
-               height, width, channels, tiles_w, tiles_per_image,
-               KH: tl.constexpr, KW: tl.constexpr, COMPUTE: tl.constexpr,
-               BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Partials[tile, u * KW + v, c] = sum over the tile of x[i + u - KH//2, j + v - KW//2]
-    * dy[i, j] (x rounded to COMPUTE); Partials[tile, KH * KW, c] = sum of dy."""
-    b, i, j, c, pos_valid, c_valid = _tile(height, width, channels, tiles_w, tiles_per_image,
-                                           BLOCK_H, BLOCK_W, BLOCK_C)
-    dy = tl.load(GradOut + _offsets(b, i, j, c, stride_gb, stride_gh, stride_gw, stride_gc),
-                 mask=pos_valid[:, None] & c_valid[None, :], other=0.0).to(tl.float32)
-    x_offsets = _offsets(b, i, j, c, stride_xb, stride_xh, stride_xw, stride_xc)
-    row = tl.program_id(0).to(tl.int64) * ((KH * KW + 1) * channels)
-    for u in tl.static_range(KH):
+def _dw_rows_kernel(X, GradOut, Partials,
+                    stride_xb, stride_xh, stride_xw, stride_xc,
+                    stride_gb, stride_gh, stride_gw, stride_gc,
+                    height, width, channels, tiles_w, tiles_per_image,
+                    KH: tl.constexpr, KW: tl.constexpr, COMPUTE: tl.constexpr,
+                    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Partials[program, u * KW + v, c] = sum over this program's BLOCK_H rows x BLOCK_W
+    columns of dy[i, j] * x[i + u - KH//2, j + v - KW//2] (x rounded to COMPUTE);
+    Partials[program, KH * KW, c] = their sum of dy."""
+    program, b, row0, j, c, c_valid, x_columns = _strip(
+        X, stride_xb, stride_xw, stride_xc, channels, tiles_w, tiles_per_image, BLOCK_H,
+        BLOCK_W, BLOCK_C)
+    dy_columns = (GradOut + b * stride_gb + (j.to(tl.int64) * stride_gw)[:, None]
+                  + (c * stride_gc)[None, :])
+    dy_mask_wc = (j < width)[:, None] & c_valid[None, :]
+    acc = ()
+    for t in tl.static_range(KH * KW):
+        acc = acc + (tl.zeros([BLOCK_W, BLOCK_C], tl.float32),)
+    acc_bias = tl.zeros([BLOCK_W, BLOCK_C], tl.float32)
+    # window[k] holds dy row r - KH//2 + k while x row r is visited (zeros outside the strip).
+    window = ()
+    for k in tl.static_range(KH - 1):
+        window = window + (tl.zeros([BLOCK_W, BLOCK_C], tl.float32),)
+    for r in range(row0 - KH // 2, row0 + BLOCK_H + KH // 2):
+        r64 = b * 0 + r  # int64 row offsets
+        dy_row = r64 + KH // 2
+        dy_valid = (dy_row < row0 + BLOCK_H) & (dy_row < height) & (dy_row >= row0)
+        dy = tl.load(dy_columns + dy_row * stride_gh, mask=dy_mask_wc & dy_valid,
+                     other=0.0).to(tl.float32)
+        acc_bias += dy
+        window = window + (dy,)
         for v in tl.static_range(KW):
-            xv = _load_shifted(X, x_offsets, i, j, c_valid, height, width, stride_xh, stride_xw,
-                               u - KH // 2, v - KW // 2)
-            tl.store(Partials + row + (u * KW + v) * channels + c,
-                     tl.sum(xv.to(COMPUTE).to(tl.float32) * dy, 0), mask=c_valid)
-    tl.store(Partials + row + KH * KW * channels + c, tl.sum(dy, 0), mask=c_valid)
+            xv = _row_tap(x_columns, r64, j, c_valid, v - KW // 2, height, width, stride_xh,
+                          stride_xw, COMPUTE)
+            updated = ()
+            for t in tl.static_range(KH * KW):
+                # tap t = (u, v'): x row r meets dy row r - u + KH//2 = window[KH - 1 - u]
+                if t % KW == v:
+                    updated = updated + (acc[t] + xv * window[KH - 1 - t // KW],)
+                else:
+                    updated = updated + (acc[t],)
+            acc = updated
+        window = window[1:]
+    row = program.to(tl.int64) * ((KH * KW + 1) * channels)
+    for t in tl.static_range(KH * KW):
+        tl.store(Partials + row + t * channels + c, tl.sum(acc[t], 0), mask=c_valid)
+    tl.store(Partials + row + KH * KW * channels + c, tl.sum(acc_bias, 0), mask=c_valid)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -282,7 +292,7 @@ def backward_dw(grad_out: Tensor, x: Tensor, weight: Tensor, compute_dtype: torc
     grid, scalars, meta = _plan('dw', tile_class(kernel_h, x.dtype), batch, height, width,
                                 channels, config)
     partials = x.new_empty((grid[0], taps + 1, channels), dtype=torch.float32)
-    _dw_kernel[grid](x, grad_out, partials, *x.stride(), *grad_out.stride(), *scalars,
+    _dw_rows_kernel[grid](x, grad_out, partials, *x.stride(), *grad_out.stride(), *scalars,
                      KH=kernel_h, KW=kernel_w, COMPUTE=_TL_DTYPES[compute_dtype], **meta)
     sums = partials.sum(0)
     grad_weight = sums[:taps].t().contiguous().view(weight.shape).to(weight.dtype)

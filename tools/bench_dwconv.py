@@ -74,16 +74,14 @@ SHAPES.append(Shape('det256_c64_k3', 8, 256, 256, 64, 3,
                     'BiFormer 1024 px detection, batch 8, stage 1 pos_embed 3x3'))
 SHAPES_BY_NAME = {s.name: s for s in SHAPES}
 
-# Candidate rows for --tune. fwd/dx: (rows per program, widest BLOCK_W, widest BLOCK_C,
-# num_warps) with 4 to 16 fp32 elements per thread in each of the kh row accumulators; dw:
-# (positions per tile, BLOCK_W, BLOCK_C, num_warps) with 32 to 128 accumulator elements.
-_ROWS = [(p, w, c, nw) for p, w in ((32, 16), (64, 8), (64, 16), (64, 32), (128, 16), (128, 32),
-                                    (256, 32))
-         for c in (32, 64, 128) for nw in (1, 2, 4, 8)]
+# Candidate rows for --tune, (rows per strip, widest BLOCK_W, widest BLOCK_C, num_warps): fwd/dx
+# with 4 to 16 fp32 elements per thread in each of the kh row accumulators, dw with 2 to 4 in
+# each of its kh * kw tap accumulators.
 _SLIDING_ROWS = [(h, w, c, nw) for h in (8, 16, 32) for w in (8, 16, 32) for c in (32, 64, 128)
                  for nw in (1, 2, 4)]
 TUNE_ROWS = dict(fwd=[r for r in _SLIDING_ROWS if 4 <= r[1] * r[2] // (32 * r[3]) <= 16],
-                 dw=[r for r in _ROWS if 32 <= r[0] * r[2] // (32 * r[3]) <= 128])
+                 dw=[(h, w, c, nw) for h in (8, 16, 32) for w in (8, 16, 32) for c in (32, 64, 128)
+                     for nw in (1, 2, 4, 8) if 2 <= w * c // (32 * nw) <= 4])
 TUNE_ROWS['dx'] = TUNE_ROWS['fwd']
 
 

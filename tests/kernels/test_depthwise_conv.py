@@ -65,12 +65,11 @@ def compare_to_fp64(x, weight, bias, add, backend='triton'):
 
 @pytest.fixture
 def small_tiles():
-    """Strips of 2 rows x 4 columns (fwd, dx) and tiles of 2x4 positions (dw), 8 channels:
-    several strips, tiles and channel blocks on tiny maps."""
+    """Strips of 2 rows x 4 columns and 8 channels: several strips and channel blocks on tiny
+    maps."""
     saved = {kind: dict(rows) for kind, rows in kernels._CONFIGS.items()}
-    kernels.set_tile_configs({kind: {cls: row for cls in kernels.TILE_CLASSES}
-                              for kind, row in (('fwd', (2, 4, 8, 1)), ('dx', (2, 4, 8, 1)),
-                                                ('dw', (8, 4, 8, 1)))})
+    kernels.set_tile_configs({kind: {cls: (2, 4, 8, 1) for cls in kernels.TILE_CLASSES}
+                              for kind in kernels.KINDS})
     yield
     kernels.set_tile_configs(saved)
 
