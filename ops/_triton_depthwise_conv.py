@@ -41,14 +41,15 @@ from ops._sizes import cdiv, next_power_of_2
 # least mean slowdown over their class's shapes in `python tools/benchmark.py dwconv --tune`
 # on an H200 (2026-12-01; docs/ops.md): '../16' from the bf16 sweeps, '3/32' from the
 # --autocast sweep (BiFormer's 3x3 pos_embed on the fp32 residual stream under AMP); '5/32'
-# was not swept and takes the 16-bit rows. The dw rows are not swept yet.
+# was not swept and takes the 16-bit rows.
 KINDS = ('fwd', 'dx', 'dw')
 TILE_CLASSES = ('3/16', '3/32', '5/16', '5/32')
 _CONFIGS = {'fwd': {'3/16': (32, 8, 64, 2), '3/32': (32, 8, 64, 2),
                     '5/16': (32, 8, 32, 2), '5/32': (32, 8, 32, 2)},
             'dx': {'3/16': (32, 8, 128, 2), '3/32': (32, 8, 64, 2),
                    '5/16': (32, 8, 32, 2), '5/32': (32, 8, 32, 2)},
-            'dw': {cls: (16, 8, 32, 2) for cls in TILE_CLASSES}}
+            'dw': {'3/16': (32, 8, 32, 2), '3/32': (32, 8, 32, 4),
+                   '5/16': (32, 8, 32, 2), '5/32': (32, 8, 32, 2)}}
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
