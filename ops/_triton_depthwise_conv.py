@@ -32,6 +32,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from ops._launch import fast_launcher
 from ops._sizes import cdiv, next_power_of_2
 
 # Tile rows per kernel and tile class '<kernel rows>/<element bits>': '3/..' serves kernels of
@@ -263,7 +264,7 @@ def _launch_conv(kind, x, weight, bias, add, out, sign, round_x, compute_dtype, 
     batch, height, width, channels = x.shape
     grid, scalars, meta = _plan(kind, tile_class(weight.shape[2], x.dtype), batch, height,
                                 width, channels, config)
-    _conv_rows_kernel[grid](
+    fast_launcher(_conv_rows_kernel)[grid](
         x, weight, x if bias is None else bias, x if add is None else add, out,
         *x.stride(), weight.stride(0), weight.stride(2), weight.stride(3),
         0 if bias is None else bias.stride(0), *(x.stride() if add is None else add.stride()),
@@ -293,8 +294,9 @@ def backward_dw(grad_out: Tensor, x: Tensor, weight: Tensor, compute_dtype: torc
     grid, scalars, meta = _plan('dw', tile_class(kernel_h, x.dtype), batch, height, width,
                                 channels, config)
     partials = x.new_empty((grid[0], taps + 1, channels), dtype=torch.float32)
-    _dw_rows_kernel[grid](x, grad_out, partials, *x.stride(), *grad_out.stride(), *scalars,
-                     KH=kernel_h, KW=kernel_w, COMPUTE=_TL_DTYPES[compute_dtype], **meta)
+    fast_launcher(_dw_rows_kernel)[grid](
+        x, grad_out, partials, *x.stride(), *grad_out.stride(), *scalars, KH=kernel_h,
+        KW=kernel_w, COMPUTE=_TL_DTYPES[compute_dtype], **meta)
     sums = partials.sum(0)
     grad_weight = sums[:taps].t().contiguous().view(weight.shape).to(weight.dtype)
     return grad_weight, sums[taps].to(weight.dtype)

@@ -40,6 +40,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 from triton.runtime.errors import OutOfResources
 
+from ops._launch import fast_launcher
 from ops._sizes import cdiv, next_power_of_2
 from ops.gather_attention import to_window_major
 
@@ -594,7 +595,7 @@ def _transpose_index(index: Tensor, blocks: int):
     offsets = torch.empty((batch * heads, blocks + 1), dtype=torch.int32, device=index.device)
     block_b, block_e = _transpose_tiles(batch * heads, blocks)
     num_chunks = cdiv(blocks + 1, block_b)
-    _transpose_index_kernel[(batch * heads * num_chunks,)](
+    fast_launcher(_transpose_index_kernel)[(batch * heads * num_chunks,)](
         index, order, offsets, heads, *_index_strides(index), slots, list_len, blocks,
         num_chunks, BLOCK_B=block_b, BLOCK_E=block_e, num_warps=4)
     return order, offsets
@@ -775,7 +776,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, index: Tensor, key_padding_mask: Op
         grid, scalars, meta = _query_plan('fwd', batch, heads, num_q, head_dim, block_q,
                                           block_k, index.shape[-1], q.dtype == torch.float32,
                                           tiles)
-        _fwd_kernel[grid](
+        fast_launcher(_fwd_kernel)[grid](
             q, k, v, index, mask, out, lse,
             *q.stride(), *k.stride(), *v.stride(), *_row_strides(out), *_index_strides(index),
             stride_mb, stride_mn, *scalars, scale * LOG2E, *layout_args, HAS_MASK=has_mask,
@@ -800,7 +801,7 @@ def backward_dq(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, 
         grid, scalars, meta = _query_plan('dq', batch, heads, num_q, head_dim, block_q,
                                           block_k, index.shape[-1], q.dtype == torch.float32,
                                           tiles)
-        _bwd_dq_kernel[grid](
+        fast_launcher(_bwd_dq_kernel)[grid](
             q, k, v, out, grad_out, lse, index, mask, grad_q, delta,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(),
             *_row_strides(grad_q), *_index_strides(index), stride_mb, stride_mn,
@@ -831,7 +832,7 @@ def backward_dkdv(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor
     def launch(tiles):
         grid, scalars, tiling, meta = _key_plan(kind, batch, heads, num_k, head_dim, block_k,
                                                 block_q, q.dtype == torch.float32, tiles)
-        _bwd_dkdv_kernel[grid](
+        fast_launcher(_bwd_dkdv_kernel)[grid](
             q, k, v, out, grad_out, lse, order if delta is None else delta, order, offsets,
             mask, grad_k, grad_v, grad_k if grad_q is None else grad_q,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(),

@@ -31,6 +31,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from ops._launch import fast_launcher
 from ops._sizes import cdiv, next_power_of_2
 
 MAX_CHANNELS = 8192  # widest row in one tile; wider rows take the torch reference
@@ -230,7 +231,7 @@ def forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: fl
     if n_rows:
         grid, _, meta = _plan('fwd', n_rows, channels, config)
         x_rows, inner, stride_outer, stride_inner = _as_rows(x)
-        _fwd_kernel[grid](
+        fast_launcher(_fwd_kernel)[grid](
             x_rows, x if weight is None else weight, x if bias is None else bias, y, *stats,
             n_rows, channels, inner, stride_outer, stride_inner, eps,
             HAS_W=weight is not None, HAS_B=bias is not None, STORE_STATS=store_stats,
@@ -255,7 +256,7 @@ def backward(grad_out: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor
                     if need_dw or need_db else None)
         x_rows, x_inner, x_outer, x_stride = _as_rows(x)
         g_rows, g_inner, g_outer, g_stride = _as_rows(grad_out)
-        _bwd_kernel[grid](
+        fast_launcher(_bwd_kernel)[grid](
             x_rows, x if weight is None else weight, g_rows, mean, rstd,
             x if grad_x is None else grad_x, x if partials is None else partials,
             n_rows, channels, per_program, x_inner, x_outer, x_stride, g_inner, g_outer,
