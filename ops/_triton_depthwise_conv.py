@@ -38,8 +38,8 @@ from ops._sizes import cdiv, next_power_of_2
 # Tile rows per kernel and tile class '<kernel rows>/<element bits>': '3/..' serves kernels of
 # up to 3 rows, '5/..' taller ones; '../16' inputs of fp16/bf16, '../32' fp32 ones (the tensor
 # the kernel slides over: x forward and for dweight, dy for dx). A row is (rows per strip
-# BLOCK_H, widest BLOCK_W, widest BLOCK_C, num_warps). fwd and dx rows are the ones with the
-# least mean slowdown over their class's shapes in `python tools/benchmark.py dwconv --tune`
+# BLOCK_H, widest BLOCK_W, widest BLOCK_C, num_warps). Each is the row with the least mean
+# slowdown over its class's shapes in `python tools/benchmark.py dwconv --tune`
 # on an H200 (2026-12-01; docs/ops.md): '../16' from the bf16 sweeps, '3/32' from the
 # --autocast sweep (BiFormer's 3x3 pos_embed on the fp32 residual stream under AMP); '5/32'
 # was not swept and takes the 16-bit rows.
