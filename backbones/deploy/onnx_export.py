@@ -46,11 +46,14 @@ def forbid_triton_launches():
 
     An op that launched a Triton kernel while the TorchScript exporter traces would leave its
     result as a constant in the graph (the trace cannot see inside the kernel), so the export
-    would be silently wrong; this turns that into an error naming the kernel.
+    would be silently wrong; this turns that into an error naming the kernel. ops' fast launch
+    path (``ops/_launch.py``), which bypasses ``JITFunction.run``, is switched off inside.
     """
     try:
         from triton.runtime.interpreter import InterpretedFunction
         from triton.runtime.jit import JITFunction
+
+        from ops import _launch
     except ImportError:  # no Triton installed: nothing can launch
         yield
         return
@@ -62,11 +65,14 @@ def forbid_triton_launches():
                            f'(ops.is_exporting())')
 
     originals = {cls: cls.run for cls in (JITFunction, InterpretedFunction)}
+    fast_launch = _launch.ENABLED
     try:
+        _launch.ENABLED = False
         for cls in originals:
             cls.run = refuse
         yield
     finally:
+        _launch.ENABLED = fast_launch
         for cls, run in originals.items():
             cls.run = run
 

@@ -83,6 +83,19 @@ def test_fast_launcher_takes_tritons_path_for_hooks_and_odd_calls(toy, monkeypat
     assert len(triton_calls) == 1 + len(cases) + 1 and len(launches) == 1
 
 
+def test_onnx_export_guard_refuses_remembered_kernels(toy, monkeypatch):
+    """A kernel the fast path remembers (whose launches skip ``JITFunction.run``) still raises
+    inside the export guard, which patches ``JITFunction.run``."""
+    from backbones.deploy import forbid_triton_launches
+    launcher, triton_calls, launches = toy
+    x, y = torch.zeros(16), torch.zeros(16)
+    launcher[(1,)](x, y, 5, 0.5, FLAG=False)
+    monkeypatch.delattr(launcher.kernel, 'run')   # the class's run again: the guard's
+    with forbid_triton_launches(), pytest.raises(RuntimeError, match="Triton kernel '_toy'"):
+        launcher[(1,)](x, y, 5, 0.5, FLAG=False)
+    assert _launch.ENABLED and not launches
+
+
 def test_fast_launcher_leaves_other_kernels_to_triton():
     class Interpreted:       # what TRITON_INTERPRET=1 gives, or a test's stand-in
         def __getitem__(self, grid):
