@@ -51,15 +51,22 @@ def test_models_benchmark_builds_the_biformer_variants():
     assert bench_models.build_model('biformer_tiny:gather', 'cls', None).stages[0].blocks[0].official
 
 
-def test_models_benchmark_census_counts_a_training_step(capsys):
+def test_models_benchmark_census_counts_a_training_step_per_setting(capsys):
     import bench_models
     args = bench_models.parse_args(['--device', 'cpu', '--batch', '2', '--img', '32',
-                                    '--dtype', 'fp32', '--warmup', '1'])
-    row = bench_models.step_census('biformer_tiny', args, steps=1)
-    # a forward, a backward and an AdamW step of 30-odd parameterised layers: hundreds of ops
-    assert row['aten_ops'] > 300 and row['host_ms'] > 0 and row['wall_ms'] > 0
-    assert row['kernels'] is None and row['gpu_ms'] is None  # CPU: no device kernels
-    assert '| biformer_tiny | %d | - |' % row['aten_ops'] in bench_models.format_census([row])
+                                    '--dense-batch', '1', '--dense-img', '64', '--dense-n-win',
+                                    '2', '--dtype', 'fp32', '--warmup', '1'])
+    rows = [bench_models.step_census('biformer_tiny', setting, args, steps=1)
+            for setting in ('cls', 'dense')]
+    for row in rows:
+        # a forward, a backward and an AdamW step of 30-odd parameterised layers: hundreds of ops
+        assert row['aten_ops'] > 300 and row['host_ms'] > 0 and row['wall_ms'] > 0
+        assert row['kernels'] is None and row['gpu_ms'] is None  # CPU: no device kernels
+    table = bench_models.format_census(rows)
+    assert '| cls 32px b2 | biformer_tiny | %d | - |' % rows[0]['aten_ops'] in table
+    assert '| dense 64px b1 | biformer_tiny | %d | - |' % rows[1]['aten_ops'] in table
+    # the dense model is the feature extractor: no head, so fewer ops than the classifier
+    assert rows[1]['aten_ops'] != rows[0]['aten_ops']
 
 
 def test_dwconv_tuning_chooses_a_row_per_tile_class():
@@ -75,3 +82,12 @@ def test_dwconv_tuning_chooses_a_row_per_tile_class():
                                                                        '5/16': fast5}}
     assert bench_dwconv.choose_rows(swept, torch.float32) == {'fwd': {'3/32': fast3,
                                                                       '5/32': fast5}}
+
+
+def test_models_benchmark_profiles_the_dense_setting():
+    import bench_models
+    args = bench_models.parse_args(['--device', 'cpu', '--dense-batch', '1', '--dense-img',
+                                    '64', '--dense-n-win', '2', '--dtype', 'fp32',
+                                    '--warmup', '1'])
+    table = bench_models.profile_training('biformer_tiny', 'dense', args, steps=1, rows=5)
+    assert 'Self CPU' in table and len(table.splitlines()) > 5

@@ -73,10 +73,12 @@ def parse_args(argv):
                         help='time CUDA-graph replays of the inference call and of the whole '
                              'training step (no host launch overhead: what the GPU sustains)')
     parser.add_argument('--profile', default=None, metavar='MODEL',
-                        help='also profile training steps of MODEL (cls setting), top ops')
+                        help='also profile training steps of MODEL in each of --settings, '
+                             'top ops')
     parser.add_argument('--census', nargs='+', default=(), metavar='MODEL',
-                        help='also count, per eager training step of each MODEL (cls setting), '
-                             'the aten ops and kernels, and time the host and the GPU')
+                        help='also count, per eager training step of each MODEL in each of '
+                             '--settings, the aten ops and kernels, and time the host and '
+                             'the GPU')
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--out', default=None, help='write results as JSON here')
     return parser.parse_args(argv)
@@ -228,12 +230,18 @@ def measure(model: torch.nn.Module, batch: int, img: int, args) -> Dict:
     return result
 
 
-def eager_training_step(spec: str, args):
-    """An eager training step of ``spec`` in the cls setting (AdamW, autocast), warmed up."""
+def setting_shape(setting: str, args):
+    """(batch, image size) of ``setting`` ('cls' or 'dense')."""
+    return {'cls': (args.batch, args.img), 'dense': (args.dense_batch, args.dense_img)}[setting]
+
+
+def eager_training_step(spec: str, setting: str, args):
+    """An eager training step of ``spec`` in ``setting`` (AdamW, autocast), warmed up."""
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    model = build_model(spec, 'cls', args).to(device).train()
+    model = build_model(spec, setting, args).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == 'cuda')
-    x = torch.randn(args.batch, 3, args.img, args.img, device=device)
+    batch, img = setting_shape(setting, args)
+    x = torch.randn(batch, 3, img, img, device=device)
 
     def step():
         optimizer.zero_grad(set_to_none=True)
@@ -253,12 +261,13 @@ def _activities(device: torch.device):
     return [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda' else [])
 
 
-def profile_training(spec: str, args, steps: int = 3, rows: int = 45) -> str:
-    """Table of the CUDA (or CPU) ops of ``steps`` training steps, by self device time."""
+def profile_training(spec: str, setting: str, args, steps: int = 3, rows: int = 45) -> str:
+    """Table of the CUDA (or CPU) ops of ``steps`` training steps in ``setting``, by self
+    device time."""
     from torch.profiler import profile
 
     device = torch.device(args.device)
-    step = eager_training_step(spec, args)
+    step = eager_training_step(spec, setting, args)
     with profile(activities=_activities(device)) as prof:
         for _ in range(steps):
             step()
@@ -285,15 +294,15 @@ def _sync(device: torch.device):
         torch.cuda.synchronize(device)
 
 
-def step_census(spec: str, args, steps: int = 5) -> Dict:
-    """What one eager training step of ``spec`` (cls setting) costs: aten ops dispatched;
+def step_census(spec: str, setting: str, args, steps: int = 5) -> Dict:
+    """What one eager training step of ``spec`` in ``setting`` costs: aten ops dispatched;
     on CUDA, kernels launched and their summed GPU time (profiler); the host's time to issue
     one step from an idle device (``host_ms``); the wall time per step in a loop
     (``wall_ms``). A step whose ``host_ms`` exceeds its ``gpu_ms`` is bound by the host."""
     from torch.profiler import DeviceType, profile
 
     device = torch.device(args.device)
-    step = eager_training_step(spec, args)
+    step = eager_training_step(spec, setting, args)
     _sync(device)
     start = time.perf_counter()
     for _ in range(steps):
@@ -307,7 +316,8 @@ def step_census(spec: str, args, steps: int = 5) -> Dict:
     counter = _OpCounter()
     with counter:
         step()
-    row = dict(model=spec, aten_ops=counter.count, host_ms=host_ms, wall_ms=wall_ms,
+    batch, img = setting_shape(setting, args)
+    row = dict(setting=f'{setting} {img}px b{batch}', model=spec, aten_ops=counter.count, host_ms=host_ms, wall_ms=wall_ms,
                kernels=None, gpu_ms=None)
     if device.type == 'cuda':
         with profile(activities=_activities(device)) as prof:
@@ -320,12 +330,12 @@ def step_census(spec: str, args, steps: int = 5) -> Dict:
 
 
 def format_census(rows: List[Dict]) -> str:
-    lines = ['| model | aten ops / step | kernels / step | host issue ms | wall ms / step | '
-             'GPU kernel ms / step |', '|---|---:|---:|---:|---:|---:|']
+    lines = ['| setting | model | aten ops / step | kernels / step | host issue ms | wall ms / step | '
+             'GPU kernel ms / step |', '|---|---|---:|---:|---:|---:|---:|']
     for row in rows:
         def cell(key, fmt):
             return '-' if row[key] is None else fmt.format(row[key])
-        lines.append(f"| {row['model']} | {row['aten_ops']} | {cell('kernels', '{}')} | "
+        lines.append(f"| {row['setting']} | {row['model']} | {row['aten_ops']} | {cell('kernels', '{}')} | "
                      f"{row['host_ms']:.1f} | {row['wall_ms']:.1f} | {cell('gpu_ms', '{:.1f}')} |")
     return '\n'.join(lines)
 
@@ -363,10 +373,9 @@ def main(argv=None):
         torch.backends.cudnn.benchmark = True
     env = environment(args)
     print(json.dumps(env), flush=True)
-    settings = {'cls': (args.batch, args.img), 'dense': (args.dense_batch, args.dense_img)}
     rows = []
     for setting in args.settings:
-        batch, img = settings[setting]
+        batch, img = setting_shape(setting, args)
         for spec in args.models:
             row = dict(setting=f'{setting} {img}px b{batch}', model=spec)
             try:
@@ -382,12 +391,16 @@ def main(argv=None):
     table = format_table(rows)
     report = dict(environment=env, results=rows)
     if args.profile:
-        report['profile'] = profile_training(args.profile, args)
-        print(f'\nTraining-step profile of {args.profile} ({args.batch}x{args.img}px):')
-        print(report['profile'])
+        report['profile'] = {}
+        for setting in args.settings:
+            batch, img = setting_shape(setting, args)
+            report['profile'][setting] = profile_training(args.profile, setting, args)
+            print(f'\nTraining-step profile of {args.profile} ({setting}, {batch}x{img}px):')
+            print(report['profile'][setting])
     if args.census:
-        report['census'] = [step_census(spec, args) for spec in args.census]
-        print(f'\nOne eager training step ({args.batch}x{args.img}px, {args.dtype}):')
+        report['census'] = [step_census(spec, setting, args)
+                            for setting in args.settings for spec in args.census]
+        print(f'\nOne eager training step per row ({args.dtype}):')
         print(format_census(report['census']))
     if args.out:
         with open(args.out, 'w') as f:
