@@ -38,6 +38,10 @@ from ops.routing import route_unchecked
 
 __all__ = ['BlockPlan', 'fused_block']
 
+# The MLP half of a block (LayerNorm, fc1, GELU, fc2, drop path, residual) as one forward
+# kernel (ops._triton_ln_mlp) where it takes the width; False: six launches (A/B runs).
+MLP_KERNEL = True
+
 
 @dataclass(frozen=True)
 class BlockPlan:
@@ -76,12 +80,14 @@ def _linear(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
-def _drop_path_mask(branch: Tensor, drop_prob: float, scale_by_keep: bool) -> Optional[Tensor]:
-    """timm's ``drop_path`` mask for ``branch`` (the same draws in the same dtype), or None."""
+def _drop_path_mask(like: Tensor, dtype: torch.dtype, drop_prob: float,
+                    scale_by_keep: bool) -> Optional[Tensor]:
+    """timm's ``drop_path`` mask for a branch of ``like``'s shape in ``dtype`` (the same draws
+    in the same dtype), or None."""
     if drop_prob == 0.0:
         return None
     keep_prob = 1.0 - drop_prob
-    mask = branch.new_empty((branch.shape[0],) + (1,) * (branch.dim() - 1))
+    mask = like.new_empty((like.shape[0],) + (1,) * (like.dim() - 1), dtype=dtype)
     mask.bernoulli_(keep_prob)
     if keep_prob > 0.0 and scale_by_keep:
         mask.div_(keep_prob)
@@ -201,12 +207,22 @@ def _block_forward(plan: BlockPlan, drops, x, pos_w, pos_b, n1_w, n1_b, qkv_w, q
     """(x3, tensors for the backward, the mixer's state) of one block, computed without
     autograd: by :class:`_FusedBlock`, or directly when no gradient is needed."""
     from ops import _triton_depthwise_conv as dwconv
+    from ops import _triton_ln_mlp
     cd = plan.compute_dtype
     with torch.autocast(x.device.type, enabled=False):
         x1 = dwconv.forward(x, pos_w, pos_b, x, cd)
         h, mean1, rstd1 = _layer_norm_forward(x1, n1_w, n1_b, plan.eps1, cd)
+        mlp_kernel = MLP_KERNEL and _triton_ln_mlp.supports(x.shape[-1], fc1_w.shape[0])
+        # The MLP kernel rounds fp32 parameters as it reads them; of its parameters only the
+        # backward's products need casts (fc1's and fc2's weights).
+        if not mlp_kernel:
+            mlp_casts = (fc1_w, fc1_b, fc2_w, fc2_b)
+        elif plan.needs_grad:
+            mlp_casts = (fc1_w, None, fc2_w, None)
+        else:
+            mlp_casts = (None,) * 4
         weights = [None if t is None else t.to(cd)
-                   for t in (qkv_w, qkv_b, proj_w, proj_b, fc1_w, fc1_b, fc2_w, fc2_b)]
+                   for t in (qkv_w, qkv_b, proj_w, proj_b) + mlp_casts]
         qkv_wc, qkv_bc, proj_wc, proj_bc, fc1_wc, fc1_bc, fc2_wc, fc2_bc = weights
         if plan.full_attention:
             attended, mixer_saved, mixer_state = _full_forward(plan, h, qkv_wc, lepe_w, lepe_b)
@@ -214,13 +230,20 @@ def _block_forward(plan: BlockPlan, drops, x, pos_w, pos_b, n1_w, n1_b, qkv_w, q
             attended, mixer_saved, mixer_state = _routing_forward(plan, h, qkv_wc, qkv_bc,
                                                                   lepe_w, lepe_b)
         branch = _linear(attended, proj_wc, proj_bc)
-        drop1 = _drop_path_mask(branch, *drops[0]) if drops else None
+        drop1 = _drop_path_mask(branch, cd, *drops[0]) if drops else None
         x2 = x1 + (branch if drop1 is None else branch * drop1)
-        h2, mean2, rstd2 = _layer_norm_forward(x2, n2_w, n2_b, plan.eps2, cd)
-        hidden = _linear(h2, fc1_wc, fc1_bc)
-        branch = _linear(F.gelu(hidden), fc2_wc, fc2_bc)
-        drop2 = _drop_path_mask(branch, *drops[1]) if drops else None
-        x3 = x2 + (branch if drop2 is None else branch * drop2)
+        if mlp_kernel:
+            drop2 = _drop_path_mask(x2, cd, *drops[1]) if drops else None
+            x3, h2, hidden, mean2, rstd2 = _triton_ln_mlp.forward(
+                x2, n2_w, n2_b, plan.eps2, fc1_w if fc1_wc is None else fc1_wc, fc1_b,
+                fc2_w if fc2_wc is None else fc2_wc, fc2_b, cd,
+                None if drop2 is None else drop2.view(-1), save=plan.needs_grad)
+        else:
+            h2, mean2, rstd2 = _layer_norm_forward(x2, n2_w, n2_b, plan.eps2, cd)
+            hidden = _linear(h2, fc1_wc, fc1_bc)
+            branch = _linear(F.gelu(hidden), fc2_wc, fc2_bc)
+            drop2 = _drop_path_mask(branch, cd, *drops[1]) if drops else None
+            x3 = x2 + (branch if drop2 is None else branch * drop2)
     saved = (x, x1, x2, h2, attended, hidden, pos_w, lepe_w, n1_w, n1_b, n2_w, n2_b, *weights,
              mean1, rstd1, mean2, rstd2, drop1, drop2, *mixer_saved)
     return x3, saved, mixer_state

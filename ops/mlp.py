@@ -138,6 +138,29 @@ def gelu_mlp_backward(grad_out: Tensor, x: Tensor, hidden: Tensor, fc1_weight: T
     return grad_x, grad_w1, grad_b1, grad_w2, grad_b2
 
 
+def residual_mlp_reference(x: Tensor, ln_weight: Optional[Tensor], ln_bias: Optional[Tensor],
+                           eps: float, fc1_weight: Tensor, fc1_bias: Optional[Tensor],
+                           fc2_weight: Tensor, fc2_bias: Optional[Tensor],
+                           compute_dtype: torch.dtype,
+                           sample_scale: Optional[Tensor] = None) -> Tensor:
+    """``x + s * fc2(gelu(fc1(LN(x))))`` as a pre-norm transformer block's MLP half computes it
+    under autocast in ``compute_dtype``: the LayerNorm in fp32 of x rounded to it, fp32 affine,
+    one rounding (:func:`ops.layer_norm`); products and GELU in ``compute_dtype``; the
+    per-sample factor ``s`` ((B,), None for 1) in ``compute_dtype``; the residual add in
+    ``promote(x.dtype, compute_dtype)``. The meaning of the fused forward kernel
+    (:mod:`ops._triton_ln_mlp`)."""
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        stats = torch.promote_types(compute_dtype, torch.float32)
+        h = F.layer_norm(x.to(compute_dtype).to(stats), x.shape[-1:],
+                         _cast(ln_weight, stats), _cast(ln_bias, stats), eps).to(compute_dtype)
+        w1, b1, w2, b2 = (_cast(t, compute_dtype) for t in (fc1_weight, fc1_bias, fc2_weight,
+                                                            fc2_bias))
+        branch = F.linear(F.gelu(F.linear(h, w1, b1)), w2, b2)
+        if sample_scale is not None:
+            branch = branch * sample_scale.to(compute_dtype).view(-1, *(1,) * (x.dim() - 1))
+        return x + branch
+
+
 def gelu_mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: Tensor,
              fc2_bias: Optional[Tensor]) -> Tensor:
     """``F.linear(F.gelu(F.linear(x, fc1_weight, fc1_bias)), fc2_weight, fc2_bias)`` (exact

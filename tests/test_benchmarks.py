@@ -91,3 +91,24 @@ def test_models_benchmark_profiles_the_dense_setting():
                                     '--warmup', '1'])
     table = bench_models.profile_training('biformer_tiny', 'dense', args, steps=1, rows=5)
     assert 'Self CPU' in table and len(table.splitlines()) > 5
+
+
+def test_mlp_benchmark_smoke_run(tmp_path, capsys):
+    out = tmp_path / 'mlp.json'
+    benchmark.main(['mlp', '--smoke', '--peers', 'ours', 'unfused', '--shapes',
+                    'smoke_2x25x32', '--json', str(out)])
+    import json
+    result = json.loads(out.read_text())['results']['smoke_2x25x32']
+    assert set(result['rows']) == {'ours', 'unfused'}
+    assert all(row['fwd'] > 0 for row in result['rows'].values())
+    # fp16 products on both sides: errors of the same order against fp32
+    assert 0 < result['errors']['ours'] < 2 * result['errors']['unfused'] + 1e-4
+    assert '| peer | fwd ms | TFLOP/s | GB/s |' in capsys.readouterr().out
+
+
+def test_mlp_tuning_chooses_per_block_c():
+    import bench_mlp
+    fast, slow = bench_mlp.TUNE_ROWS[:2]
+    timings = {64: {'a': {fast: 1.0, slow: 2.0}, 'b': {fast: 1.1, slow: 1.0}},
+               256: {'c': {fast: 3.0, slow: 1.0}}}
+    assert bench_mlp.choose_rows(timings) == {64: fast, 256: slow}

@@ -56,19 +56,23 @@ def test_matches_module_path_fp32(fused_on_cpu, pad_mode, size, topk, drop_path)
         assert _relative_l2(got, expected) < 1e-5
 
 
-def test_layer_norms_on_the_kernels_at_every_size(fused_on_cpu, monkeypatch):
-    """The block's LayerNorms run ops.layer_norm's kernels at any size; the module path's do so
-    from FUSED_MIN_NUMEL elements (here every size too), and the two agree."""
+@pytest.mark.parametrize('mlp_kernel', [True, False], ids=['mlp_kernel', 'six_launches'])
+def test_layer_norms_on_the_kernels_at_every_size(fused_on_cpu, monkeypatch, mlp_kernel):
+    """The block's LayerNorms run ops' kernels at any size (the second inside the MLP kernel,
+    or without it on ops.layer_norm's); the module path's do so from FUSED_MIN_NUMEL elements
+    (here every size too), and the two agree."""
     from backbones.biformer import AutocastLayerNorm
-    from ops import _triton_layer_norm
+    from ops import _triton_layer_norm, _triton_ln_mlp
     calls = []
-    forward = _triton_layer_norm.forward
-    monkeypatch.setattr(_triton_layer_norm, 'forward', lambda *a, **k: calls.append(1) or
-                        forward(*a, **k))
+    for module in (_triton_layer_norm, _triton_ln_mlp):
+        monkeypatch.setattr(module, 'forward', lambda *a, _f=module.forward, _m=module, **k:
+                            calls.append(_m.__name__) or _f(*a, **k))
+    monkeypatch.setattr(_fused_block, 'MLP_KERNEL', mlp_kernel)
     block = _block('masked', topk=2)
     x, grad = torch.randn(2, 15, 15, 64), torch.randn(2, 15, 15, 64)
     got = _run(block, x, grad, True, torch.float32)
-    assert len(calls) == 2
+    second = 'ops._triton_ln_mlp' if mlp_kernel else 'ops._triton_layer_norm'
+    assert calls == ['ops._triton_layer_norm', second]
     monkeypatch.setattr(AutocastLayerNorm, 'FUSED_MIN_NUMEL', 1)
     for got_t, expected in zip(got, _run(block, x, grad, False, torch.float32)):
         assert _relative_l2(got_t, expected) < 1e-5
@@ -102,6 +106,10 @@ def test_fp16_autocast_against_fp64(fused_on_cpu):
         if param is not None:
             assert got.dtype == param.dtype
         assert _relative_l2(got, expected) < 1e-2
+    # Inference hands the MLP kernel the fp32 parameters, which it rounds as it reads them:
+    # the same values as the training forward's casts, so the same output, bit for bit.
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.float16):
+        assert torch.equal(block(x), out.detach())
 
 
 def test_no_grad_and_frozen_parameters(fused_on_cpu):

@@ -4,6 +4,7 @@
     python tools/benchmark.py models  [options]   # backbone throughput and memory vs peers
     python tools/benchmark.py dwconv  [options]   # NHWC depthwise-conv kernel vs peers
     python tools/benchmark.py layernorm [options] # LayerNorm kernel vs native and compiled
+    python tools/benchmark.py mlp     [options]   # fused LayerNorm-MLP forward vs its launches
     python tools/benchmark.py overhead [options]  # host time per op call, ours vs PyTorch's
     python tools/benchmark.py colsum  [options]   # bias-gradient column sums vs sum(0)
 
@@ -14,7 +15,7 @@ import os
 import sys
 
 MODULES = {'ops': 'bench_ops', 'models': 'bench_models', 'dwconv': 'bench_dwconv',
-           'layernorm': 'bench_layer_norm', 'overhead': 'bench_overhead',
+           'layernorm': 'bench_layer_norm', 'mlp': 'bench_mlp', 'overhead': 'bench_overhead',
            'colsum': 'bench_column_sum'}
 SUBCOMMANDS = tuple(MODULES)
 
