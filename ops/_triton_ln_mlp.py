@@ -24,10 +24,13 @@ takes the unfused path).
 """
 from typing import Optional
 
+import warnings
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.runtime.errors import OutOfResources
 
 from ops._launch import fast_launcher
 from ops._sizes import cdiv, next_power_of_2
@@ -35,8 +38,9 @@ from ops._sizes import cdiv, next_power_of_2
 MAX_CHANNELS = 512  # widest row: the fp32 accumulator holds BLOCK_M x BLOCK_C per program
 
 # (BLOCK_M, BLOCK_H, num_warps, num_stages) keyed on BLOCK_C = next_pow2(C).
-_CONFIGS = {16: (64, 32, 4, 2), 32: (64, 32, 4, 2), 64: (128, 64, 4, 3), 128: (64, 64, 4, 3),
-            256: (64, 64, 8, 2), 512: (32, 64, 8, 2)}
+_CONFIGS = {16: (64, 32, 4, 2), 32: (64, 32, 4, 2), 64: (128, 64, 4, 2), 128: (64, 64, 4, 2),
+            256: (64, 32, 8, 2), 512: (32, 32, 8, 1)}
+_FITTED = {}  # (device index, BLOCK_C) -> the row that launched where the table's did not
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
@@ -46,9 +50,26 @@ def supports(channels: int, hidden_features: int) -> bool:
     return 1 <= channels <= MAX_CHANNELS and hidden_features >= 1
 
 
+def _block_c(channels: int) -> int:
+    return max(16, next_power_of_2(channels))
+
+
 def tile_config(channels: int) -> tuple:
     """(BLOCK_M, BLOCK_H, num_warps, num_stages) for rows of ``channels``."""
-    return _CONFIGS[max(16, next_power_of_2(channels))]
+    return _CONFIGS[_block_c(channels)]
+
+
+def _smaller(row: tuple):
+    """The next row to try when ``row`` needs more shared memory than the device has: fewer
+    pipeline stages, then half the hidden chunk, then half the rows; None below 16 x 16."""
+    block_m, block_h, num_warps, num_stages = row
+    if num_stages > 1:
+        return block_m, block_h, num_warps, num_stages - 1
+    if block_h > 16:
+        return block_m, block_h // 2, num_warps, num_stages
+    if block_m > 16:
+        return block_m // 2, block_h, num_warps, num_stages
+    return None
 
 
 def set_tile_configs(table: dict) -> None:
@@ -64,6 +85,7 @@ def set_tile_configs(table: dict) -> None:
             raise ValueError(f'row must be (BLOCK_M, BLOCK_H, num_warps, num_stages) with powers '
                              f'of two, BLOCK_M and BLOCK_H >= 16, got {row}')
         _CONFIGS[block_c] = row
+    _FITTED.clear()
 
 
 @triton.jit
@@ -148,20 +170,51 @@ def forward(x: Tensor, ln_weight: Optional[Tensor], ln_bias: Optional[Tensor], e
                  x.new_empty(n_rows, dtype=torch.float32))
     if n_rows == 0:
         return (y,) + saved
-    block_m, block_h, num_warps, num_stages = config or tile_config(channels)
     precision = 'ieee'
     if compute_dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
         precision = 'tf32'
     rows_per_sample = n_rows // x.shape[0] if x.dim() > 1 else 1
     h, z, mean, rstd = (y if t is None else t for t in saved)
-    fast_launcher(_ln_mlp_fwd_kernel)[(cdiv(n_rows, block_m),)](
-        x, y if ln_weight is None else ln_weight, y if ln_bias is None else ln_bias,
-        fc1_weight, y if fc1_bias is None else fc1_bias, fc2_weight,
-        y if fc2_bias is None else fc2_bias, y if sample_scale is None else sample_scale,
-        y, h, z, mean, rstd, n_rows, channels, hidden_features, max(rows_per_sample, 1), eps,
-        HAS_LN_W=ln_weight is not None, HAS_LN_B=ln_bias is not None,
-        HAS_B1=fc1_bias is not None, HAS_B2=fc2_bias is not None,
-        HAS_SCALE=sample_scale is not None, SAVE=save, COMPUTE=_TL_DTYPES[compute_dtype],
-        PRECISION=precision, BLOCK_M=block_m, BLOCK_C=max(16, next_power_of_2(channels)),
-        BLOCK_H=block_h, num_warps=num_warps, num_stages=num_stages)
+
+    def launch(row):
+        block_m, block_h, num_warps, num_stages = row
+        fast_launcher(_ln_mlp_fwd_kernel)[(cdiv(n_rows, block_m),)](
+            x, y if ln_weight is None else ln_weight, y if ln_bias is None else ln_bias,
+            fc1_weight, y if fc1_bias is None else fc1_bias, fc2_weight,
+            y if fc2_bias is None else fc2_bias, y if sample_scale is None else sample_scale,
+            y, h, z, mean, rstd, n_rows, channels, hidden_features, max(rows_per_sample, 1),
+            eps, HAS_LN_W=ln_weight is not None, HAS_LN_B=ln_bias is not None,
+            HAS_B1=fc1_bias is not None, HAS_B2=fc2_bias is not None,
+            HAS_SCALE=sample_scale is not None, SAVE=save, COMPUTE=_TL_DTYPES[compute_dtype],
+            PRECISION=precision, BLOCK_M=block_m, BLOCK_C=_block_c(channels), BLOCK_H=block_h,
+            num_warps=num_warps, num_stages=num_stages)
+
+    if config is not None:
+        launch(config)
+    else:
+        _launch_fitting(launch, x.device, channels)
     return (y,) + saved
+
+
+def _launch_fitting(launch, device: torch.device, channels: int) -> None:
+    """``launch(row)`` with the table's row, or where the device cannot hold it (Triton raises
+    ``OutOfResources`` before the kernel runs) with :func:`_smaller` rows until one launches;
+    that one is remembered per device and BLOCK_C, with a warning."""
+    key = (device.index, _block_c(channels))
+    first = _FITTED.get(key) or tile_config(channels)
+    try:
+        return launch(first)
+    except OutOfResources as err:
+        failure = err
+    tried = first
+    while (tried := _smaller(tried)) is not None:
+        try:
+            launch(tried)
+        except OutOfResources:
+            continue
+        _FITTED[key] = tried
+        warnings.warn(f'LayerNorm-MLP kernel: tile row {first} needs more shared memory than '
+                      f'this device has ({failure}); using {tried}, which may be slower than a '
+                      f'row tuned for it (tools/benchmark.py mlp --tune)', stacklevel=3)
+        return None
+    raise failure

@@ -85,8 +85,20 @@ SMOKE_SHAPES = [Shape('smoke_2x25x32', 2, 25, 32, 'smoke test'),
                 Shape('smoke_1x9x24', 1, 9, 24, 'smoke test')]
 SHAPES_BY_NAME = {s.name: s for s in SHAPES + SMOKE_SHAPES}
 
-# --tune candidates: (BLOCK_M, BLOCK_H, num_warps, num_stages)
-TUNE_ROWS = [row for row in itertools.product((32, 64, 128), (32, 64, 128), (4, 8), (2, 3))]
+# --tune candidates per BLOCK_C: (BLOCK_M, BLOCK_H, num_warps, num_stages) whose fp32
+# accumulator takes at most 128 registers per thread and whose shared memory (the pipelined
+# fp32 weight chunks, h and the GELU output in 16 bits) fits an H200's 227 KiB.
+def tune_rows(block_c):
+    rows = []
+    stage_counts = (1, 2) if block_c >= 256 else (2, 3)
+    for block_m, block_h, warps, stages in itertools.product((32, 64, 128), (32, 64, 128),
+                                                              (4, 8), stage_counts):
+        registers = block_m * block_c // (32 * warps)
+        shared = ((stages - 1) * block_h * block_c * 8 + 2 * block_h * block_c * 2
+                  + block_m * (block_c + block_h) * 2)
+        if registers <= 128 and block_m * block_h // (32 * warps) <= 64 and shared <= 200 * 1024:
+            rows.append((block_m, block_h, warps, stages))
+    return rows
 
 
 def make_problem(shape: Shape, dtype, device, seed=0):
@@ -179,18 +191,17 @@ def format_table(shape, rows, errs, bandwidth, elem_bytes):
     return '\n'.join(lines)
 
 
-def _compile_worker(shape_name, dtype_name):
-    """Compile (into Triton's cache) every candidate row for one shape, on a two-sample input
+def _compile_worker(shape_name, dtype_name, row):
+    """Compile (into Triton's cache) one candidate row for one shape, on a two-sample input
     with the shape's specializations (same C, hidden and tokens per sample)."""
     shape = SHAPES_BY_NAME[shape_name]
-    small = Shape(shape.name, 2, shape.tokens, shape.chans)
-    problem = make_problem(small, DTYPES[dtype_name], 'cuda')
-    for row in TUNE_ROWS:
-        try:
-            make_peer('ours', problem, row)()
-        except Exception:  # reported by the timing pass
-            pass
-    torch.cuda.synchronize()
+    problem = make_problem(Shape(shape.name, 2, shape.tokens, shape.chans), DTYPES[dtype_name],
+                           'cuda')
+    try:
+        make_peer('ours', problem, row)()
+        torch.cuda.synchronize()
+    except Exception:  # reported by the timing pass
+        pass
 
 
 def choose_rows(timings):
@@ -209,20 +220,22 @@ def tune(shapes, dtype_name, reps_ms, configs_path, workers):
     from multiprocessing import get_context
     from triton.testing import do_bench_cudagraph
     started = time.time()
+    tasks = [(s.name, dtype_name, row) for s in shapes
+             for row in tune_rows(next_power_of_2(s.chans))]
     with ProcessPoolExecutor(max_workers=workers, mp_context=get_context('spawn')) as pool:
-        list(pool.map(_compile_worker, [s.name for s in shapes], [dtype_name] * len(shapes)))
+        list(pool.map(_compile_worker, *zip(*tasks)))
     print(f'compiled the candidates in {time.time() - started:.0f} s', flush=True)
     timings = {}
     for shape in shapes:
         problem = make_problem(shape, DTYPES[dtype_name], 'cuda')
         measured = {}
-        for row in TUNE_ROWS:
+        block_c = next_power_of_2(shape.chans)
+        for row in tune_rows(block_c):
             try:
                 measured[row] = do_bench_cudagraph(make_peer('ours', problem, row), rep=reps_ms,
                                                    return_mode='median')
             except Exception as exc:  # e.g. out of resources: skip the row
                 print(f'{shape.name} {row}: {type(exc).__name__}', flush=True)
-        block_c = next_power_of_2(shape.chans)
         timings.setdefault(block_c, {})[shape.name] = measured
         best, current = min(measured, key=measured.get), kernels.tile_config(shape.chans)
         print(f'{shape.name:16s} best row {best} {measured[best] * 1e3:.1f} us; current row '

@@ -124,3 +124,30 @@ def test_bf16_at_model_shapes_on_gpu(shape, hidden):
     assert got.dtype == torch.bfloat16
     assert _relative_l2(got - x, exact - x.double()) <= (
         1.5 * _relative_l2(same_dtype - x, exact - x.double()) + 1e-4)
+
+
+def test_rows_too_large_for_the_device_shrink_once(monkeypatch):
+    """A table row the device cannot hold (OutOfResources before the launch) gives way to
+    smaller rows (stages, then hidden chunk, then rows); the first that launches is kept for
+    the device and width, with one warning."""
+    from triton.runtime.errors import OutOfResources
+    monkeypatch.setattr(_triton_ln_mlp, '_FITTED', {})
+    monkeypatch.setitem(_triton_ln_mlp._CONFIGS, 256, (64, 64, 8, 2))
+    tried = []
+
+    def launch(row):
+        tried.append(row)
+        if row[3] > 1 or row[1] > 32:
+            raise OutOfResources(300000, 232448, 'shared memory')
+    device = torch.device('cuda', 0)
+    with pytest.warns(UserWarning, match=r'using \(64, 32, 8, 1\)'):
+        _triton_ln_mlp._launch_fitting(launch, device, 200)
+    assert tried == [(64, 64, 8, 2), (64, 64, 8, 1), (64, 32, 8, 1)]
+    tried.clear()
+    _triton_ln_mlp._launch_fitting(launch, device, 256)  # remembered: no search, no warning
+    assert tried == [(64, 32, 8, 1)]
+
+    def never(row):
+        raise OutOfResources(300000, 232448, 'shared memory')
+    with pytest.raises(OutOfResources):
+        _triton_ln_mlp._launch_fitting(never, torch.device('cuda', 1), 256)
