@@ -38,9 +38,13 @@ from ops.routing import route_unchecked
 
 __all__ = ['BlockPlan', 'fused_block']
 
-# The MLP half of a block (LayerNorm, fc1, GELU, fc2, drop path, residual) as one forward
-# kernel (ops._triton_ln_mlp) where it takes the width; False: six launches (A/B runs).
-MLP_KERNEL = True
+# The MLP half of a block (LayerNorm, fc1, GELU, fc2, drop path, residual) runs as one forward
+# kernel (ops._triton_ln_mlp) up to this width, else as six launches (LayerNorm kernel, cuBLAS
+# products, GELU, add). On an H200 in bf16 the kernel took less GPU time than the six launches
+# up to C = 128 and more from C = 256 (docs/benchmarks.md, "mlp" run 1); it saves the host
+# five launches at any width, so a host-bound eager run may gain from raising this to 512
+# (the kernel's limit). 0 turns it off.
+MLP_KERNEL_MAX_CHANNELS = 128
 
 
 @dataclass(frozen=True)
@@ -212,7 +216,8 @@ def _block_forward(plan: BlockPlan, drops, x, pos_w, pos_b, n1_w, n1_b, qkv_w, q
     with torch.autocast(x.device.type, enabled=False):
         x1 = dwconv.forward(x, pos_w, pos_b, x, cd)
         h, mean1, rstd1 = _layer_norm_forward(x1, n1_w, n1_b, plan.eps1, cd)
-        mlp_kernel = MLP_KERNEL and _triton_ln_mlp.supports(x.shape[-1], fc1_w.shape[0])
+        mlp_kernel = (x.shape[-1] <= MLP_KERNEL_MAX_CHANNELS
+                      and _triton_ln_mlp.supports(x.shape[-1], fc1_w.shape[0]))
         # The MLP kernel rounds fp32 parameters as it reads them; of its parameters only the
         # backward's products need casts (fc1's and fc2's weights).
         if not mlp_kernel:

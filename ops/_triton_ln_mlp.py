@@ -37,9 +37,11 @@ from ops._sizes import cdiv, next_power_of_2
 
 MAX_CHANNELS = 512  # widest row: the fp32 accumulator holds BLOCK_M x BLOCK_C per program
 
-# (BLOCK_M, BLOCK_H, num_warps, num_stages) keyed on BLOCK_C = next_pow2(C).
-_CONFIGS = {16: (64, 32, 4, 2), 32: (64, 32, 4, 2), 64: (128, 64, 4, 2), 128: (64, 64, 4, 2),
-            256: (64, 32, 8, 2), 512: (32, 32, 8, 1)}
+# (BLOCK_M, BLOCK_H, num_warps, num_stages) keyed on BLOCK_C = next_pow2(C): the rows
+# `tools/benchmark.py mlp --tune` chose on an H200 in bf16 for BiFormer's widths at 224 px,
+# batch 128 (2026-12-01, docs/benchmarks.md "mlp"); 16 and 32 not tuned.
+_CONFIGS = {16: (64, 32, 4, 2), 32: (64, 32, 4, 2), 64: (128, 32, 8, 3), 128: (64, 32, 4, 3),
+            256: (64, 32, 4, 1), 512: (64, 64, 8, 1)}
 _FITTED = {}  # (device index, BLOCK_C) -> the row that launched where the table's did not
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}

@@ -67,7 +67,7 @@ def test_layer_norms_on_the_kernels_at_every_size(fused_on_cpu, monkeypatch, mlp
     for module in (_triton_layer_norm, _triton_ln_mlp):
         monkeypatch.setattr(module, 'forward', lambda *a, _f=module.forward, _m=module, **k:
                             calls.append(_m.__name__) or _f(*a, **k))
-    monkeypatch.setattr(_fused_block, 'MLP_KERNEL', mlp_kernel)
+    monkeypatch.setattr(_fused_block, 'MLP_KERNEL_MAX_CHANNELS', 128 if mlp_kernel else 0)
     block = _block('masked', topk=2)
     x, grad = torch.randn(2, 15, 15, 64), torch.randn(2, 15, 15, 64)
     got = _run(block, x, grad, True, torch.float32)
