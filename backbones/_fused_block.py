@@ -39,12 +39,21 @@ from ops.routing import route_unchecked
 __all__ = ['BlockPlan', 'fused_block']
 
 # The MLP half of a block (LayerNorm, fc1, GELU, fc2, drop path, residual) runs as one forward
-# kernel (ops._triton_ln_mlp) up to this width, else as six launches (LayerNorm kernel, cuBLAS
-# products, GELU, add). On an H200 in bf16 the kernel took less GPU time than the six launches
-# up to C = 128 and more from C = 256 (docs/benchmarks.md, "mlp" run 1); it saves the host
-# five launches at any width, so a host-bound eager run may gain from raising this to 512
-# (the kernel's limit). 0 turns it off.
-MLP_KERNEL_MAX_CHANNELS = 128
+# kernel (ops._triton_ln_mlp) up to a width, else as six launches (LayerNorm kernel, cuBLAS
+# products, GELU, add). The kernel saves the host five launches at any width. On an H200 in
+# bf16, at 224 px and batch 128 (docs/benchmarks.md, "mlp" run 1), it took 0.67x / 0.90x the
+# six launches' GPU time at C = 64 / 128, 1.7x at C = 256 (+72 µs a block, less than the
+# launches cost that host), and 1.8-4.5x at 192, 384 and 512 (its accumulator and weight
+# re-reads grow with C). So eager calls, which BiFormer's many short kernels leave bound by
+# the host, take it up to C = 256, and calls captured into a CUDA graph, where launches cost
+# nothing, up to 128 (models run 14). 0 turns it off; the kernel takes up to 512.
+MLP_KERNEL_MAX_CHANNELS = {'eager': 256, 'captured': 128}
+
+
+def mlp_kernel_max_channels(x: Tensor) -> int:
+    """The widest rows the MLP kernel takes for this call (see MLP_KERNEL_MAX_CHANNELS)."""
+    captured = x.is_cuda and torch.cuda.is_current_stream_capturing()
+    return MLP_KERNEL_MAX_CHANNELS['captured' if captured else 'eager']
 
 
 @dataclass(frozen=True)
@@ -216,7 +225,7 @@ def _block_forward(plan: BlockPlan, drops, x, pos_w, pos_b, n1_w, n1_b, qkv_w, q
     with torch.autocast(x.device.type, enabled=False):
         x1 = dwconv.forward(x, pos_w, pos_b, x, cd)
         h, mean1, rstd1 = _layer_norm_forward(x1, n1_w, n1_b, plan.eps1, cd)
-        mlp_kernel = (x.shape[-1] <= MLP_KERNEL_MAX_CHANNELS
+        mlp_kernel = (x.shape[-1] <= mlp_kernel_max_channels(x)
                       and _triton_ln_mlp.supports(x.shape[-1], fc1_w.shape[0]))
         # The MLP kernel rounds fp32 parameters as it reads them; of its parameters only the
         # backward's products need casts (fc1's and fc2's weights).

@@ -67,7 +67,7 @@ def test_layer_norms_on_the_kernels_at_every_size(fused_on_cpu, monkeypatch, mlp
     for module in (_triton_layer_norm, _triton_ln_mlp):
         monkeypatch.setattr(module, 'forward', lambda *a, _f=module.forward, _m=module, **k:
                             calls.append(_m.__name__) or _f(*a, **k))
-    monkeypatch.setattr(_fused_block, 'MLP_KERNEL_MAX_CHANNELS', 128 if mlp_kernel else 0)
+    monkeypatch.setitem(_fused_block.MLP_KERNEL_MAX_CHANNELS, 'eager', 256 if mlp_kernel else 0)
     block = _block('masked', topk=2)
     x, grad = torch.randn(2, 15, 15, 64), torch.randn(2, 15, 15, 64)
     got = _run(block, x, grad, True, torch.float32)
@@ -76,6 +76,16 @@ def test_layer_norms_on_the_kernels_at_every_size(fused_on_cpu, monkeypatch, mlp
     monkeypatch.setattr(AutocastLayerNorm, 'FUSED_MIN_NUMEL', 1)
     for got_t, expected in zip(got, _run(block, x, grad, False, torch.float32)):
         assert _relative_l2(got_t, expected) < 1e-5
+
+
+def test_mlp_kernel_width_limit_eager_and_captured(monkeypatch):
+    """Eager calls take the MLP kernel up to C = 256 (fewer launches for the host); calls
+    captured into a CUDA graph only up to 128, where it is the faster on the GPU."""
+    x = torch.zeros(1, 2, 2, 256)
+    assert _fused_block.mlp_kernel_max_channels(x) == 256
+    monkeypatch.setattr(torch.Tensor, 'is_cuda', property(lambda self: True))
+    monkeypatch.setattr(torch.cuda, 'is_current_stream_capturing', lambda: True)
+    assert _fused_block.mlp_kernel_max_channels(x) == 128
 
 
 @pytest.mark.parametrize('topk, size', [(2, 15), (-2, 6)], ids=['routing', 'full'])
