@@ -96,6 +96,23 @@ def _row_offsets(rows, inner_rows, stride_outer, stride_inner, TWO_LEVEL: tl.con
 
 
 @triton.jit
+def normalize_rows(x, mask, c, c_valid, channels, eps, W, B, HAS_W: tl.constexpr,
+                   HAS_B: tl.constexpr):
+    """(y, mean, rstd): the LayerNorm of fp32 rows x (BLOCK_M, BLOCK_C), zero where ``mask``
+    is False, ``(x - mean) * rstd * W + B`` in fp32 (W, B per channel ``c``, any float dtype);
+    mean and rstd = 1 / sqrt(var + eps) per row. Shared with ops._triton_ln_mlp."""
+    mean = tl.sum(x, 1) / channels
+    centred = tl.where(mask, x - mean[:, None], 0.0)
+    rstd = tl.rsqrt(tl.sum(centred * centred, 1) / channels + eps)
+    y = centred * rstd[:, None]
+    if HAS_W:
+        y = y * tl.load(W + c, mask=c_valid, other=0.0).to(tl.float32)[None, :]
+    if HAS_B:
+        y = y + tl.load(B + c, mask=c_valid, other=0.0).to(tl.float32)[None, :]
+    return y, mean, rstd
+
+
+@triton.jit
 def _fwd_kernel(X, W, B, Y, Mean, Rstd,
                 n_rows, channels, inner_rows, stride_outer, stride_inner, eps,
                 HAS_W: tl.constexpr, HAS_B: tl.constexpr, STORE_STATS: tl.constexpr,
@@ -108,15 +125,8 @@ def _fwd_kernel(X, W, B, Y, Mean, Rstd,
     mask = row_valid[:, None] & c_valid[None, :]
     x_offsets = _row_offsets(rows, inner_rows, stride_outer, stride_inner, TWO_LEVEL)
     x = tl.load(X + x_offsets[:, None] + c[None, :], mask=mask, other=0.0)
-    x = x.to(ROUND_X).to(tl.float32)
-    mean = tl.sum(x, 1) / channels
-    centred = tl.where(mask, x - mean[:, None], 0.0)
-    rstd = tl.rsqrt(tl.sum(centred * centred, 1) / channels + eps)
-    y = centred * rstd[:, None]
-    if HAS_W:
-        y = y * tl.load(W + c, mask=c_valid, other=0.0).to(tl.float32)[None, :]
-    if HAS_B:
-        y = y + tl.load(B + c, mask=c_valid, other=0.0).to(tl.float32)[None, :]
+    y, mean, rstd = normalize_rows(x.to(ROUND_X).to(tl.float32), mask, c, c_valid, channels,
+                                   eps, W, B, HAS_W, HAS_B)
     y_offsets = rows.to(tl.int64) * channels
     tl.store(Y + y_offsets[:, None] + c[None, :], y.to(Y.dtype.element_ty), mask=mask)
     if STORE_STATS:

@@ -34,6 +34,7 @@ from triton.runtime.errors import OutOfResources
 
 from ops._launch import fast_launcher
 from ops._sizes import cdiv, next_power_of_2
+from ops._triton_layer_norm import normalize_rows
 
 MAX_CHANNELS = 512  # widest row: the fp32 accumulator holds BLOCK_M x BLOCK_C per program
 
@@ -104,14 +105,8 @@ def _ln_mlp_fwd_kernel(X, LnW, LnB, W1, B1, W2, B2, Scale, Y, H, Z, Mean, Rstd,
     mask = row_valid[:, None] & c_valid[None, :]
     x_offsets = rows.to(tl.int64)[:, None] * channels + c[None, :]
     x = tl.load(X + x_offsets, mask=mask, other=0.0).to(COMPUTE).to(tl.float32)
-    mean = tl.sum(x, 1) / channels
-    centred = tl.where(mask, x - mean[:, None], 0.0)
-    rstd = tl.rsqrt(tl.sum(centred * centred, 1) / channels + eps)
-    h = centred * rstd[:, None]
-    if HAS_LN_W:
-        h = h * tl.load(LnW + c, mask=c_valid, other=0.0).to(tl.float32)[None, :]
-    if HAS_LN_B:
-        h = h + tl.load(LnB + c, mask=c_valid, other=0.0).to(tl.float32)[None, :]
+    h, mean, rstd = normalize_rows(x, mask, c, c_valid, channels, eps, LnW, LnB, HAS_LN_W,
+                                   HAS_LN_B)
     h = tl.where(mask, h, 0.0).to(COMPUTE)  # padded channels are zero: they add nothing below
     if SAVE:
         tl.store(H + x_offsets, h, mask=mask)

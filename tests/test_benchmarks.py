@@ -111,4 +111,4 @@ def test_mlp_tuning_chooses_per_block_c():
     fast, slow = bench_mlp.tune_rows(64)[:2]
     timings = {64: {'a': {fast: 1.0, slow: 2.0}, 'b': {fast: 1.1, slow: 1.0}},
                256: {'c': {fast: 3.0, slow: 1.0}}}
-    assert bench_mlp.choose_rows(timings) == {64: fast, 256: slow}
+    assert bench_mlp.choose_per_class(timings) == {64: fast, 256: slow}

@@ -36,7 +36,6 @@ receives those rows (a ``set_tile_configs`` table) and all timings.
 Without CUDA (``--smoke`` on a CPU) the Triton kernels run in the interpreter and times are
 wall-clock medians of a few eager calls: a smoke test of the script, not a measurement.
 """
-import argparse
 import json
 import os
 import statistics
@@ -56,8 +55,9 @@ import ops  # noqa: E402
 from ops import _triton_layer_norm as kernels  # noqa: E402
 from ops._sizes import next_power_of_2  # noqa: E402
 from ops.layer_norm import layer_norm_reference  # noqa: E402
-from bench_timing import (copy_bandwidth, fwd_and_fwd_bwd_ms, least_slowdown,  # noqa: E402
-                          mean_slowdown)
+from bench_timing import (choose_per_class, fwd_and_fwd_bwd_ms,  # noqa: E402
+                          kernel_bench_parser, kernel_bench_setup, mean_slowdown,
+                          measure_peers, run_header)
 
 PEERS = ('ours', 'native', 'native_amp', 'compiled')
 EPS = 1e-6  # BiFormer's LayerNorm eps
@@ -222,13 +222,7 @@ def _launcher(kind, problem, config):
 def choose_rows(timings):
     """{kind: {BLOCK_C: row}}: per BLOCK_C the row with the least summed slowdown (time / the
     shape's best) over the shapes with that BLOCK_C."""
-    chosen = {}
-    for kind, per_block in timings.items():
-        chosen[kind] = {}
-        for block_c, per_shape in per_block.items():
-            common = set.intersection(*(set(t) for t in per_shape.values()))
-            chosen[kind][block_c] = least_slowdown(common, per_shape.values())
-    return chosen
+    return {kind: choose_per_class(per_block) for kind, per_block in timings.items()}
 
 
 def tune(shapes, dtype, reps_ms, configs_path, kinds=kernels.KINDS):
@@ -271,59 +265,26 @@ def tune(shapes, dtype, reps_ms, configs_path, kinds=kernels.KINDS):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog='benchmark.py layernorm', description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--shapes', nargs='+', choices=list(SHAPES_BY_NAME))
-    parser.add_argument('--smoke', action='store_true',
-                        help='the tiny smoke shapes (runs on a CPU through the interpreter)')
-    parser.add_argument('--peers', nargs='+', default=list(PEERS), choices=PEERS)
-    parser.add_argument('--dtype', default='bf16', choices=list(DTYPES))
-    parser.add_argument('--reps-ms', type=int, default=100, help='timing budget per measurement')
-    parser.add_argument('--tune', action='store_true', help='sweep the tile rows of ours')
+    parser = kernel_bench_parser('layernorm', __doc__, SHAPES_BY_NAME, PEERS, DTYPES)
     parser.add_argument('--kinds', nargs='+', default=list(kernels.KINDS),
                         choices=kernels.KINDS, help='the kernels --tune sweeps')
-    parser.add_argument('--configs', help='JSON of tile rows: written by --tune, applied to '
-                        'ours otherwise')
-    parser.add_argument('--json', help='write all results to this JSON file')
     args = parser.parse_args(argv)
-    cuda = torch.cuda.is_available()
-    if not cuda and not args.smoke:
-        sys.exit('benchmark.py layernorm needs a CUDA GPU (none is visible to torch); '
-                 '--smoke runs tiny shapes on the CPU')
-    dtype = DTYPES[args.dtype]
-    if not cuda and dtype == torch.bfloat16:
-        dtype = torch.float16  # the interpreter rounds bf16 toward zero
-    shapes = [SHAPES_BY_NAME[n] for n in args.shapes or
-              ([s.name for s in SMOKE_SHAPES] if args.smoke else [s.name for s in SHAPES])]
+    cuda, dtype, shapes = kernel_bench_setup(args, 'layernorm', DTYPES, SHAPES, SMOKE_SHAPES)
     if args.tune:
-        if not (args.configs and cuda):
-            sys.exit('--tune needs a CUDA GPU and --configs FILE to write the chosen rows to')
         tune(shapes, dtype, args.reps_ms, args.configs, args.kinds)
         return
     if args.configs:
         with open(args.configs) as f:
             kernels.set_tile_configs(json.load(f)['configs'])
-    import triton
     device = 'cuda' if cuda else 'cpu'
-    bandwidth = copy_bandwidth() if cuda else None
-    header = (f'{time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}, '
-              f'{torch.cuda.get_device_name() if cuda else "CPU (Triton interpreter)"}, torch '
-              f'{torch.__version__}, triton {triton.__version__}, {dtype}'
-              + (f'; measured copy {bandwidth / 1e12:.2f} TB/s' if cuda else ''))
+    header, bandwidth = run_header(dtype, cuda)
     print(header, flush=True)
     elem_bytes = torch.finfo(dtype).bits // 8
     results = {}
     for shape in shapes:
         problem = make_problem(shape, dtype, device)
         errs = errors(problem)
-        rows = {}
-        for peer in args.peers:
-            try:
-                rows[peer] = measure(peer, problem, args.reps_ms)
-            except Exception as exc:  # report and go on (compile failure, out of memory)
-                rows[peer] = dict(error=f'{type(exc).__name__}: {str(exc)[:120]}')
-                if cuda:
-                    torch.cuda.empty_cache()
+        rows = measure_peers(args.peers, lambda peer, p=problem: measure(peer, p, args.reps_ms))
         nbytes = problem_bytes(shape, elem_bytes)
         for r in rows.values():
             if 'error' not in r:

@@ -33,7 +33,6 @@ receives those rows (a ``set_tile_configs`` table) and all timings.
 Without CUDA (``--smoke`` on a CPU) the kernel runs in the interpreter and times are
 wall-clock medians of a few calls: a smoke test of the script, not a measurement.
 """
-import argparse
 import itertools
 import json
 import os
@@ -53,7 +52,8 @@ from ops import _triton_layer_norm, _triton_ln_mlp as kernels  # noqa: E402
 from ops._sizes import next_power_of_2  # noqa: E402
 from ops.mlp import residual_mlp_reference  # noqa: E402
 from bench_layer_norm import _cpu_ms  # noqa: E402
-from bench_timing import copy_bandwidth, least_slowdown, mean_slowdown, time_ms  # noqa: E402
+from bench_timing import (choose_per_class, kernel_bench_parser,  # noqa: E402
+                          kernel_bench_setup, mean_slowdown, measure_peers, run_header, time_ms)
 
 PEERS = ('ours', 'ours_cast', 'unfused', 'compiled')
 EPS = 1e-6  # BiFormer's LayerNorm eps
@@ -204,15 +204,6 @@ def _compile_worker(shape_name, dtype_name, row):
         pass
 
 
-def choose_rows(timings):
-    """{BLOCK_C: row}: per BLOCK_C the row with the least summed slowdown over its shapes."""
-    chosen = {}
-    for block_c, per_shape in timings.items():
-        common = set.intersection(*(set(t) for t in per_shape.values()))
-        chosen[block_c] = least_slowdown(common, per_shape.values())
-    return chosen
-
-
 def tune(shapes, dtype_name, reps_ms, configs_path, workers):
     """Time ``ours`` for every candidate row (CUDA-graph replay) and write the chosen rows and
     all timings to ``configs_path``."""
@@ -242,7 +233,7 @@ def tune(shapes, dtype_name, reps_ms, configs_path, workers):
               f'{current} {measured.get(current, float("nan")) * 1e3:.1f} us', flush=True)
         del problem
         torch.cuda.empty_cache()
-    chosen = choose_rows(timings)
+    chosen = choose_per_class(timings)
     for block_c, row in chosen.items():
         print(f'chosen row for BLOCK_C {block_c}: {row}, mean slowdown '
               f'{mean_slowdown(row, timings[block_c].values()):.3f} vs the per-shape best')
@@ -255,57 +246,23 @@ def tune(shapes, dtype_name, reps_ms, configs_path, workers):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog='benchmark.py mlp', description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--shapes', nargs='+', choices=list(SHAPES_BY_NAME))
-    parser.add_argument('--smoke', action='store_true',
-                        help='the tiny smoke shapes (runs on a CPU through the interpreter)')
-    parser.add_argument('--peers', nargs='+', default=list(PEERS), choices=PEERS)
-    parser.add_argument('--dtype', default='bf16', choices=list(DTYPES))
-    parser.add_argument('--reps-ms', type=int, default=100, help='timing budget per measurement')
-    parser.add_argument('--tune', action='store_true', help='sweep the tile rows of ours')
+    parser = kernel_bench_parser('mlp', __doc__, SHAPES_BY_NAME, PEERS, DTYPES)
     parser.add_argument('--workers', type=int, default=8, help='compile processes for --tune')
-    parser.add_argument('--configs', help='JSON of tile rows: written by --tune, applied to '
-                        'ours otherwise')
-    parser.add_argument('--json', help='write all results to this JSON file')
     args = parser.parse_args(argv)
-    cuda = torch.cuda.is_available()
-    if not cuda and not args.smoke:
-        sys.exit('benchmark.py mlp needs a CUDA GPU (none is visible to torch); --smoke runs '
-                 'tiny shapes on the CPU')
-    dtype = DTYPES[args.dtype]
-    if not cuda and dtype == torch.bfloat16:
-        dtype = torch.float16  # the interpreter's bf16 products are wrong
-    shapes = [SHAPES_BY_NAME[n] for n in args.shapes or
-              [s.name for s in (SMOKE_SHAPES if args.smoke else SHAPES)]]
+    cuda, dtype, shapes = kernel_bench_setup(args, 'mlp', DTYPES, SHAPES, SMOKE_SHAPES)
     if args.tune:
-        if not (args.configs and cuda):
-            sys.exit('--tune needs a CUDA GPU and --configs FILE to write the chosen rows to')
         tune(shapes, args.dtype, args.reps_ms, args.configs, args.workers)
         return
     if args.configs:
         with open(args.configs) as f:
             kernels.set_tile_configs(json.load(f)['configs'])
-    import triton
-    device = 'cuda' if cuda else 'cpu'
-    bandwidth = copy_bandwidth() if cuda else None
-    header = (f'{time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}, '
-              f'{torch.cuda.get_device_name() if cuda else "CPU (Triton interpreter)"}, torch '
-              f'{torch.__version__}, triton {triton.__version__}, {dtype}'
-              + (f'; measured copy {bandwidth / 1e12:.2f} TB/s' if cuda else ''))
+    header, bandwidth = run_header(dtype, cuda)
     print(header, flush=True)
     results = {}
     for shape in shapes:
-        problem = make_problem(shape, dtype, device)
+        problem = make_problem(shape, dtype, 'cuda' if cuda else 'cpu')
         errs = errors(problem)
-        rows = {}
-        for peer in args.peers:
-            try:
-                rows[peer] = measure(peer, problem, args.reps_ms)
-            except Exception as exc:  # report and go on (too wide, compile failure, memory)
-                rows[peer] = dict(error=f'{type(exc).__name__}: {str(exc)[:120]}')
-                if cuda:
-                    torch.cuda.empty_cache()
+        rows = measure_peers(args.peers, lambda peer, p=problem: measure(peer, p, args.reps_ms))
         results[shape.name] = dict(rows=rows, errors=errs)
         print(format_table(shape, rows, errs, bandwidth, torch.finfo(dtype).bits // 8) + '\n',
               flush=True)
