@@ -226,7 +226,8 @@ def _block_forward(plan: BlockPlan, drops, x, pos_w, pos_b, n1_w, n1_b, qkv_w, q
         x1 = dwconv.forward(x, pos_w, pos_b, x, cd)
         h, mean1, rstd1 = _layer_norm_forward(x1, n1_w, n1_b, plan.eps1, cd)
         mlp_kernel = (x.shape[-1] <= mlp_kernel_max_channels(x)
-                      and _triton_ln_mlp.supports(x.shape[-1], fc1_w.shape[0]))
+                      and _triton_ln_mlp.supports(x.shape[-1], fc1_w.shape[0])
+                      and fc1_w.is_contiguous() and fc2_w.is_contiguous())
         # The MLP kernel rounds fp32 parameters as it reads them; of its parameters only the
         # backward's products need casts (fc1's and fc2's weights).
         if not mlp_kernel:

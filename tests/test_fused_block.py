@@ -88,6 +88,25 @@ def test_mlp_kernel_width_limit_eager_and_captured(monkeypatch):
     assert _fused_block.mlp_kernel_max_channels(x) == 128
 
 
+def test_mlp_kernel_skips_non_contiguous_weights(fused_on_cpu, monkeypatch):
+    """The MLP kernel reads its weights as contiguous rows: a transposed-storage fc1 weight
+    takes the six launches instead, with the same result."""
+    from ops import _triton_ln_mlp
+    calls = []
+    monkeypatch.setattr(_triton_ln_mlp, 'forward', lambda *a, _f=_triton_ln_mlp.forward, **k:
+                        calls.append(1) or _f(*a, **k))
+    block = _block()
+    x = torch.randn(1, 14, 14, 64)
+    with torch.no_grad():
+        expected = block(x)
+        fc1 = block.mlp.fc1
+        fc1.weight = torch.nn.Parameter(fc1.weight.detach().t().contiguous().t())
+        assert not fc1.weight.is_contiguous()
+        got = block(x)
+    assert len(calls) == 1  # the first call only
+    assert _relative_l2(got, expected) < 1e-5
+
+
 @pytest.mark.parametrize('topk, size', [(2, 15), (-2, 6)], ids=['routing', 'full'])
 def test_fp16_against_fp64(fused_on_cpu, topk, size):
     """fp16 through the fused block, against the module path in fp64 (relative L2)."""
