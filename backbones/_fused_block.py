@@ -39,21 +39,32 @@ from ops.routing import route_unchecked
 __all__ = ['BlockPlan', 'fused_block']
 
 # The MLP half of a block (LayerNorm, fc1, GELU, fc2, drop path, residual) runs as one forward
-# kernel (ops._triton_ln_mlp) up to a width, else as six launches (LayerNorm kernel, cuBLAS
-# products, GELU, add). The kernel saves the host five launches at any width. On an H200 in
-# bf16, at 224 px and batch 128 (docs/benchmarks.md, "mlp" run 1), it took 0.67x / 0.90x the
-# six launches' GPU time at C = 64 / 128, 1.7x at C = 256 (+72 µs a block, less than the
-# launches cost that host), and 1.8-4.5x at 192, 384 and 512 (its accumulator and weight
-# re-reads grow with C). So eager calls, which BiFormer's many short kernels leave bound by
-# the host, take it up to C = 256, and calls captured into a CUDA graph, where launches cost
-# nothing, up to 128 (models run 14). 0 turns it off; the kernel takes up to 512.
+# kernel (ops._triton_ln_mlp) where it pays, else as six launches (LayerNorm kernel, cuBLAS
+# products, GELU, add). The kernel saves the host five launches (about 125 µs of issue a block
+# on the H200's host, models run 14). Its GPU time on an H200 in bf16 (docs/benchmarks.md, "mlp"
+# run 1): 0.67x / 0.90x the six launches' at C = 64 / 128; from C = 192 more, by about 2-3 ns a
+# row at C = 192-256 and 20-40 ns at 384-512. So calls captured into a CUDA graph, where
+# launches cost nothing, take it up to C = 128; eager calls, which BiFormer's many short kernels
+# leave bound by the host, also at C = 256 (and 192) for at most 32768 rows, where its extra
+# GPU time stays under about 100 µs. Set 'eager' and 'captured' to 0 to turn it off.
 MLP_KERNEL_MAX_CHANNELS = {'eager': 256, 'captured': 128}
+MLP_KERNEL_FAST_CHANNELS = 128      # up to here the kernel is the faster on the GPU
+MLP_KERNEL_WIDE_MAX_ROWS = 32768    # above it, eager calls take the kernel for this many rows
 
 
-def mlp_kernel_max_channels(x: Tensor) -> int:
-    """The widest rows the MLP kernel takes for this call (see MLP_KERNEL_MAX_CHANNELS)."""
-    captured = x.is_cuda and torch.cuda.is_current_stream_capturing()
-    return MLP_KERNEL_MAX_CHANNELS['captured' if captured else 'eager']
+def takes_mlp_kernel(x2: Tensor, fc1_w: Tensor, fc2_w: Tensor) -> bool:
+    """Whether the block's MLP half on ``x2`` (B, H, W, C) runs as the one kernel (see
+    MLP_KERNEL_MAX_CHANNELS): within the width limit of this kind of call, at most
+    MLP_KERNEL_WIDE_MAX_ROWS rows above MLP_KERNEL_FAST_CHANNELS, contiguous weights."""
+    from ops import _triton_ln_mlp
+    chans = x2.shape[-1]
+    captured = x2.is_cuda and torch.cuda.is_current_stream_capturing()
+    if chans > MLP_KERNEL_MAX_CHANNELS['captured' if captured else 'eager']:
+        return False
+    if chans > MLP_KERNEL_FAST_CHANNELS and x2.numel() // chans > MLP_KERNEL_WIDE_MAX_ROWS:
+        return False
+    return (_triton_ln_mlp.supports(chans, fc1_w.shape[0]) and fc1_w.is_contiguous()
+            and fc2_w.is_contiguous())
 
 
 @dataclass(frozen=True)
@@ -225,9 +236,7 @@ def _block_forward(plan: BlockPlan, drops, x, pos_w, pos_b, n1_w, n1_b, qkv_w, q
     with torch.autocast(x.device.type, enabled=False):
         x1 = dwconv.forward(x, pos_w, pos_b, x, cd)
         h, mean1, rstd1 = _layer_norm_forward(x1, n1_w, n1_b, plan.eps1, cd)
-        mlp_kernel = (x.shape[-1] <= mlp_kernel_max_channels(x)
-                      and _triton_ln_mlp.supports(x.shape[-1], fc1_w.shape[0])
-                      and fc1_w.is_contiguous() and fc2_w.is_contiguous())
+        mlp_kernel = takes_mlp_kernel(x, fc1_w, fc2_w)  # x2 has x's shape
         # The MLP kernel rounds fp32 parameters as it reads them; of its parameters only the
         # backward's products need casts (fc1's and fc2's weights).
         if not mlp_kernel:

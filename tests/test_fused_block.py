@@ -78,14 +78,20 @@ def test_layer_norms_on_the_kernels_at_every_size(fused_on_cpu, monkeypatch, mlp
         assert _relative_l2(got_t, expected) < 1e-5
 
 
-def test_mlp_kernel_width_limit_eager_and_captured(monkeypatch):
-    """Eager calls take the MLP kernel up to C = 256 (fewer launches for the host); calls
-    captured into a CUDA graph only up to 128, where it is the faster on the GPU."""
-    x = torch.zeros(1, 2, 2, 256)
-    assert _fused_block.mlp_kernel_max_channels(x) == 256
+def test_mlp_kernel_limits_eager_and_captured(monkeypatch):
+    """Eager calls take the MLP kernel up to C = 128, and at C = 256 for at most 32768 rows
+    (fewer launches for the host against a bounded GPU cost); calls captured into a CUDA graph
+    only up to C = 128, where it is the faster on the GPU; never above the kernel's width."""
+    def takes(batch, side, chans):
+        x = torch.zeros(batch, side, side, chans)
+        return _fused_block.takes_mlp_kernel(x, torch.zeros(3 * chans, chans),
+                                             torch.zeros(chans, 3 * chans))
+    assert takes(128, 56, 64) and takes(128, 28, 128) and takes(128, 14, 256)
+    assert not takes(128, 28, 192) and not takes(128, 7, 512)  # too many rows; too wide
+    assert takes(8, 14, 192)
     monkeypatch.setattr(torch.Tensor, 'is_cuda', property(lambda self: True))
     monkeypatch.setattr(torch.cuda, 'is_current_stream_capturing', lambda: True)
-    assert _fused_block.mlp_kernel_max_channels(x) == 128
+    assert takes(128, 56, 64) and takes(128, 28, 128) and not takes(8, 14, 256)
 
 
 def test_mlp_kernel_skips_non_contiguous_weights(fused_on_cpu, monkeypatch):
