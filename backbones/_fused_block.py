@@ -46,17 +46,22 @@ __all__ = ['BlockPlan', 'fused_block']
 # row at C = 192-256 and 20-40 ns at 384-512. So calls captured into a CUDA graph, where
 # launches cost nothing, take it up to C = 128; eager calls, which BiFormer's many short kernels
 # leave bound by the host, also at C = 256 (and 192) for at most 32768 rows, where its extra
-# GPU time stays under about 100 µs. Set 'eager' and 'captured' to 0 to turn it off.
+# GPU time stays under about 100 µs. fp32 products take the six launches: there the kernel
+# took 2.8x their time at C = 64 and 38x at 128 without TF32, 0.76x / 1.5x with it (mlp run 2).
+# Set 'eager' and 'captured' to 0 to turn it off.
 MLP_KERNEL_MAX_CHANNELS = {'eager': 256, 'captured': 128}
 MLP_KERNEL_FAST_CHANNELS = 128      # up to here the kernel is the faster on the GPU
 MLP_KERNEL_WIDE_MAX_ROWS = 32768    # above it, eager calls take the kernel for this many rows
 
 
-def takes_mlp_kernel(x2: Tensor, fc1_w: Tensor, fc2_w: Tensor) -> bool:
+def takes_mlp_kernel(x2: Tensor, fc1_w: Tensor, fc2_w: Tensor,
+                     compute_dtype: torch.dtype) -> bool:
     """Whether the block's MLP half on ``x2`` (B, H, W, C) runs as the one kernel (see
-    MLP_KERNEL_MAX_CHANNELS): within the width limit of this kind of call, at most
-    MLP_KERNEL_WIDE_MAX_ROWS rows above MLP_KERNEL_FAST_CHANNELS, contiguous weights."""
+    MLP_KERNEL_MAX_CHANNELS): 16-bit products, within the width limit of this kind of call, at
+    most MLP_KERNEL_WIDE_MAX_ROWS rows above MLP_KERNEL_FAST_CHANNELS, contiguous weights."""
     from ops import _triton_ln_mlp
+    if compute_dtype not in (torch.float16, torch.bfloat16):
+        return False
     chans = x2.shape[-1]
     captured = x2.is_cuda and torch.cuda.is_current_stream_capturing()
     if chans > MLP_KERNEL_MAX_CHANNELS['captured' if captured else 'eager']:
@@ -236,7 +241,7 @@ def _block_forward(plan: BlockPlan, drops, x, pos_w, pos_b, n1_w, n1_b, qkv_w, q
     with torch.autocast(x.device.type, enabled=False):
         x1 = dwconv.forward(x, pos_w, pos_b, x, cd)
         h, mean1, rstd1 = _layer_norm_forward(x1, n1_w, n1_b, plan.eps1, cd)
-        mlp_kernel = takes_mlp_kernel(x, fc1_w, fc2_w)  # x2 has x's shape
+        mlp_kernel = takes_mlp_kernel(x, fc1_w, fc2_w, cd)  # x2 has x's shape
         # The MLP kernel rounds fp32 parameters as it reads them; of its parameters only the
         # backward's products need casts (fc1's and fc2's weights).
         if not mlp_kernel:

@@ -56,37 +56,41 @@ def test_matches_module_path_fp32(fused_on_cpu, pad_mode, size, topk, drop_path)
         assert _relative_l2(got, expected) < 1e-5
 
 
-@pytest.mark.parametrize('mlp_kernel', [True, False], ids=['mlp_kernel', 'six_launches'])
-def test_layer_norms_on_the_kernels_at_every_size(fused_on_cpu, monkeypatch, mlp_kernel):
-    """The block's LayerNorms run ops' kernels at any size (the second inside the MLP kernel,
-    or without it on ops.layer_norm's); the module path's do so from FUSED_MIN_NUMEL elements
-    (here every size too), and the two agree."""
+@pytest.mark.parametrize('dtype, second', [(torch.float32, 'ops._triton_layer_norm'),
+                                           (torch.float16, 'ops._triton_ln_mlp')],
+                         ids=['fp32_six_launches', 'fp16_mlp_kernel'])
+def test_layer_norms_on_the_kernels_at_every_size(fused_on_cpu, monkeypatch, dtype, second):
+    """The block's LayerNorms run ops' kernels at any size: the second inside the MLP kernel
+    with 16-bit products, on ops.layer_norm's kernel with fp32 ones (six launches). The module
+    path's run them from FUSED_MIN_NUMEL elements (here every size too), and the two agree,
+    drop path included (the masks drawn in the same order)."""
     from backbones.biformer import AutocastLayerNorm
     from ops import _triton_layer_norm, _triton_ln_mlp
     calls = []
     for module in (_triton_layer_norm, _triton_ln_mlp):
         monkeypatch.setattr(module, 'forward', lambda *a, _f=module.forward, _m=module, **k:
                             calls.append(_m.__name__) or _f(*a, **k))
-    monkeypatch.setitem(_fused_block.MLP_KERNEL_MAX_CHANNELS, 'eager', 256 if mlp_kernel else 0)
-    block = _block('masked', topk=2)
-    x, grad = torch.randn(2, 15, 15, 64), torch.randn(2, 15, 15, 64)
-    got = _run(block, x, grad, True, torch.float32)
-    second = 'ops._triton_ln_mlp' if mlp_kernel else 'ops._triton_layer_norm'
+    block = _block('masked', topk=2, drop_path=0.5)
+    x, grad = torch.randn(4, 15, 15, 64), torch.randn(4, 15, 15, 64)
+    got = _run(block, x, grad, True, dtype)
     assert calls == ['ops._triton_layer_norm', second]
     monkeypatch.setattr(AutocastLayerNorm, 'FUSED_MIN_NUMEL', 1)
-    for got_t, expected in zip(got, _run(block, x, grad, False, torch.float32)):
-        assert _relative_l2(got_t, expected) < 1e-5
+    tolerance = 1e-5 if dtype == torch.float32 else 5e-3
+    for got_t, expected in zip(got, _run(block, x, grad, False, dtype)):
+        assert _relative_l2(got_t, expected) < tolerance
 
 
 def test_mlp_kernel_limits_eager_and_captured(monkeypatch):
     """Eager calls take the MLP kernel up to C = 128, and at C = 256 for at most 32768 rows
     (fewer launches for the host against a bounded GPU cost); calls captured into a CUDA graph
-    only up to C = 128, where it is the faster on the GPU; never above the kernel's width."""
-    def takes(batch, side, chans):
+    only up to C = 128, where it is the faster on the GPU; never above the kernel's width, and
+    only for 16-bit products."""
+    def takes(batch, side, chans, dtype=torch.bfloat16):
         x = torch.zeros(batch, side, side, chans)
         return _fused_block.takes_mlp_kernel(x, torch.zeros(3 * chans, chans),
-                                             torch.zeros(chans, 3 * chans))
+                                             torch.zeros(chans, 3 * chans), dtype)
     assert takes(128, 56, 64) and takes(128, 28, 128) and takes(128, 14, 256)
+    assert takes(1, 7, 64, torch.float16) and not takes(1, 7, 64, torch.float32)  # 16-bit only
     assert not takes(128, 28, 192) and not takes(128, 7, 512)  # too many rows; too wide
     assert takes(8, 14, 192)
     monkeypatch.setattr(torch.Tensor, 'is_cuda', property(lambda self: True))
@@ -101,8 +105,8 @@ def test_mlp_kernel_skips_non_contiguous_weights(fused_on_cpu, monkeypatch):
     calls = []
     monkeypatch.setattr(_triton_ln_mlp, 'forward', lambda *a, _f=_triton_ln_mlp.forward, **k:
                         calls.append(1) or _f(*a, **k))
-    block = _block()
-    x = torch.randn(1, 14, 14, 64)
+    block = _block().half()
+    x = torch.randn(1, 14, 14, 64).half()
     with torch.no_grad():
         expected = block(x)
         fc1 = block.mlp.fc1
@@ -110,7 +114,7 @@ def test_mlp_kernel_skips_non_contiguous_weights(fused_on_cpu, monkeypatch):
         assert not fc1.weight.is_contiguous()
         got = block(x)
     assert len(calls) == 1  # the first call only
-    assert _relative_l2(got, expected) < 1e-5
+    assert _relative_l2(got, expected) < 5e-3
 
 
 @pytest.mark.parametrize('topk, size', [(2, 15), (-2, 6)], ids=['routing', 'full'])
