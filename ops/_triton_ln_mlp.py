@@ -19,7 +19,8 @@ loaded (fp32 parameters need no cast beforehand). With ``save`` the kernel also 
 backward pass needs: ``h``, ``z`` (pre-activation), and the rows' mean and rstd.
 
 fp32 products use IEEE fp32 unless ``torch.backends.cuda.matmul.allow_tf32`` is set (then
-TF32, as cuBLAS would). Rows wider than ``MAX_CHANNELS`` are not handled here (the caller
+TF32, as cuBLAS would); with the bf16-tuned tiles they are slow (the fused block calls the
+kernel for 16-bit products only). Rows wider than ``MAX_CHANNELS`` are not handled here (the caller
 takes the unfused path). Speed against the six launches, by width: docs/ops.md
 ("LayerNorm-MLP forward"); it is the faster up to C = 128 on an H200.
 """
