@@ -155,6 +155,10 @@ def forward(x: Tensor, ln_weight: Optional[Tensor], ln_bias: Optional[Tensor], e
     dtype the module path multiplies in). Returns (y, h, z, mean, rstd): with ``save``, h = LN(x)
     (B, ..., C) and z = fc1(h) (B, ..., hidden) in ``compute_dtype``, mean and rstd fp32 (rows,);
     otherwise those four are None. The caller checks :func:`supports`."""
+    for name, t in (('x', x), ('fc1_weight', fc1_weight), ('fc2_weight', fc2_weight)):
+        if not t.is_contiguous():
+            raise ValueError(f'{name} must be contiguous (the kernel reads rows), got strides '
+                             f'{t.stride()}')
     channels, hidden_features = x.shape[-1], fc1_weight.shape[0]
     n_rows = x.numel() // channels
     out_dtype = torch.promote_types(x.dtype, compute_dtype)

@@ -99,6 +99,16 @@ def test_zero_rows():
     assert y.shape == h.shape == (0, 7, 32) and z.shape == (0, 7, 64) and mean.numel() == 0
 
 
+def test_non_contiguous_inputs_are_refused():
+    params = _params(32, 64)
+    x = torch.randn(2, 4, 32, device=DEVICE)
+    with pytest.raises(ValueError, match='x must be contiguous'):
+        _kernel(x.transpose(0, 1), params, torch.float32)
+    params['fc2_weight'] = params['fc2_weight'].t().contiguous().t()
+    with pytest.raises(ValueError, match='fc2_weight must be contiguous'):
+        _kernel(x, params, torch.float32)
+
+
 def test_supports_and_tile_configs():
     assert _triton_ln_mlp.supports(512, 1536) and not _triton_ln_mlp.supports(768, 2304)
     assert _triton_ln_mlp.tile_config(48) == _triton_ln_mlp.tile_config(64)
