@@ -17,8 +17,9 @@ module path's order, so the random stream and the masks are the same. Results ag
 module path to the rounding of the products (the backward forms some products in another
 order); the tests compare the two on the CPU through the Triton interpreter.
 
-One difference: the LayerNorms always run ops.layer_norm's kernels, with the fp32 weights and
-one rounding of the output, which is what the official model's LayerNorm computes under
+One difference: the LayerNorms always run ops.layer_norm's kernels (the second one inside the
+MLP kernel where that runs, see MLP_KERNEL_MAX_CHANNELS), with the fp32 weights and one
+rounding of the output, which is what the official model's LayerNorm computes under
 autocast (in fp32). The module path takes them only from ``AutocastLayerNorm.FUSED_MIN_NUMEL``
 elements (for the host cost of ``ops.layer_norm``'s checks) and below that PyTorch's
 LayerNorm on weights rounded to the autocast dtype. Here the kernels are called directly:
@@ -51,7 +52,7 @@ __all__ = ['BlockPlan', 'fused_block']
 # Set 'eager' and 'captured' to 0 to turn it off.
 MLP_KERNEL_MAX_CHANNELS = {'eager': 256, 'captured': 128}
 MLP_KERNEL_FAST_CHANNELS = 128      # up to here the kernel is the faster on the GPU
-MLP_KERNEL_WIDE_MAX_ROWS = 32768    # above it, eager calls take the kernel for this many rows
+MLP_KERNEL_WIDE_MAX_ROWS = 32768    # wider than that, eager calls take it for at most this many rows
 
 
 def takes_mlp_kernel(x2: Tensor, fc1_w: Tensor, fc2_w: Tensor,
