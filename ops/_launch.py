@@ -26,10 +26,12 @@ first launch).
 import functools
 import inspect
 import os
-from typing import Callable, Dict, Tuple
+import warnings
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
+from triton.runtime.errors import OutOfResources
 from triton.runtime.jit import JITFunction
 
 try:
@@ -116,3 +118,33 @@ def fast_launcher(kernel) -> _FastLauncher:
     """The launcher of a ``@triton.jit`` kernel (one per kernel object):
     ``fast_launcher(k)[grid](...)`` launches as ``k[grid](...)``."""
     return _FastLauncher(kernel)
+
+
+def launch_fitting(launch: Callable, fitted: dict, key, table_row: Callable[[], tuple],
+                   smaller: Callable[[tuple], Optional[tuple]], what: str,
+                   device: torch.device, tune_command: str):
+    """``launch(row)`` for a kernel whose tile table was tuned on an H200: with the row remembered
+    for ``key`` in ``fitted``, else ``launch(None)`` (the table's row). Where the device cannot
+    hold the row (Triton raises ``OutOfResources`` before the kernel runs), ``smaller(row)``
+    rows, starting from ``table_row()``, are tried until one launches (a ValueError, not a
+    valid tiling, is skipped too); that one is remembered under ``key``, with one warning naming
+    ``what`` and ``tune_command``. Returns what ``launch`` returns."""
+    remembered = fitted.get(key)
+    try:
+        return launch(remembered)
+    except OutOfResources as err:
+        failure = err
+    first = remembered or table_row()
+    tried = first
+    while (tried := smaller(tried)) is not None:
+        try:
+            result = launch(tried)
+        except (OutOfResources, ValueError):  # too large still, or not a valid tiling
+            continue
+        fitted[key] = tried
+        name = torch.cuda.get_device_name(device) if device.type == 'cuda' else str(device)
+        warnings.warn(f'{what}: tile config {first} needs more shared memory than {name} has '
+                      f'({failure}); using {tried}, which is slower than a config tuned for '
+                      f'this GPU ({tune_command})', stacklevel=4)
+        return result
+    raise failure

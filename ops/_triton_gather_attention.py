@@ -30,7 +30,6 @@ implementations for tracing.
 import contextlib
 import functools
 import threading
-import warnings
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -38,9 +37,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 from torch.autograd.function import once_differentiable
-from triton.runtime.errors import OutOfResources
 
-from ops._launch import fast_launcher
+from ops._launch import fast_launcher, launch_fitting
 from ops._sizes import cdiv, next_power_of_2
 from ops.gather_attention import to_window_major
 
@@ -154,32 +152,15 @@ def _smaller_config(kind: str, config: tuple) -> Optional[tuple]:
 def _launch_fitting(kind: str, block_size: int, head_dim: int, device: torch.device,
                     config: Optional[tuple], launch):
     """``launch(config)`` (plan and kernel launch). With the table's config (``config`` None),
-    a config the device cannot hold (Triton raises ``OutOfResources`` before the kernel runs)
-    is replaced by :func:`_smaller_config` ones until one launches; that one is remembered per
-    device and shape class, with a warning."""
+    a config the device cannot hold is replaced by :func:`_smaller_config` ones until one
+    launches, remembered per device and shape class (``ops._launch.launch_fitting``)."""
     if config is not None:
         return launch(config)
-    key = (device.index, kind, block_size, head_dim)
-    fitted = _FITTED.get(key)
-    try:
-        return launch(fitted)
-    except OutOfResources as err:
-        failure = err
-    first = fitted or tile_config(kind, block_size, head_dim)
-    tried = first
-    while (tried := _smaller_config(kind, tried)) is not None:
-        try:
-            result = launch(tried)
-        except (OutOfResources, ValueError):  # too large still, or not a valid tiling
-            continue
-        _FITTED[key] = tried
-        name = torch.cuda.get_device_name(device) if device.type == 'cuda' else str(device)
-        warnings.warn(f'gather attention {kind} kernel: tile config {first} needs more shared '
-                      f'memory than {name} has ({failure}); using {tried}, which is slower '
-                      f'than a config tuned for this GPU (tools/benchmark.py ops --tune)',
-                      stacklevel=3)
-        return result
-    raise failure
+    return launch_fitting(launch, _FITTED, (device.index, kind, block_size, head_dim),
+                          lambda: tile_config(kind, block_size, head_dim),
+                          functools.partial(_smaller_config, kind),
+                          f'gather attention {kind} kernel', device,
+                          'tools/benchmark.py ops --tune')
 
 
 def _block_d(head_dim: int) -> int:

@@ -24,16 +24,14 @@ kernel for 16-bit products only). Rows wider than ``MAX_CHANNELS`` are not handl
 takes the unfused path). Speed against the six launches, by width: docs/ops.md
 ("LayerNorm-MLP forward"); it is the faster up to C = 128 on an H200.
 """
-import warnings
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from triton.runtime.errors import OutOfResources
 
-from ops._launch import fast_launcher
+from ops._launch import fast_launcher, launch_fitting
 from ops._sizes import cdiv, next_power_of_2
 from ops._triton_layer_norm import normalize_rows
 
@@ -179,7 +177,7 @@ def forward(x: Tensor, ln_weight: Optional[Tensor], ln_bias: Optional[Tensor], e
     h, z, mean, rstd = (y if t is None else t for t in saved)
 
     def launch(row):
-        block_m, block_h, num_warps, num_stages = row
+        block_m, block_h, num_warps, num_stages = row or tile_config(channels)
         fast_launcher(_ln_mlp_fwd_kernel)[(cdiv(n_rows, block_m),)](
             x, y if ln_weight is None else ln_weight, y if ln_bias is None else ln_bias,
             fc1_weight, y if fc1_bias is None else fc1_bias, fc2_weight,
@@ -199,24 +197,9 @@ def forward(x: Tensor, ln_weight: Optional[Tensor], ln_bias: Optional[Tensor], e
 
 
 def _launch_fitting(launch, device: torch.device, channels: int) -> None:
-    """``launch(row)`` with the table's row, or where the device cannot hold it (Triton raises
-    ``OutOfResources`` before the kernel runs) with :func:`_smaller` rows until one launches;
-    that one is remembered per device and BLOCK_C, with a warning."""
-    key = (device.index, _block_c(channels))
-    first = _FITTED.get(key) or tile_config(channels)
-    try:
-        return launch(first)
-    except OutOfResources as err:
-        failure = err
-    tried = first
-    while (tried := _smaller(tried)) is not None:
-        try:
-            launch(tried)
-        except OutOfResources:
-            continue
-        _FITTED[key] = tried
-        warnings.warn(f'LayerNorm-MLP kernel: tile row {first} needs more shared memory than '
-                      f'this device has ({failure}); using {tried}, which may be slower than a '
-                      f'row tuned for it (tools/benchmark.py mlp --tune)', stacklevel=3)
-        return None
-    raise failure
+    """``launch(row)`` with the table's row (``None``), or where the device cannot hold it with
+    :func:`_smaller` rows until one launches, remembered per device and BLOCK_C
+    (``ops._launch.launch_fitting``)."""
+    launch_fitting(launch, _FITTED, (device.index, _block_c(channels)),
+                   lambda: tile_config(channels), _smaller, 'LayerNorm-MLP kernel', device,
+                   'tools/benchmark.py mlp --tune')
