@@ -884,10 +884,21 @@ def backward_one_kernel(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: 
 def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
              index: Tensor, key_padding_mask: Optional[Tensor], block_q: int, block_k: int,
              scale: float, layout: Optional[Sequence[int]] = None):
-    """(grad_q, grad_k, grad_v), :func:`token_major`, from the kernels
+    """(grad_q, grad_k, grad_v), :func:`token_major`, from the whole-map backward
+    (``ops._triton_map_attention``) where it takes the call, else from the kernels
     :func:`set_backward_mode` chooses."""
+    from ops import _triton_map_attention as whole_map
     if _is_empty(q, k, index):
         return token_major(q, zero=True), token_major(k, zero=True), token_major(v, zero=True)
+    batch, heads = q.shape[:2]
+    if whole_map.takes_map_backward(k.shape[2], q.shape[-1], block_q, block_k,
+                                    index.shape[-1], batch * heads):
+        grads = token_major(q), token_major(k), token_major(v)
+        whole_map.backward(grad_out, q, k, v, out, lse,
+                           whole_map.count_table(index, k.shape[2] // block_k),
+                           _mask_args(key_padding_mask, index), block_q, block_k, scale,
+                           *grads, layout=layout)
+        return grads
     mode = backward_dq_mode(index.shape[-1], block_k, q.shape[-1])
     order, offsets = _transpose_index(index, k.shape[2] // block_k)
     args = (order, offsets, index.dim() == 4, key_padding_mask, block_q, block_k, scale)

@@ -4,13 +4,16 @@
     python tools/benchmark.py ops --shapes t224_s2 dsvt36_d32 --peers ours flex
     python tools/benchmark.py ops --tune --configs tuned.json     # sweep the tile configs
     python tools/benchmark.py ops --configs tuned.json            # benchmark with them applied
+    python tools/benchmark.py ops --tune-map --shapes t224_s3     # whole-map backward rows
     python tools/benchmark.py ops --host-overhead                 # eager Python path, CPU only
 
 ``--tune`` times each kernel of ours (fwd, dq, dkdv, and bwd: the dK/dV kernel that also
 computes dQ) alone, as CUDA-graph replays, for every
 candidate tile config on a few shapes per (head dim, block size) class, and writes the best
 rows as a ``set_tile_configs`` table (JSON). It compiles the candidates first in parallel
-worker processes (Triton's disk cache), so the sweep is not compile-bound.
+worker processes (Triton's disk cache), so the sweep is not compile-bound. ``--tune-map`` times
+the whole-map backward (``ops._triton_map_attention``) for each candidate row on the shapes it
+applies to and prints each row's time and the fastest (a row of its ``_TILES``).
 
 Columns: fwd ms and fwd+bwd ms timed as CUDA-graph replays (GPU time, no Python launch cost;
 marked "(eager)" where capture fails), fwd+bwd ms launched eagerly from Python (with L2
@@ -23,6 +26,8 @@ Peers:
   ``ops._triton_gather_attention.set_backward_mode``.
 * ``ours_general``: ours with the kernels' ``ALIGNED`` form off (per-element masks at every
   shape): see ``ops._triton_gather_attention.set_aligned_tiles``.
+* ``ours_gathered``: ours with the whole-map backward off (the gathered kernels at every
+  shape): see ``ops._triton_map_attention.set_map_backward``.
 * ``ours_map``: ours in the window layout BiFormer uses (``block_q=(h, w)``, ``map_width``):
   the same problem with the tokens read as the row-major pixels of a square map of square
   windows, where the shape has that form (BiFormer at 224/512/1024 px), "n/a" elsewhere.
@@ -55,12 +60,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import ops  # noqa: E402
 from ops import _triton_gather_attention as kernels  # noqa: E402
+from ops import _triton_map_attention as whole_map  # noqa: E402
 from ops.gather_attention import gather_attention_reference  # noqa: E402
 from bench_timing import (copy_bandwidth, fwd_and_fwd_bwd_ms, least_slowdown,  # noqa: E402
                           peak_extra_mib, time_ms)
 
-PEERS = ('ours', 'ours_split', 'ours_fused', 'ours_general', 'ours_map', 'official',
-         'gather_sdpa', 'flex', 'dense_sdpa')
+PEERS = ('ours', 'ours_split', 'ours_fused', 'ours_general', 'ours_gathered', 'ours_map',
+         'official', 'gather_sdpa', 'flex', 'dense_sdpa')
 BACKWARD_MODE_OF_PEER = {'ours_split': 'split', 'ours_fused': 'fused'}
 
 
@@ -329,13 +335,15 @@ def run_peer(peer, shape, dtype, reps_ms):
     q, k, v, index, mask = make_problem(shape, dtype)
     fn = {'ours': ours, 'ours_map': ours_map, 'official': official_gather,
           'gather_sdpa': gather_sdpa, 'dense_sdpa': dense_sdpa,
-          'ours_general': ours, **{p: ours for p in BACKWARD_MODE_OF_PEER}}.get(peer)
+          'ours_general': ours, 'ours_gathered': ours,
+          **{p: ours for p in BACKWARD_MODE_OF_PEER}}.get(peer)
     if peer == 'ours_map' and map_windows(shape) is None:
         return dict(error='n/a: not square windows of a square map')
     if peer == 'flex':
         fn = FlexPeer(shape, index, mask)
     kernels.set_backward_mode(BACKWARD_MODE_OF_PEER.get(peer, 'auto'))
     kernels.set_aligned_tiles(peer != 'ours_general')
+    whole_map.set_map_backward('off' if peer == 'ours_gathered' else 'auto')
     try:
         return measure(fn, q, k, v, index, mask, shape, reps_ms)
     except Exception as err:  # one peer's failure must not stop the run
@@ -344,6 +352,7 @@ def run_peer(peer, shape, dtype, reps_ms):
     finally:
         kernels.set_backward_mode('auto')
         kernels.set_aligned_tiles(True)
+        whole_map.set_map_backward('auto')
         del q, k, v
         torch.cuda.empty_cache()
 
@@ -514,6 +523,38 @@ def tune(shapes, kinds, dtype, dtype_name, reps_ms, configs_path, workers):
             print(f'  {kind} D<={max_d}: {rows}', flush=True)
 
 
+# Candidate rows (BLOCK_M, num_warps, num_stages) of ops._triton_map_attention._TILES.
+MAP_TUNE = [(16, 2, 1), (16, 4, 1), (16, 8, 1), (32, 4, 1), (32, 8, 1), (64, 8, 1), (16, 8, 2)]
+
+
+def tune_map(shapes, dtype, reps_ms):
+    """Time the whole-map backward alone (CUDA-graph replay) for every MAP_TUNE row on the
+    shapes it applies to; print the times and the fastest row."""
+    for shape in shapes:
+        if not whole_map.applies(shape.blocks * shape.block_k, shape.head_dim, shape.topk):
+            print(f'{shape.name}: the whole-map backward does not apply', flush=True)
+            continue
+        q, k, v, index, mask = make_problem(shape, dtype)
+        out, lse = kernels.forward(q, k, v, index, mask, shape.block_q, shape.block_k,
+                                   shape.head_dim ** -0.5)
+        args = (whole_map.count_table(index, shape.blocks), kernels._mask_args(mask, index),
+                shape.block_q, shape.block_k, shape.head_dim ** -0.5,
+                *(kernels.token_major(t) for t in (q, k, v)))
+        grad_out = torch.randn_like(q)
+        timings = {}
+        for row in MAP_TUNE:
+            try:
+                timings[row] = time_ms(lambda: whole_map.backward(grad_out, q, k, v, out, lse,
+                                                                  *args, config=row),
+                                       reps_ms, graph=True)
+            except Exception as err:  # a row this GPU cannot hold
+                torch.cuda.synchronize()
+                print(f'{shape.name} {row}: {type(err).__name__}', flush=True)
+        times = ', '.join(f'{row}: {ms * 1e3:.1f}' for row, ms in timings.items())
+        print(f'{shape.name} whole-map backward us: {times}; fastest '
+              f'{min(timings, key=timings.get)}', flush=True)
+
+
 def apply_configs(configs_path):
     """Apply the table of a --tune JSON file to ours."""
     with open(configs_path) as f:
@@ -594,6 +635,8 @@ def main(argv=None):
     parser.add_argument('--tune', nargs='*', choices=tuple(TUNE),
                         help='sweep the tile configs of these kernels of ours (default: all) on '
                         '--shapes (default: TUNE_SHAPES); writes --configs')
+    parser.add_argument('--tune-map', action='store_true',
+                        help='time the whole-map backward\'s tile rows on --shapes')
     parser.add_argument('--configs', help='JSON table of tile configs: written by --tune, '
                         'applied to ours (benchmark, --profile) otherwise')
     parser.add_argument('--workers', type=int, default=12,
@@ -618,6 +661,9 @@ def main(argv=None):
         for shape in shapes:
             row = run_peer('flex', shape, dtype, args.reps_ms)
             print(json.dumps(dict(shape=shape.name, **row)), flush=True)
+        return
+    if args.tune_map:
+        tune_map(shapes, dtype, args.reps_ms)
         return
     if args.tune is not None:
         if not args.configs:

@@ -4,12 +4,27 @@ import torch
 
 import ops
 from ops import _triton_gather_attention as kernels
+from ops import _triton_map_attention as map_backward
 from ops._triton_gather_attention import _transpose_index, gather_attention_fwd
 from ops.gather_attention import gather_attention_reference
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = 'cuda' if HAS_CUDA else 'cpu'
 ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+@pytest.fixture(autouse=True)
+def _gathered_kernels_by_default():
+    """The gathered kernels at every shape, unless a test asks for :func:`whole_map`."""
+    map_backward.set_map_backward('off')
+    yield
+    map_backward.set_map_backward('auto')
+
+
+@pytest.fixture
+def whole_map():
+    """The whole-map backward wherever it applies (ops._triton_map_attention)."""
+    map_backward.set_map_backward('on')
 
 
 def make_inputs(batch, heads, groups, block_q, blocks, block_k, slots, head_dim,
@@ -391,6 +406,130 @@ def test_window_layout_bad_arguments(overrides, message):
 # ----------------------------------------------------------------------------- custom op
 
 
+# ----------------------------------------------------------------------------- whole-map backward
+
+MAP_CASES = {
+    # as TRITON_CASES; every key of a (batch, head) in one tile (ops._triton_map_attention)
+    'packed_4x4_masked': (2, 2, 6, 4, 6, 4, 3, 16, False, 0.2),
+    'block_size_1': (1, 2, 9, 1, 7, 1, 5, 32, False, 0.0),
+    'odd_q7_k5_per_head_d64': (1, 3, 4, 7, 3, 5, 3, 64, True, 0.3),
+    'one_block_of_49': (1, 1, 3, 49, 4, 49, 1, 32, False, 0.2),
+    'query_rows_past_a_tile_256_keys': (1, 1, 10, 4, 64, 4, 16, 16, False, 0.1),
+}
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float16], ids=['fp32', 'fp16'])
+@pytest.mark.parametrize('case', list(MAP_CASES), ids=list(MAP_CASES))
+def test_whole_map_backward_matches_fp64(case, dtype, whole_map, monkeypatch):
+    batch, heads, groups, block_q, blocks, block_k, slots, head_dim, per_head, masked = \
+        MAP_CASES[case]
+    q, k, v, index, mask = make_inputs(batch, heads, groups, block_q, blocks, block_k, slots,
+                                       head_dim, dtype=dtype, per_head=per_head,
+                                       masked_fraction=masked)
+    index[0, ..., 0, :] = -1                         # a group routed nowhere: zero dQ
+    index[-1, ..., -1, :] = index[-1, ..., -1, :1]   # one block named by every slot
+    calls = []
+    launch = map_backward.backward
+    monkeypatch.setattr(map_backward, 'backward',
+                        lambda *args, **kwargs: (calls.append(1), launch(*args, **kwargs)))
+    _, dq, _, _ = compare_to_fp64(q, k, v, index, mask, block_q, block_k)
+    assert calls == [1]
+    assert not dq[0, :, :block_q].any()
+
+
+@pytest.mark.parametrize('case', list(WINDOW_CASES), ids=list(WINDOW_CASES))
+def test_whole_map_backward_window_layout_matches_fp64(case, whole_map):
+    q, k, v, index, mask, q_window, k_window, width = make_window_inputs(case, torch.float16)
+    compare_to_fp64(q, k, v, index, mask, q_window, k_window, map_width=width)
+
+
+def test_whole_map_backward_strided_inputs_and_token_major_gradients(whole_map):
+    q, k, v, index, mask = make_inputs(2, 4, 3, 4, 4, 4, 2, 16, masked_fraction=0.2)
+    # (B, N, H, D) storage viewed as (B, H, N, D), then a head-dim slice: rows 16 apart
+    q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2)[..., :8] for x in (q, k, v))
+    index = index.transpose(1, 2).contiguous().transpose(1, 2)
+    results = compare_to_fp64(q, k, v, index, mask, 4, 4, scale=0.3)
+    for t in results[1:]:
+        assert t.transpose(1, 2).is_contiguous(), t.stride()
+
+
+def test_whole_map_and_gathered_backward_agree():
+    """The same forward, both backwards: one meaning, fp32 rounding apart."""
+    q, k, v, index, mask = make_inputs(1, 2, 6, 4, 6, 4, 3, 16, masked_fraction=0.2)
+    index[0, 0] = -1
+    grad_out = torch.randn_like(q)
+    out, lse = kernels.forward(q, k, v, index, mask, 4, 4, 0.25)
+    results = []
+    for mode in ('on', 'off'):
+        map_backward.set_map_backward(mode)
+        results.append(kernels.backward(grad_out, q, k, v, out, lse, index, mask, 4, 4, 0.25))
+    for ours, gathered in zip(*results):
+        torch.testing.assert_close(ours, gathered, atol=1e-5, rtol=1e-5)
+
+
+def test_count_table_counts_named_blocks():
+    index = torch.tensor([[[0, 2, 2, -1], [5, -1, -1, 3], [-2, 1, 4, 9]]])  # (1, 3, 4)
+    counts = map_backward.count_table(index.to(DEVICE), 5)
+    expected = torch.zeros(1, 1, 3, 5, dtype=torch.uint8)
+    for g, row in enumerate(index[0].tolist()):
+        for block in row:
+            if 0 <= block < 5:
+                expected[0, 0, g, block] += 1
+    assert counts.dtype == torch.uint8 and torch.equal(counts.cpu(), expected)
+    per_head = torch.stack([index, index.flip(-1)], dim=1)   # (1, 2, 3, 4), strided per head
+    counts = map_backward.count_table(per_head.transpose(2, 3).contiguous().transpose(2, 3), 5)
+    assert counts.shape == (1, 2, 3, 5) and torch.equal(counts.cpu()[:, 1], expected[:, 0])
+    many = torch.zeros(1, 1, 255, dtype=torch.long, device=DEVICE)  # 255 slots name block 0
+    assert map_backward.count_table(many, 2).cpu().tolist() == [[[[255, 0]]]]
+    with pytest.raises(ValueError, match='at most 255 slots'):
+        map_backward.count_table(torch.zeros(1, 1, 256, dtype=torch.long), 2)
+    assert map_backward.count_table(index[:, :0].to(DEVICE), 5).shape == (1, 1, 0, 5)
+
+
+def test_whole_map_backward_choice():
+    takes = map_backward.takes_map_backward
+    map_backward.set_map_backward('auto')
+    assert takes(196, 32, 4, 4, 16, 1024)       # BiFormer stage 3 at 224 px, batch 128
+    assert not takes(196, 32, 4, 4, 16, 128)    # too few (batch, head) programs
+    assert not takes(196, 32, 4, 4, 8, 1024)    # a sixth of the keys: the gathered kernels
+    assert not takes(256, 32, 16, 16, 8, 1024)  # 16-token groups fill the gathered tiles
+    assert not takes(441, 32, 9, 9, 16, 1024)   # more keys than a tile holds
+    assert not takes(196, 128, 4, 4, 16, 1024)  # head dim over 64
+    map_backward.set_map_backward('on')
+    assert takes(256, 32, 16, 16, 1, 1) and not takes(257, 16, 1, 1, 1, 1)
+    assert not takes(256, 32, 1, 1, 256, 1)     # more slots than the uint8 count table holds
+    map_backward.set_map_backward('off')
+    assert not takes(196, 32, 4, 4, 16, 1024)
+    with pytest.raises(ValueError, match='mode must be one of'):
+        map_backward.set_map_backward('dense')
+
+
+def test_whole_map_rows_too_large_for_the_device_shrink(monkeypatch, whole_map):
+    """A row the device cannot hold halves its query rows until one launches, with a warning."""
+    from triton.runtime.errors import OutOfResources
+    monkeypatch.setattr(map_backward, '_FITTED', {})
+    monkeypatch.setattr(map_backward, '_TILES', {32: (64, 4, 1), 64: (64, 4, 1)})
+    launched = []
+
+    class SmallDevice:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **meta):
+                if meta['BLOCK_M'] > 16:
+                    raise OutOfResources(300_000, 100_000, 'shared memory')
+                launched.append(meta['BLOCK_M'])
+                return self.kernel[grid](*args, **meta)
+            return launch
+    monkeypatch.setattr(map_backward, '_map_bwd_kernel',
+                        SmallDevice(map_backward._map_bwd_kernel))
+    q, k, v, index, _ = make_inputs(1, 1, 3, 4, 3, 4, 2, 16, empty_fraction=0.0)
+    with pytest.warns(UserWarning, match='whole-map attention backward'):
+        compare_to_fp64(q, k, v, index, None, 4, 4)
+    assert launched == [16] and list(map_backward._FITTED.values()) == [(16, 4, 1)]
+
+
 def test_custom_op_opcheck():
     q, k, v, index, mask = make_inputs(1, 2, 2, 4, 3, 4, 2, 16, masked_fraction=0.2)
     q, k, v = (x.requires_grad_() for x in (q, k, v))
@@ -564,6 +703,18 @@ def test_triton_bf16_window_layout_matches_fp64_on_gpu(case):
                                        window * window, slots, 32, dtype=torch.bfloat16,
                                        masked_fraction=masked, empty_fraction=0.0)
     compare_to_fp64(q, k, v, index, mask, (window, window), (window, window), map_width=side)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize('layout', ['blocks', 'windows'])
+def test_whole_map_backward_bf16_matches_fp64_on_gpu(layout, whole_map):
+    """BiFormer-T at 224 px, stage 3: a 14x14 map of 2x2 regions, 16 routed per region."""
+    q, k, v, index, _ = make_inputs(8, 8, 49, 4, 49, 4, 16, 32, dtype=torch.bfloat16,
+                                    empty_fraction=0.0)
+    if layout == 'blocks':
+        compare_to_fp64(q, k, v, index, None, 4, 4)
+    else:
+        compare_to_fp64(q, k, v, index, None, (2, 2), (2, 2), map_width=14)
 
 
 @pytest.mark.gpu
