@@ -79,6 +79,24 @@ def max_errors(results, exact):
             for r, e in zip(results, exact)]
 
 
+class SmallDevice:
+    """A kernel on a GPU with little shared memory: launches for which ``refuses(meta)`` holds
+    raise OutOfResources (as Triton does before running), the others are recorded by
+    ``record(meta)`` and run."""
+
+    def __init__(self, kernel, refuses, record):
+        self.kernel, self.refuses, self.record = kernel, refuses, record
+
+    def __getitem__(self, grid):
+        def launch(*args, **meta):
+            from triton.runtime.errors import OutOfResources
+            if self.refuses(meta):
+                raise OutOfResources(300_000, 100_000, 'shared memory')
+            self.record(meta)
+            return self.kernel[grid](*args, **meta)
+        return launch
+
+
 def compare_to_fp64(q, k, v, index, mask, block_q, block_k, backend='triton', scale=None,
                     map_width=None):
     """Assert |backend - fp64| <= 2 |torch same dtype - fp64| + atol for out, dq, dk, dv."""
@@ -150,18 +168,35 @@ TRITON_CASES = {
     'group_spans_tiles_70': (1, 1, 2, 70, 3, 6, 2, 16, True, 0.0),
     'per_head_16': (1, 3, 4, 16, 5, 16, 2, 32, True, 0.3),
     'head_dim_128_b1_h1': (1, 1, 2, 16, 3, 16, 2, 128, False, 0.0),
+    'query_rows_past_a_tile_256_keys': (1, 1, 10, 4, 64, 4, 16, 16, False, 0.1),
 }
 
 
+@pytest.mark.parametrize('backward', ['gathered', 'whole_map'])
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float16], ids=['fp32', 'fp16'])
 @pytest.mark.parametrize('case', list(TRITON_CASES), ids=list(TRITON_CASES))
-def test_triton_matches_fp64(case, dtype):
+def test_triton_matches_fp64(case, dtype, backward, monkeypatch):
+    """Each case also holds a group routed nowhere (zero output and dQ) and a block named by
+    every slot of a group (counted that often); ``whole_map``: the backward of
+    ops._triton_map_attention, where it applies."""
     batch, heads, groups, block_q, blocks, block_k, slots, head_dim, per_head, masked = \
         TRITON_CASES[case]
+    if backward == 'whole_map':
+        if not map_backward.applies(blocks * block_k, head_dim, slots):
+            pytest.skip('the whole-map backward does not apply')
+        map_backward.set_map_backward('on')
     q, k, v, index, mask = make_inputs(batch, heads, groups, block_q, blocks, block_k, slots,
                                        head_dim, dtype=dtype, per_head=per_head,
                                        masked_fraction=masked)
-    compare_to_fp64(q, k, v, index, mask, block_q, block_k)
+    index[0, ..., 0, :] = -1
+    index[-1, ..., -1, :] = index[-1, ..., -1, :1]
+    calls = []
+    launch = map_backward.backward
+    monkeypatch.setattr(map_backward, 'backward',
+                        lambda *args, **kwargs: (calls.append(1), launch(*args, **kwargs)))
+    out, dq, _, _ = compare_to_fp64(q, k, v, index, mask, block_q, block_k)
+    assert len(calls) == (backward == 'whole_map')
+    assert not out[0, :, :block_q].any() and not dq[0, :, :block_q].any()
 
 
 @pytest.fixture
@@ -408,35 +443,6 @@ def test_window_layout_bad_arguments(overrides, message):
 
 # ----------------------------------------------------------------------------- whole-map backward
 
-MAP_CASES = {
-    # as TRITON_CASES; every key of a (batch, head) in one tile (ops._triton_map_attention)
-    'packed_4x4_masked': (2, 2, 6, 4, 6, 4, 3, 16, False, 0.2),
-    'block_size_1': (1, 2, 9, 1, 7, 1, 5, 32, False, 0.0),
-    'odd_q7_k5_per_head_d64': (1, 3, 4, 7, 3, 5, 3, 64, True, 0.3),
-    'one_block_of_49': (1, 1, 3, 49, 4, 49, 1, 32, False, 0.2),
-    'query_rows_past_a_tile_256_keys': (1, 1, 10, 4, 64, 4, 16, 16, False, 0.1),
-}
-
-
-@pytest.mark.parametrize('dtype', [torch.float32, torch.float16], ids=['fp32', 'fp16'])
-@pytest.mark.parametrize('case', list(MAP_CASES), ids=list(MAP_CASES))
-def test_whole_map_backward_matches_fp64(case, dtype, whole_map, monkeypatch):
-    batch, heads, groups, block_q, blocks, block_k, slots, head_dim, per_head, masked = \
-        MAP_CASES[case]
-    q, k, v, index, mask = make_inputs(batch, heads, groups, block_q, blocks, block_k, slots,
-                                       head_dim, dtype=dtype, per_head=per_head,
-                                       masked_fraction=masked)
-    index[0, ..., 0, :] = -1                         # a group routed nowhere: zero dQ
-    index[-1, ..., -1, :] = index[-1, ..., -1, :1]   # one block named by every slot
-    calls = []
-    launch = map_backward.backward
-    monkeypatch.setattr(map_backward, 'backward',
-                        lambda *args, **kwargs: (calls.append(1), launch(*args, **kwargs)))
-    _, dq, _, _ = compare_to_fp64(q, k, v, index, mask, block_q, block_k)
-    assert calls == [1]
-    assert not dq[0, :, :block_q].any()
-
-
 @pytest.mark.parametrize('case', list(WINDOW_CASES), ids=list(WINDOW_CASES))
 def test_whole_map_backward_window_layout_matches_fp64(case, whole_map):
     q, k, v, index, mask, q_window, k_window, width = make_window_inputs(case, torch.float16)
@@ -506,24 +512,12 @@ def test_whole_map_backward_choice():
 
 def test_whole_map_rows_too_large_for_the_device_shrink(monkeypatch, whole_map):
     """A row the device cannot hold halves its query rows until one launches, with a warning."""
-    from triton.runtime.errors import OutOfResources
     monkeypatch.setattr(map_backward, '_FITTED', {})
     monkeypatch.setattr(map_backward, '_TILES', {32: (64, 4, 1), 64: (64, 4, 1)})
     launched = []
-
-    class SmallDevice:
-        def __init__(self, kernel):
-            self.kernel = kernel
-
-        def __getitem__(self, grid):
-            def launch(*args, **meta):
-                if meta['BLOCK_M'] > 16:
-                    raise OutOfResources(300_000, 100_000, 'shared memory')
-                launched.append(meta['BLOCK_M'])
-                return self.kernel[grid](*args, **meta)
-            return launch
-    monkeypatch.setattr(map_backward, '_map_bwd_kernel',
-                        SmallDevice(map_backward._map_bwd_kernel))
+    monkeypatch.setattr(map_backward, '_map_bwd_kernel', SmallDevice(
+        map_backward._map_bwd_kernel, lambda meta: meta['BLOCK_M'] > 16,
+        lambda meta: launched.append(meta['BLOCK_M'])))
     q, k, v, index, _ = make_inputs(1, 1, 3, 4, 3, 4, 2, 16, empty_fraction=0.0)
     with pytest.warns(UserWarning, match='whole-map attention backward'):
         compare_to_fp64(q, k, v, index, None, 4, 4)
@@ -745,24 +739,16 @@ def test_tile_configs_too_large_for_the_device_shrink_and_are_remembered(monkeyp
     """A GPU with less shared memory than the H200 the table was tuned on: configs whose launch
     raises OutOfResources are replaced by smaller ones (one stage, then smaller tiles), with one
     warning, and the results stay right."""
-    from triton.runtime.errors import OutOfResources
     monkeypatch.setattr(kernels, '_FITTED', {})
     launched = []
 
-    class SmallDevice:
-        """A kernel that refuses more than one stage or tiles over 16 x 32."""
-        def __init__(self, kernel):
-            self.kernel = kernel
-
-        def __getitem__(self, grid):
-            def launch(*args, **meta):
-                if meta['num_stages'] > 1 or meta['BLOCK_M'] > 16 or meta['BLOCK_N'] > 32:
-                    raise OutOfResources(300_000, 100_000, 'shared memory')
-                launched.append((meta['BLOCK_M'], meta['BLOCK_N'], meta['num_stages']))
-                return self.kernel[grid](*args, **meta)
-            return launch
+    def refuses(meta):  # more than one stage or tiles over 16 x 32
+        return meta['num_stages'] > 1 or meta['BLOCK_M'] > 16 or meta['BLOCK_N'] > 32
     for name in ('_fwd_kernel', '_bwd_dq_kernel', '_bwd_dkdv_kernel'):
-        monkeypatch.setattr(kernels, name, SmallDevice(getattr(kernels, name)))
+        monkeypatch.setattr(kernels, name, SmallDevice(
+            getattr(kernels, name), refuses,
+            lambda meta: launched.append((meta['BLOCK_M'], meta['BLOCK_N'],
+                                          meta['num_stages']))))
     q, k, v, index, _ = make_inputs(1, 2, 4, 16, 4, 16, slots, 16, empty_fraction=0.0)
     grad = torch.randn_like(q)
 
