@@ -16,7 +16,9 @@ recomputes the probabilities and stores rowsum(dO * O) first (the split backward
 the key-tile kernel itself (the one-kernel backward): stored directly when every query group
 routes to a single key block that one tile holds whole (BiFormer's stage 1, DSVT's sets), so
 each query is visited once, or added with fp32 atomics otherwise. :func:`set_backward_mode`
-chooses; by default the one-kernel backward runs where each query group routes to one block.
+chooses; by default the one-kernel backward runs where each query group routes to one block,
+and short key sequences with small routed blocks take the whole-map backward of
+``ops._triton_map_attention`` (one program per (batch, head) over every key).
 
 The output and the three gradients are written token-major (:func:`token_major`: (B, N, H, D)
 memory seen as (B, H, N, D)), as the qkv projection lays out heads, so a model merges heads
@@ -836,8 +838,10 @@ def set_backward_mode(mode: str) -> None:
     * ``'fused'``: the dK/dV kernel alone, also computing delta and dQ: dQ stored directly when
       each query group routes to one key block that a tile holds whole, by fp32 atomics
       otherwise;
-    * ``'auto'`` (default): ``'fused'`` where each query group routes to one key block (one
-      slot: BiFormer's stage 1, DSVT's sets), ``'split'`` for several slots. Measured on an
+    * ``'auto'`` (default): the whole-map backward of ``ops._triton_map_attention`` where it
+      takes the call (short key sequences with small routed blocks), else ``'fused'`` where
+      each query group routes to one key block (one slot: BiFormer's stage 1, DSVT's sets),
+      ``'split'`` for several slots. Measured on an
       H200 (docs/ops.md): with one slot the one-kernel backward was faster at every shape, with
       atomics too (blocks wider than a tile); with 4-16 slots the atomics made it 3-76% slower.
       Under ``torch.use_deterministic_algorithms(True)`` it never uses atomics (whose fp32 sums
@@ -884,15 +888,15 @@ def backward_one_kernel(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: 
 def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
              index: Tensor, key_padding_mask: Optional[Tensor], block_q: int, block_k: int,
              scale: float, layout: Optional[Sequence[int]] = None):
-    """(grad_q, grad_k, grad_v), :func:`token_major`, from the whole-map backward
-    (``ops._triton_map_attention``) where it takes the call, else from the kernels
-    :func:`set_backward_mode` chooses."""
+    """(grad_q, grad_k, grad_v), :func:`token_major`: in the 'auto' backward mode from the
+    whole-map backward (``ops._triton_map_attention``) where it takes the call, else from the
+    kernels :func:`set_backward_mode` chooses."""
     from ops import _triton_map_attention as whole_map
     if _is_empty(q, k, index):
         return token_major(q, zero=True), token_major(k, zero=True), token_major(v, zero=True)
     batch, heads = q.shape[:2]
-    if whole_map.takes_map_backward(k.shape[2], q.shape[-1], block_q, block_k,
-                                    index.shape[-1], batch * heads):
+    if _backward_mode == 'auto' and whole_map.takes_map_backward(
+            k.shape[2], q.shape[-1], block_q, block_k, index.shape[-1], batch * heads):
         grads = token_major(q), token_major(k), token_major(v)
         whole_map.backward(grad_out, q, k, v, out, lse,
                            whole_map.count_table(index, k.shape[2] // block_k),

@@ -510,6 +510,19 @@ def test_whole_map_backward_choice():
         map_backward.set_map_backward('dense')
 
 
+@pytest.mark.parametrize('backward_mode', ['auto', 'split', 'fused'], indirect=True)
+def test_forced_backward_modes_keep_the_gathered_kernels(backward_mode, whole_map, monkeypatch):
+    """``set_backward_mode('split' | 'fused')`` chooses among the gathered kernels; only 'auto'
+    hands over to the whole-map backward."""
+    calls = []
+    launch = map_backward.backward
+    monkeypatch.setattr(map_backward, 'backward',
+                        lambda *args, **kwargs: (calls.append(1), launch(*args, **kwargs)))
+    q, k, v, index, _ = make_inputs(1, 1, 3, 4, 3, 4, 2, 16)
+    compare_to_fp64(q, k, v, index, None, 4, 4)
+    assert len(calls) == (backward_mode == 'auto')
+
+
 def test_whole_map_rows_too_large_for_the_device_shrink(monkeypatch, whole_map):
     """A row the device cannot hold halves its query rows until one launches, with a warning."""
     monkeypatch.setattr(map_backward, '_FITTED', {})
