@@ -112,3 +112,17 @@ def test_mlp_tuning_chooses_per_block_c():
     timings = {64: {'a': {fast: 1.0, slow: 2.0}, 'b': {fast: 1.1, slow: 1.0}},
                256: {'c': {fast: 3.0, slow: 1.0}}}
     assert bench_mlp.choose_per_class(timings) == {64: fast, 256: slow}
+
+
+def test_ops_benchmark_times_ours_gathered_where_the_whole_map_backward_runs(monkeypatch):
+    """The ``ours_gathered`` peer differs from ``ours`` only where the whole-map backward takes
+    the call (BiFormer's stage 3 at 224 px); elsewhere it is not timed again."""
+    import bench_ops
+    from ops import _triton_map_attention as whole_map
+    monkeypatch.setattr(bench_ops, 'make_problem', lambda shape, dtype: (None,) * 5)
+    shapes = bench_ops.SHAPES_BY_NAME
+    row = bench_ops.run_peer('ours_gathered', shapes['t224_s2'], torch.bfloat16, 1)
+    assert row['error'].startswith('n/a')
+    taken = [name for name, s in shapes.items() if whole_map.takes_map_backward(
+        s.blocks * s.block_k, s.head_dim, s.block_q, s.block_k, s.topk, s.batch * s.heads)]
+    assert taken == ['t224_s3']

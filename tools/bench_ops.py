@@ -27,7 +27,7 @@ Peers:
 * ``ours_general``: ours with the kernels' ``ALIGNED`` form off (per-element masks at every
   shape): see ``ops._triton_gather_attention.set_aligned_tiles``.
 * ``ours_gathered``: ours with the whole-map backward off (the gathered kernels at every
-  shape): see ``ops._triton_map_attention.set_map_backward``.
+  shape): see ``ops._triton_map_attention.set_map_backward``; "n/a" where ours runs them.
 * ``ours_map``: ours in the window layout BiFormer uses (``block_q=(h, w)``, ``map_width``):
   the same problem with the tokens read as the row-major pixels of a square map of square
   windows, where the shape has that form (BiFormer at 224/512/1024 px), "n/a" elsewhere.
@@ -339,6 +339,10 @@ def run_peer(peer, shape, dtype, reps_ms):
           **{p: ours for p in BACKWARD_MODE_OF_PEER}}.get(peer)
     if peer == 'ours_map' and map_windows(shape) is None:
         return dict(error='n/a: not square windows of a square map')
+    if peer == 'ours_gathered' and not whole_map.takes_map_backward(
+            shape.blocks * shape.block_k, shape.head_dim, shape.block_q, shape.block_k,
+            shape.topk, shape.batch * shape.heads):
+        return dict(error='n/a: ours runs the gathered kernels here')
     if peer == 'flex':
         fn = FlexPeer(shape, index, mask)
     kernels.set_backward_mode(BACKWARD_MODE_OF_PEER.get(peer, 'auto'))
