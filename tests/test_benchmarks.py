@@ -126,3 +126,20 @@ def test_ops_benchmark_times_ours_gathered_where_the_whole_map_backward_runs(mon
     taken = [name for name, s in shapes.items() if whole_map.takes_map_backward(
         s.blocks * s.block_k, s.head_dim, s.block_q, s.block_k, s.topk, s.batch * s.heads)]
     assert taken == ['t224_s3']
+
+
+def _record_task(path, value):
+    with open(path, 'a') as f:
+        f.write(f'{value}\n')
+
+
+def test_tuning_sweeps_compile_their_candidates_in_worker_processes(tmp_path, capsys):
+    """Every task runs once in the pool; a pool that cannot start leaves the work to the
+    timing pass, with a message instead of an error."""
+    from bench_timing import compile_in_workers
+    path = str(tmp_path / 'tasks.txt')
+    compile_in_workers(_record_task, [(path, n) for n in range(5)], workers=2)
+    assert sorted(open(path).read().split()) == ['0', '1', '2', '3', '4']
+    assert 'compiled the candidates' in capsys.readouterr().out
+    compile_in_workers(lambda *task: None, [(1,)], workers=1)  # a lambda cannot be pickled
+    assert 'compiling serially' in capsys.readouterr().out

@@ -48,8 +48,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import ops  # noqa: E402
 from ops import _triton_depthwise_conv as kernels  # noqa: E402
 from ops.depthwise_conv import depthwise_conv2d_reference  # noqa: E402
-from bench_timing import (copy_bandwidth, fwd_and_fwd_bwd_ms, least_slowdown,  # noqa: E402
-                          mean_slowdown, peak_extra_mib)
+from bench_timing import (compile_in_workers, copy_bandwidth, fwd_and_fwd_bwd_ms,  # noqa: E402
+                          least_slowdown, mean_slowdown, peak_extra_mib)
 
 PEERS = ('ours', 'biformer', 'cudnn_cl')
 
@@ -250,20 +250,10 @@ def choose_rows(timings, dtype):
 def tune(shapes, kinds, dtype_name, autocast, reps_ms, configs_path, workers):
     """Time each kernel alone for every TUNE_ROWS row (CUDA-graph replay), print each shape's
     best, and write the chosen rows and all timings to ``configs_path`` after every shape."""
-    from concurrent.futures import ProcessPoolExecutor
-    from multiprocessing import get_context
     from triton.testing import do_bench_cudagraph
     dtype, compute_dtype = _dtypes(dtype_name, autocast)
-    tasks = [(s.name, kind) for s in shapes for kind in kinds]
-    started = time.time()
-    try:
-        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context('spawn')) as pool:
-            list(pool.map(_compile_worker, *zip(*tasks), [dtype_name] * len(tasks),
-                          [autocast] * len(tasks)))
-        print(f'compiled the candidates in {time.time() - started:.0f} s', flush=True)
-    except Exception as err:  # the timing pass compiles what is missing, serially
-        print(f'parallel compilation failed ({type(err).__name__}: {err}); compiling serially',
-              flush=True)
+    compile_in_workers(_compile_worker, [(s.name, kind, dtype_name, autocast) for s in shapes
+                                         for kind in kinds], workers)
     timings = {kind: {} for kind in kinds}
     for shape in shapes:
         problem = make_problem(shape, dtype)

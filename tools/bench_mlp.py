@@ -37,7 +37,6 @@ import itertools
 import json
 import os
 import sys
-import time
 from dataclasses import dataclass
 
 import torch
@@ -52,8 +51,9 @@ from ops import _triton_layer_norm, _triton_ln_mlp as kernels  # noqa: E402
 from ops._sizes import next_power_of_2  # noqa: E402
 from ops.mlp import residual_mlp_reference  # noqa: E402
 from bench_layer_norm import _cpu_ms  # noqa: E402
-from bench_timing import (choose_per_class, kernel_bench_parser,  # noqa: E402
-                          kernel_bench_setup, mean_slowdown, measure_peers, run_header, time_ms)
+from bench_timing import (choose_per_class, compile_in_workers, kernel_bench_parser,  # noqa: E402
+                          kernel_bench_setup, mean_slowdown, measure_peers, run_header,
+                          time_ms)
 
 PEERS = ('ours', 'ours_cast', 'unfused', 'compiled')
 EPS = 1e-6  # BiFormer's LayerNorm eps
@@ -207,15 +207,10 @@ def _compile_worker(shape_name, dtype_name, row):
 def tune(shapes, dtype_name, reps_ms, configs_path, workers):
     """Time ``ours`` for every candidate row (CUDA-graph replay) and write the chosen rows and
     all timings to ``configs_path``."""
-    from concurrent.futures import ProcessPoolExecutor
-    from multiprocessing import get_context
     from triton.testing import do_bench_cudagraph
-    started = time.time()
-    tasks = [(s.name, dtype_name, row) for s in shapes
-             for row in tune_rows(next_power_of_2(s.chans))]
-    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context('spawn')) as pool:
-        list(pool.map(_compile_worker, *zip(*tasks)))
-    print(f'compiled the candidates in {time.time() - started:.0f} s', flush=True)
+    compile_in_workers(_compile_worker, [(s.name, dtype_name, row) for s in shapes
+                                         for row in tune_rows(next_power_of_2(s.chans))],
+                       workers)
     timings = {}
     for shape in shapes:
         problem = make_problem(shape, DTYPES[dtype_name], 'cuda')

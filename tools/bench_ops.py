@@ -62,8 +62,8 @@ import ops  # noqa: E402
 from ops import _triton_gather_attention as kernels  # noqa: E402
 from ops import _triton_map_attention as whole_map  # noqa: E402
 from ops.gather_attention import gather_attention_reference  # noqa: E402
-from bench_timing import (copy_bandwidth, fwd_and_fwd_bwd_ms, least_slowdown,  # noqa: E402
-                          peak_extra_mib, time_ms)
+from bench_timing import (compile_in_workers, copy_bandwidth, fwd_and_fwd_bwd_ms,  # noqa: E402
+                          least_slowdown, peak_extra_mib, time_ms)
 
 PEERS = ('ours', 'ours_split', 'ours_fused', 'ours_general', 'ours_gathered', 'ours_map',
          'official', 'gather_sdpa', 'flex', 'dense_sdpa')
@@ -479,18 +479,9 @@ def _block_size(kind, shape):
 def tune(shapes, kinds, dtype, dtype_name, reps_ms, configs_path, workers):
     """Time each kernel kind alone for every TUNE candidate (CUDA-graph replay) and write the
     chosen table (and all timings) to ``configs_path`` as JSON after every shape."""
-    from concurrent.futures import ProcessPoolExecutor
-    from multiprocessing import get_context
     from triton.testing import do_bench_cudagraph
-    tasks = [(s.name, kind) for s in shapes for kind in kinds]
-    started = time.time()
-    try:
-        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context('spawn')) as pool:
-            list(pool.map(_compile_worker, *zip(*tasks), [dtype_name] * len(tasks)))
-        print(f'compiled the candidates in {time.time() - started:.0f} s', flush=True)
-    except Exception as err:  # the timing pass compiles what is missing, serially
-        print(f'parallel compilation failed ({type(err).__name__}: {err}); compiling serially',
-              flush=True)
+    compile_in_workers(_compile_worker, [(s.name, kind, dtype_name) for s in shapes
+                                         for kind in kinds], workers)
     timings = {kind: {} for kind in kinds}
     for shape in shapes:
         inputs = KernelInputs(shape, dtype)

@@ -1,4 +1,6 @@
 """Timing, memory and tuning helpers shared by the benchmarks (tools/bench_*.py)."""
+import time
+
 import torch
 
 
@@ -132,3 +134,19 @@ def measure_peers(peers, measure):
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
     return rows
+
+
+def compile_in_workers(worker, tasks, workers: int) -> None:
+    """Run ``worker(*task)`` for every task in ``workers`` spawned processes, so a tuning sweep
+    compiles its candidate kernels in parallel into Triton's disk cache before timing them. If
+    the pool fails, the timing pass compiles what is missing, serially."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+    started = time.time()
+    try:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context('spawn')) as pool:
+            list(pool.map(worker, *zip(*tasks)))
+        print(f'compiled the candidates in {time.time() - started:.0f} s', flush=True)
+    except Exception as err:
+        print(f'parallel compilation failed ({type(err).__name__}: {err}); compiling serially',
+              flush=True)
