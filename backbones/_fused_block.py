@@ -6,8 +6,9 @@ are short. :class:`_FusedBlock` runs the block's forward and backward as straigh
 of the kernels the module path runs (ops' Triton launchers, cuBLAS products, in the same
 dtypes), inside one
 ``torch.autograd.Function``: the inner ops carry no autograd bookkeeping and there are no view
-nodes. Routing blocks get the attention's gradients token-major, so the qkv gradient is one
-concatenation; full-attention blocks (the last stage) keep ``F.scaled_dot_product_attention``
+nodes. In routing blocks the attention kernels write dq, dk and dv straight into the thirds
+of the qkv gradient, and the LePE's depthwise-conv backward adds its v gradient into the last
+third in place; full-attention blocks (the last stage) keep ``F.scaled_dot_product_attention``
 and differentiate it through a nested graph of that one op.
 
 The meaning is the module path's, term for term: ``x1 = x + dwconv3(x)``, ``x2 = x1 +
@@ -173,17 +174,17 @@ def _routing_backward(plan: BlockPlan, grad_attended: Tensor, saved, geometry, q
     heads = [t.view(batch, tokens, plan.heads, chans // plan.heads).transpose(1, 2)
              for t in (q, k, v)]
     grad_out = grad_attended.view(batch, tokens, plan.heads, chans // plan.heads).transpose(1, 2)
-    grad_q, grad_k, grad_v = attention.backward(grad_out, *heads, out, lse, index, mask, block,
-                                                block, plan.scale, layout=layout)
-    grad_v_map, g_lepe_w, g_lepe_b = dwconv.backward(
+    # The attention writes dq, dk, dv straight into the qkv gradient's thirds, and the LePE
+    # adds its v gradient into the last one in place: no concatenation, no separate add.
+    grad_qkv = qkv.new_empty(qkv.shape)
+    thirds = grad_qkv.view(batch, tokens, 3, plan.heads, chans // plan.heads).unbind(2)
+    attention.backward(grad_out, *heads, out, lse, index, mask, block, block, plan.scale,
+                       layout=layout, grads=[t.transpose(1, 2) for t in thirds])
+    _, g_lepe_w, g_lepe_b = dwconv.backward(
         grad_attended, v.view(batch, pad_h, pad_w, chans), lepe_w, plan.compute_dtype, True,
-        True)
-    grad_qkv = torch.cat([t.transpose(1, 2).reshape(batch, tokens, chans)
-                          for t in (grad_q, grad_k, grad_v)], dim=-1)
-    grad_qkv[..., 2 * chans:] += grad_v_map.view(batch, tokens, chans)
-    grad_qkv = grad_qkv.view(batch, pad_h, pad_w, 3 * chans)
+        True, accumulate_dx=grad_qkv[..., 2 * chans:])
     if mask is not None:
-        grad_qkv = grad_qkv.masked_fill(mask.view(batch, pad_h, pad_w, 1), 0.0)
+        grad_qkv.masked_fill_(mask.view(batch, pad_h, pad_w, 1), 0.0)
     grad_h, g_qkv_w, g_qkv_b = linear_backward(grad_qkv, hp, qkv_wc, weight_dtype=param_dtype,
                                                bias_dtype=param_dtype)
     if (pad_h, pad_w) != (height, width):

@@ -131,6 +131,7 @@ def _conv_rows_kernel(X, Wt, Bias, Add, Out,
                       stride_xb, stride_xh, stride_xw, stride_xc,
                       stride_wc, stride_wh, stride_ww, stride_bias,
                       stride_ab, stride_ah, stride_aw, stride_ac,
+                      stride_ob, stride_oh, stride_ow,
                       height, width, channels, tiles_w, tiles_per_image,
                       KH: tl.constexpr, KW: tl.constexpr, SIGN: tl.constexpr,
                       HAS_BIAS: tl.constexpr, HAS_ADD: tl.constexpr, ROUND_X: tl.constexpr,
@@ -138,7 +139,8 @@ def _conv_rows_kernel(X, Wt, Bias, Add, Out,
                       BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
     """Out = conv(X) + bias + add over this program's BLOCK_H rows x BLOCK_W columns x BLOCK_C
     channels; SIGN = -1 convolves with the flipped kernel (dx). X is rounded to ROUND_X,
-    weight and bias to COMPUTE; fp32 accumulation."""
+    weight and bias to COMPUTE; fp32 accumulation. Out has unit channel stride; it may be Add
+    itself (each element is read, then written, by the same program)."""
     program, b, row0, j, c, c_valid, x_columns = _strip(
         X, stride_xb, stride_xw, stride_xc, channels, tiles_w, tiles_per_image, BLOCK_H,
         BLOCK_W, BLOCK_C)
@@ -175,8 +177,8 @@ def _conv_rows_kernel(X, Wt, Bias, Add, Out,
             add_offsets = (b * stride_ab + out_row * stride_ah
                            + (j.to(tl.int64) * stride_aw)[:, None] + (c * stride_ac)[None, :])
             result += tl.load(Add + add_offsets, mask=mask, other=0.0).to(tl.float32)
-        out_offsets = ((b * height + out_row) * width + j.to(tl.int64))[:, None] * channels \
-            + c[None, :]
+        out_offsets = (b * stride_ob + out_row * stride_oh
+                       + (j.to(tl.int64) * stride_ow)[:, None] + c[None, :])
         tl.store(Out + out_offsets, result.to(Out.dtype.element_ty), mask=mask)
         acc = acc[1:] + (tl.zeros([BLOCK_W, BLOCK_C], tl.float32),)
 
@@ -268,17 +270,20 @@ def _launch_conv(kind, x, weight, bias, add, out, sign, round_x, compute_dtype, 
         x, weight, x if bias is None else bias, x if add is None else add, out,
         *x.stride(), weight.stride(0), weight.stride(2), weight.stride(3),
         0 if bias is None else bias.stride(0), *(x.stride() if add is None else add.stride()),
-        *scalars, KH=weight.shape[2], KW=weight.shape[3], SIGN=sign, HAS_BIAS=bias is not None,
+        *out.stride()[:3], *scalars, KH=weight.shape[2], KW=weight.shape[3], SIGN=sign, HAS_BIAS=bias is not None,
         HAS_ADD=add is not None, ROUND_X=_TL_DTYPES[round_x],
         COMPUTE=_TL_DTYPES[compute_dtype], **meta)
 
 
 def backward_dx(grad_out: Tensor, x: Tensor, weight: Tensor, compute_dtype: torch.dtype,
-                config: Optional[tuple] = None) -> Tensor:
-    """grad_x (contiguous, x's dtype): dy convolved with the flipped kernel."""
-    grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+                config: Optional[tuple] = None, accumulate: Optional[Tensor] = None) -> Tensor:
+    """grad_x (contiguous, x's dtype): dy convolved with the flipped kernel; or, given
+    ``accumulate`` (x's shape, unit channel stride), that plus ``accumulate``, written into it
+    in place (one rounding of the sum)."""
+    grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device) if accumulate is None \
+        else accumulate
     if x.numel():
-        _launch_conv('dx', grad_out, weight, None, None, grad_x, -1, torch.float32,
+        _launch_conv('dx', grad_out, weight, None, accumulate, grad_x, -1, torch.float32,
                      compute_dtype, config)
     return grad_x
 
@@ -303,9 +308,11 @@ def backward_dw(grad_out: Tensor, x: Tensor, weight: Tensor, compute_dtype: torc
 
 
 def backward(grad_out: Tensor, x: Tensor, weight: Tensor, compute_dtype: torch.dtype,
-             need_dx: bool, need_dw: bool):
-    """(grad_x in x's dtype or None, grad_weight and grad_bias in weight's dtype or None)."""
-    grad_x = backward_dx(grad_out, x, weight, compute_dtype) if need_dx else None
+             need_dx: bool, need_dw: bool, accumulate_dx: Optional[Tensor] = None):
+    """(grad_x in x's dtype or None, grad_weight and grad_bias in weight's dtype or None);
+    ``accumulate_dx``: see :func:`backward_dx`."""
+    grad_x = (backward_dx(grad_out, x, weight, compute_dtype, accumulate=accumulate_dx)
+              if need_dx else None)
     grad_weight, grad_bias = (backward_dw(grad_out, x, weight, compute_dtype) if need_dw
                               else (None, None))
     return grad_x, grad_weight, grad_bias

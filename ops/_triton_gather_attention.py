@@ -771,11 +771,12 @@ def forward(q: Tensor, k: Tensor, v: Tensor, index: Tensor, key_padding_mask: Op
 def backward_dq(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                 index: Tensor, key_padding_mask: Optional[Tensor], block_q: int, block_k: int,
                 scale: float, config: Optional[tuple] = None,
-                layout: Optional[Sequence[int]] = None):
-    """(grad_q :func:`token_major` in q's dtype, delta = rowsum(dO * O) (B, H, Nq) fp32);
-    non-empty inputs only."""
+                layout: Optional[Sequence[int]] = None, grad_q: Optional[Tensor] = None):
+    """(grad_q :func:`token_major` in q's dtype, or written into the given ``grad_q``, delta =
+    rowsum(dO * O) (B, H, Nq) fp32); non-empty inputs only."""
     batch, heads, num_q, head_dim = q.shape
-    grad_q = token_major(q)
+    if grad_q is None:
+        grad_q = token_major(q)
     delta = q.new_empty((batch, heads, num_q), dtype=torch.float32)
     mask, stride_mb, stride_mn, has_mask = _mask_args(key_padding_mask, index)
     layout_args, windows = _layout_args(layout, q, k, block_q, block_k)
@@ -799,14 +800,16 @@ def backward_dkdv(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor
                   index_is_per_head: bool, key_padding_mask: Optional[Tensor], block_q: int,
                   block_k: int, scale: float, grad_q: Optional[Tensor] = None,
                   dq_mode: int = 0, config: Optional[tuple] = None,
-                  layout: Optional[Sequence[int]] = None):
-    """(grad_k, grad_v), :func:`token_major` in k's dtype, from the transposed index;
-    non-empty inputs only. ``dq_mode`` 0 reads ``delta`` from the dQ kernel; 1 and 2 (see
+                  layout: Optional[Sequence[int]] = None,
+                  grad_kv: Optional[Tuple[Tensor, Tensor]] = None):
+    """(grad_k, grad_v), :func:`token_major` in k's dtype or written into the given
+    ``grad_kv`` (two tensors with the same strides), from the transposed index; non-empty
+    inputs only. ``dq_mode`` 0 reads ``delta`` from the dQ kernel; 1 and 2 (see
     ``_bwd_dkdv_kernel``) also write the dQ of the visited queries into ``grad_q`` (unit
     head-dim stride; ``out`` gives delta)."""
     batch, heads, num_q, head_dim = q.shape
     num_k = k.shape[2]
-    grad_k, grad_v = token_major(k), token_major(k)
+    grad_k, grad_v = grad_kv or (token_major(k), token_major(k))
     kind = 'dkdv' if dq_mode == 0 else 'bwd'
     mask, stride_mb, stride_mn, has_mask = _mask_args(key_padding_mask, order)
     csr_row_b, csr_row_h = (heads, 1) if index_is_per_head else (1, 0)
@@ -873,45 +876,58 @@ def backward_one_kernel(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: 
                         lse: Tensor, order: Tensor, offsets: Tensor, index_is_per_head: bool,
                         key_padding_mask: Optional[Tensor], block_q: int, block_k: int,
                         scale: float, dq_mode: int, config: Optional[tuple] = None,
-                        layout: Optional[Sequence[int]] = None):
-    """(grad_q, grad_k, grad_v) from the dK/dV kernel alone (``dq_mode`` 1 or 2); queries that
-    no slot routes anywhere are never visited, so their dQ stays zero."""
+                        layout: Optional[Sequence[int]] = None,
+                        grads: Optional[Sequence[Tensor]] = None):
+    """(grad_q, grad_k, grad_v) from the dK/dV kernel alone (``dq_mode`` 1 or 2), written into
+    ``grads`` when given; queries that no slot routes anywhere are never visited, so their dQ
+    stays zero."""
     accumulate = dq_mode == 2 and q.dtype != torch.float32
-    grad_q = token_major(q, torch.float32 if accumulate else q.dtype, zero=True)
+    if accumulate or grads is None:
+        grad_q = token_major(q, torch.float32 if accumulate else q.dtype, zero=True)
+    else:
+        grad_q = grads[0].zero_()
     grad_k, grad_v = backward_dkdv(grad_out, q, k, v, out, lse, None, order, offsets,
                                    index_is_per_head, key_padding_mask, block_q, block_k, scale,
                                    grad_q=grad_q, dq_mode=dq_mode, config=config,
-                                   layout=layout)
-    return (grad_q.to(q.dtype) if accumulate else grad_q), grad_k, grad_v  # .to keeps strides
+                                   layout=layout, grad_kv=grads and grads[1:])
+    if accumulate:  # .to keeps the token-major strides
+        grad_q = grad_q.to(q.dtype) if grads is None else grads[0].copy_(grad_q)
+    return grad_q, grad_k, grad_v
 
 
 def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
              index: Tensor, key_padding_mask: Optional[Tensor], block_q: int, block_k: int,
-             scale: float, layout: Optional[Sequence[int]] = None):
-    """(grad_q, grad_k, grad_v), :func:`token_major`: in the 'auto' backward mode from the
+             scale: float, layout: Optional[Sequence[int]] = None,
+             grads: Optional[Sequence[Tensor]] = None):
+    """(grad_q, grad_k, grad_v): :func:`token_major`, or written into ``grads`` when given
+    (views of a caller's buffer shaped as q, k, v with unit head-dim stride, grad_k's and
+    grad_v's strides equal: BiFormer's qkv gradient). In the 'auto' backward mode from the
     whole-map backward (``ops._triton_map_attention``) where it takes the call, else from the
     kernels :func:`set_backward_mode` chooses."""
     from ops import _triton_map_attention as whole_map
     if _is_empty(q, k, index):
+        if grads is not None:
+            return tuple(t.zero_() for t in grads)
         return token_major(q, zero=True), token_major(k, zero=True), token_major(v, zero=True)
     batch, heads = q.shape[:2]
     if _backward_mode == 'auto' and whole_map.takes_map_backward(
             k.shape[2], q.shape[-1], block_q, block_k, index.shape[-1], batch * heads):
-        grads = token_major(q), token_major(k), token_major(v)
+        grads = grads or (token_major(q), token_major(k), token_major(v))
         whole_map.backward(grad_out, q, k, v, out, lse,
                            whole_map.count_table(index, k.shape[2] // block_k),
                            _mask_args(key_padding_mask, index), block_q, block_k, scale,
                            *grads, layout=layout)
-        return grads
+        return tuple(grads)
     mode = backward_dq_mode(index.shape[-1], block_k, q.shape[-1])
     order, offsets = _transpose_index(index, k.shape[2] // block_k)
     args = (order, offsets, index.dim() == 4, key_padding_mask, block_q, block_k, scale)
     if mode != 0:
         return backward_one_kernel(grad_out, q, k, v, out, lse, *args, dq_mode=mode,
-                                   layout=layout)
+                                   layout=layout, grads=grads)
     grad_q, delta = backward_dq(grad_out, q, k, v, out, lse, index, key_padding_mask, block_q,
-                                block_k, scale, layout=layout)
-    grad_k, grad_v = backward_dkdv(grad_out, q, k, v, out, lse, delta, *args, layout=layout)
+                                block_k, scale, layout=layout, grad_q=grads and grads[0])
+    grad_k, grad_v = backward_dkdv(grad_out, q, k, v, out, lse, delta, *args, layout=layout,
+                                   grad_kv=grads and grads[1:])
     return grad_q, grad_k, grad_v
 
 

@@ -56,6 +56,28 @@ def test_matches_module_path_fp32(fused_on_cpu, pad_mode, size, topk, drop_path)
         assert _relative_l2(got, expected) < 1e-5
 
 
+@pytest.mark.parametrize('pad_mode, size', [('official', 14), ('masked', 13)])
+def test_matches_module_path_with_the_whole_map_backward(fused_on_cpu, monkeypatch, pad_mode,
+                                                         size):
+    """The attention backward on ops._triton_map_attention, writing into the qkv gradient."""
+    from ops import _triton_map_attention as whole_map
+    calls = []
+    launch = whole_map.backward
+    monkeypatch.setattr(whole_map, 'backward',
+                        lambda *args, **kwargs: (calls.append(1), launch(*args, **kwargs)))
+    whole_map.set_map_backward('on')
+    try:
+        block = _block(pad_mode, 4)
+        x, grad = torch.randn(2, size, size, 64), torch.randn(2, size, size, 64)
+        fused = _run(block, x, grad, True, torch.float32)
+        module = _run(block, x, grad, False, torch.float32)
+    finally:
+        whole_map.set_map_backward('auto')
+    assert calls
+    for got, expected in zip(fused, module):
+        assert _relative_l2(got, expected) < 1e-5
+
+
 @pytest.mark.parametrize('dtype, second', [(torch.float32, 'ops._triton_layer_norm'),
                                            (torch.float16, 'ops._triton_ln_mlp')],
                          ids=['fp32_six_launches', 'fp16_mlp_kernel'])

@@ -473,6 +473,35 @@ def test_whole_map_and_gathered_backward_agree():
         torch.testing.assert_close(ours, gathered, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize('path', ['split', 'one_kernel_stored', 'one_kernel_atomics',
+                                  'whole_map', 'no_slots'])
+def test_backward_writes_into_given_gradient_views(path, monkeypatch):
+    """``backward(..., grads=...)``: the gradients land in views of a caller's buffers (as
+    BiFormer's qkv gradient: token rows 2-3 heads' widths apart), equal to the ones the kernels
+    allocate themselves."""
+    slots, block_k = {'one_kernel_stored': (1, 4), 'one_kernel_atomics': (1, 300),
+                      'no_slots': (0, 4)}.get(path, (2, 4))
+    q, k, v, index, mask = make_inputs(2, 2, 3, 4, 3, block_k, slots, 16, masked_fraction=0.2)
+    if path == 'whole_map':
+        map_backward.set_map_backward('on')
+    scale = 0.25
+    out, lse = kernels.forward(q, k, v, index, mask, 4, block_k, scale)
+    grad_out = torch.randn_like(q)
+    expected = kernels.backward(grad_out, q, k, v, out, lse, index, mask, 4, block_k, scale)
+    q_buffer = torch.full((2, q.shape[2], 2, 2, 16), float('nan'), device=DEVICE)
+    kv_buffer = torch.full((2, k.shape[2], 2, 2, 16), float('nan'), device=DEVICE)
+    views = [q_buffer[:, :, 1].transpose(1, 2)] + [t.transpose(1, 2)
+                                                   for t in kv_buffer.unbind(2)]
+    got = kernels.backward(grad_out, q, k, v, out, lse, index, mask, 4, block_k, scale,
+                           grads=views)
+    assert kernels.backward_dq_mode(slots, block_k, 16) == {
+        'one_kernel_stored': 1, 'one_kernel_atomics': 2}.get(path, 0) or path == 'no_slots'
+    for view, result, want in zip(views, got, expected):
+        assert result.data_ptr() == view.data_ptr()
+        torch.testing.assert_close(view, want, rtol=1e-6, atol=1e-6)
+    assert q_buffer[:, :, 0].isnan().all()
+
+
 def test_count_table_counts_named_blocks():
     index = torch.tensor([[[0, 2, 2, -1], [5, -1, -1, 3], [-2, 1, 4, 9]]])  # (1, 3, 4)
     counts = map_backward.count_table(index.to(DEVICE), 5)
