@@ -97,11 +97,12 @@ def _layer_norm_forward(x: Tensor, weight: Tensor, bias: Tensor, eps: float,
 
 
 def _layer_norm_backward(grad: Tensor, x: Tensor, weight: Tensor, bias: Tensor, mean: Tensor,
-                         rstd: Tensor, dtype: torch.dtype):
-    """(grad_x in x's dtype, grad_weight, grad_bias in the parameters' dtypes)."""
+                         rstd: Tensor, dtype: torch.dtype, residual: Tensor):
+    """(grad_x + residual in x's dtype, grad_weight, grad_bias in the parameters' dtypes): the
+    skip connection's gradient is added inside the kernel."""
     from ops import _triton_layer_norm as kernels
     grad_x, grad_w, grad_b = kernels.backward(grad, x, weight, mean, rstd, dtype, True, True,
-                                              True)
+                                              True, residual=residual)
     return grad_x, grad_w, grad_b.to(bias.dtype)
 
 
@@ -182,7 +183,7 @@ def _routing_backward(plan: BlockPlan, grad_attended: Tensor, saved, geometry, q
                        layout=layout, grads=[t.transpose(1, 2) for t in thirds])
     _, g_lepe_w, g_lepe_b = dwconv.backward(
         grad_attended, v.view(batch, pad_h, pad_w, chans), lepe_w, plan.compute_dtype, True,
-        True, accumulate_dx=grad_qkv[..., 2 * chans:])
+        True, dx_add=grad_qkv[..., 2 * chans:], dx_out=grad_qkv[..., 2 * chans:])
     if mask is not None:
         grad_qkv.masked_fill_(mask.view(batch, pad_h, pad_w, 1), 0.0)
     grad_h, g_qkv_w, g_qkv_b = linear_backward(grad_qkv, hp, qkv_wc, weight_dtype=param_dtype,
@@ -308,8 +309,7 @@ class _FusedBlock(torch.autograd.Function):
             grad_h2, g_fc1_w, g_fc1_b, g_fc2_w, g_fc2_b = gelu_mlp_backward(
                 grad_branch, h2, hidden, fc1_wc, fc2_wc, param_dtypes=(param_dtype,) * 4)
             grad_x2, g_n2_w, g_n2_b = _layer_norm_backward(grad_h2, x2, n2_w, n2_b, mean2,
-                                                           rstd2, cd)
-            grad_x2 = grad + grad_x2
+                                                           rstd2, cd, residual=grad)
             # attention branch: x2 = x1 + drop1 * proj(mixer(LN1(x1)))
             grad_branch = (grad_x2 if drop1 is None else grad_x2 * drop1).to(cd)
             grad_attended, g_proj_w, g_proj_b = linear_backward(
@@ -318,11 +318,10 @@ class _FusedBlock(torch.autograd.Function):
             grad_h, g_qkv_w, g_qkv_b, g_lepe_w, g_lepe_b = mixer_backward(
                 plan, grad_attended, mixer_saved, ctx.mixer_state, qkv_wc, lepe_w, param_dtype)
             grad_x1, g_n1_w, g_n1_b = _layer_norm_backward(grad_h, x1, n1_w, n1_b, mean1,
-                                                           rstd1, cd)
-            grad_x1 = grad_x2 + grad_x1
+                                                           rstd1, cd, residual=grad_x2)
             # x1 = x + dwconv3(x)
-            grad_x, g_pos_w, g_pos_b = dwconv.backward(grad_x1, x, pos_w, cd, True, True)
-            grad_x = grad_x1 + grad_x
+            grad_x, g_pos_w, g_pos_b = dwconv.backward(grad_x1, x, pos_w, cd, True, True,
+                                                       dx_add=grad_x1)
         return (grad_x, g_pos_w, g_pos_b, g_n1_w, g_n1_b, g_qkv_w, g_qkv_b, g_lepe_w, g_lepe_b,
                 g_proj_w, g_proj_b, g_n2_w, g_n2_b, g_fc1_w, g_fc1_b, g_fc2_w, g_fc2_b, None,
                 None)

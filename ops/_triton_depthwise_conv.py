@@ -276,14 +276,14 @@ def _launch_conv(kind, x, weight, bias, add, out, sign, round_x, compute_dtype, 
 
 
 def backward_dx(grad_out: Tensor, x: Tensor, weight: Tensor, compute_dtype: torch.dtype,
-                config: Optional[tuple] = None, accumulate: Optional[Tensor] = None) -> Tensor:
-    """grad_x (contiguous, x's dtype): dy convolved with the flipped kernel; or, given
-    ``accumulate`` (x's shape, unit channel stride), that plus ``accumulate``, written into it
-    in place (one rounding of the sum)."""
-    grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device) if accumulate is None \
-        else accumulate
+                config: Optional[tuple] = None, add: Optional[Tensor] = None,
+                out: Optional[Tensor] = None) -> Tensor:
+    """grad_x: dy convolved with the flipped kernel, plus ``add`` when given (x's shape; one
+    rounding of the sum), into ``out`` when given (x's shape, unit channel stride; it may be
+    ``add`` itself, not ``grad_out``), else into a new contiguous tensor in x's dtype."""
+    grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device) if out is None else out
     if x.numel():
-        _launch_conv('dx', grad_out, weight, None, accumulate, grad_x, -1, torch.float32,
+        _launch_conv('dx', grad_out, weight, None, add, grad_x, -1, torch.float32,
                      compute_dtype, config)
     return grad_x
 
@@ -308,10 +308,11 @@ def backward_dw(grad_out: Tensor, x: Tensor, weight: Tensor, compute_dtype: torc
 
 
 def backward(grad_out: Tensor, x: Tensor, weight: Tensor, compute_dtype: torch.dtype,
-             need_dx: bool, need_dw: bool, accumulate_dx: Optional[Tensor] = None):
+             need_dx: bool, need_dw: bool, dx_add: Optional[Tensor] = None,
+             dx_out: Optional[Tensor] = None):
     """(grad_x in x's dtype or None, grad_weight and grad_bias in weight's dtype or None);
-    ``accumulate_dx``: see :func:`backward_dx`."""
-    grad_x = (backward_dx(grad_out, x, weight, compute_dtype, accumulate=accumulate_dx)
+    ``dx_add``, ``dx_out``: :func:`backward_dx`'s ``add`` and ``out``."""
+    grad_x = (backward_dx(grad_out, x, weight, compute_dtype, add=dx_add, out=dx_out)
               if need_dx else None)
     grad_weight, grad_bias = (backward_dw(grad_out, x, weight, compute_dtype) if need_dw
                               else (None, None))

@@ -135,15 +135,16 @@ def _fwd_kernel(X, W, B, Y, Mean, Rstd,
 
 
 @triton.jit
-def _bwd_kernel(X, W, GradOut, Mean, Rstd, GradX, Partials,
+def _bwd_kernel(X, W, GradOut, Mean, Rstd, Residual, GradX, Partials,
                 n_rows, channels, blocks_per_program,
                 x_inner_rows, x_stride_outer, x_stride_inner,
                 g_inner_rows, g_stride_outer, g_stride_inner,
                 HAS_W: tl.constexpr, NEED_DX: tl.constexpr, NEED_DW: tl.constexpr,
                 NEED_DB: tl.constexpr, X_TWO_LEVEL: tl.constexpr, G_TWO_LEVEL: tl.constexpr,
-                ROUND_X: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    """GradX over this program's row blocks; Partials[0 | 1, program, c] = its sums of
-    dy * xhat (dweight) and dy (dbias)."""
+                HAS_RESIDUAL: tl.constexpr, ROUND_X: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_C: tl.constexpr):
+    """GradX (plus Residual, contiguous rows, with HAS_RESIDUAL) over this program's row
+    blocks; Partials[0 | 1, program, c] = its sums of dy * xhat (dweight) and dy (dbias)."""
     program = tl.program_id(0)
     c = tl.arange(0, BLOCK_C)
     c_valid = c < channels
@@ -178,9 +179,10 @@ def _bwd_kernel(X, W, GradOut, Mean, Rstd, GradX, Partials,
                 c1 = tl.sum(xhat * wdy, 1) / channels
                 c2 = tl.sum(wdy, 1) / channels
                 dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
-                dx_offsets = rows.to(tl.int64) * channels
-                tl.store(GradX + dx_offsets[:, None] + c[None, :], dx.to(GradX.dtype.element_ty),
-                         mask=mask)
+                dx_offsets = rows.to(tl.int64)[:, None] * channels + c[None, :]
+                if HAS_RESIDUAL:
+                    dx += tl.load(Residual + dx_offsets, mask=mask, other=0.0).to(tl.float32)
+                tl.store(GradX + dx_offsets, dx.to(GradX.dtype.element_ty), mask=mask)
     partial = program.to(tl.int64) * channels + c
     if NEED_DW:
         tl.store(Partials + partial, dw_acc, mask=c_valid)
@@ -251,12 +253,16 @@ def forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: fl
 
 def backward(grad_out: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor,
              out_dtype: torch.dtype, need_dx: bool, need_dw: bool, need_db: bool,
-             config: Optional[tuple] = None):
+             config: Optional[tuple] = None, residual: Optional[Tensor] = None):
     """(grad_x in x's dtype or None, grad_weight in weight's dtype or None, grad_bias (fp32,
-    the caller casts it to bias's dtype) or None). x is rounded to ``out_dtype`` as forward."""
+    the caller casts it to bias's dtype) or None). x is rounded to ``out_dtype`` as forward.
+    ``residual`` (x's shape, with ``need_dx``): a gradient that grad_x also holds (added in
+    fp32 before its one rounding), as a pre-norm block's skip connection."""
     channels = x.shape[-1]
     n_rows = stats_shape(x)[0]
     grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_dx else None
+    if residual is not None:
+        residual = residual.contiguous()
     need_dw = need_dw and weight is not None
     if n_rows == 0:
         partials = x.new_zeros((2, 1, channels), dtype=torch.float32)
@@ -268,11 +274,12 @@ def backward(grad_out: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor
         g_rows, g_inner, g_outer, g_stride = _as_rows(grad_out)
         fast_launcher(_bwd_kernel)[grid](
             x_rows, x if weight is None else weight, g_rows, mean, rstd,
-            x if grad_x is None else grad_x, x if partials is None else partials,
+            x if residual is None else residual, x if grad_x is None else grad_x,
+            x if partials is None else partials,
             n_rows, channels, per_program, x_inner, x_outer, x_stride, g_inner, g_outer,
             g_stride, HAS_W=weight is not None, NEED_DX=need_dx, NEED_DW=need_dw,
             NEED_DB=need_db, X_TWO_LEVEL=x_inner != n_rows, G_TWO_LEVEL=g_inner != n_rows,
-            ROUND_X=_TL_DTYPES[out_dtype], **meta)
+            HAS_RESIDUAL=residual is not None, ROUND_X=_TL_DTYPES[out_dtype], **meta)
     # Two sums, not partials.sum(1): the gradients must not share storage (custom-op outputs).
     grad_weight = partials[0].sum(0).to(weight.dtype) if need_dw else None
     grad_bias = partials[1].sum(0) if need_db else None

@@ -146,20 +146,24 @@ def test_triton_noncontiguous_inputs():
 
 
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float16], ids=['fp32', 'fp16'])
-def test_triton_dx_accumulates_into_a_strided_view(dtype):
-    """``backward_dx(accumulate=t)`` writes t + dx into t itself (BiFormer's v third of the qkv
-    gradient): the fp32 dx plus t, rounded once."""
+def test_triton_dx_adds_in_place_or_into_a_new_tensor(dtype):
+    """``backward_dx(add=t, out=t)`` writes t + dx into t itself (BiFormer's v third of the qkv
+    gradient), ``add=t`` alone into a new tensor (its pos-embed residual): the fp32 dx plus t,
+    rounded once."""
     from ops import _triton_depthwise_conv as kernels
     x, weight, _, _ = make_inputs(2, 7, 6, 8, 5, 5)
     grad_out = torch.randn_like(x).to(dtype)
     buffer = torch.randn(2, 7, 6, 3 * 8, device=DEVICE).to(dtype)
     third = buffer[..., 16:]
     before, untouched = third.clone(), buffer[..., :16].clone()
-    result = kernels.backward_dx(grad_out, x.to(dtype), weight, dtype, accumulate=third)
-    assert result.data_ptr() == third.data_ptr()
     # the same products in fp32: grad_out exact, the weight rounded as the kernel rounds it
     dx = kernels.backward_dx(grad_out.float(), x, weight.to(dtype).float(), torch.float32)
-    assert torch.equal(third, (dx + before.float()).to(dtype))
+    expected = (dx + before.float()).to(dtype)
+    added = kernels.backward_dx(grad_out, x.to(dtype), weight, dtype, add=third)
+    assert added.is_contiguous() and torch.equal(added, expected)
+    assert torch.equal(third, before)
+    result = kernels.backward_dx(grad_out, x.to(dtype), weight, dtype, add=third, out=third)
+    assert result.data_ptr() == third.data_ptr() and torch.equal(third, expected)
     assert torch.equal(buffer[..., :16], untouched)
 
 

@@ -151,6 +151,27 @@ def test_triton_noncontiguous_inputs():
     compare_to_fp64(x, weight, bias, grad_out=grad_out)  # a non-contiguous dy
 
 
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float16], ids=['fp32', 'fp16'])
+def test_triton_backward_adds_the_residual_gradient(dtype):
+    """``backward(..., residual=r)``: grad_x + r in x's dtype, the sum rounded once (a pre-norm
+    block's skip connection; r may be strided)."""
+    from ops import _triton_layer_norm as kernels
+    x = torch.randn(3, 5, 40, device=DEVICE).to(dtype)
+    weight, grad = torch.randn(40, device=DEVICE), torch.randn(3, 5, 40, device=DEVICE)
+    residual = torch.randn(3, 40, 5, device=DEVICE).transpose(1, 2)  # fp32, not contiguous
+    _, mean, rstd = kernels.forward(x, weight, None, 1e-5, dtype)
+    plain = kernels.backward(grad, x, weight, mean, rstd, dtype, True, True, True)
+    fused = kernels.backward(grad, x, weight, mean, rstd, dtype, True, True, True,
+                             residual=residual)
+    assert fused[0].dtype == dtype and fused[0].is_contiguous()
+    for got, want in zip(fused[1:], plain[1:]):
+        assert torch.equal(got, want)
+    x32 = x.float()  # the same dx in fp32, before its rounding to x's dtype
+    _, mean32, rstd32 = kernels.forward(x32, weight, None, 1e-5, torch.float32)
+    dx32 = kernels.backward(grad, x32, weight, mean32, rstd32, dtype, True, False, False)[0]
+    assert torch.equal(fused[0], (dx32 + residual).to(dtype))
+
+
 def test_triton_eps_and_constant_rows():
     x, weight, bias = make_inputs((6, 33))
     x[1] = 3.0                               # variance 0: y = bias
