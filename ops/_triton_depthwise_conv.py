@@ -270,8 +270,8 @@ def _launch_conv(kind, x, weight, bias, add, out, sign, round_x, compute_dtype, 
         x, weight, x if bias is None else bias, x if add is None else add, out,
         *x.stride(), weight.stride(0), weight.stride(2), weight.stride(3),
         0 if bias is None else bias.stride(0), *(x.stride() if add is None else add.stride()),
-        *out.stride()[:3], *scalars, KH=weight.shape[2], KW=weight.shape[3], SIGN=sign, HAS_BIAS=bias is not None,
-        HAS_ADD=add is not None, ROUND_X=_TL_DTYPES[round_x],
+        *out.stride()[:3], *scalars, KH=weight.shape[2], KW=weight.shape[3], SIGN=sign,
+        HAS_BIAS=bias is not None, HAS_ADD=add is not None, ROUND_X=_TL_DTYPES[round_x],
         COMPUTE=_TL_DTYPES[compute_dtype], **meta)
 
 
