@@ -225,13 +225,14 @@ def _full_backward(plan: BlockPlan, grad_attended: Tensor, saved, graph, qkv_wc:
     tokens = height * width
     grad_out = grad_attended.view(batch, tokens, plan.heads, chans // plan.heads).transpose(1, 2)
     grads = torch.autograd.grad(out, leaves, grad_out)
-    grad_qkv = torch.stack(grads).permute(1, 3, 0, 2, 4).reshape(batch, height, width,
-                                                                 3 * chans)
+    grad_qkv = torch.stack([g.transpose(1, 2) for g in grads], dim=2).view(  # one copy
+        batch, height, width, 3 * chans)
     grad_h, g_qkv_w, _ = linear_backward(grad_qkv, h, qkv_wc, need_bias=False,
                                          weight_dtype=param_dtype)
-    grad_h_lepe, g_lepe_w, g_lepe_b = dwconv.backward(grad_attended, h, lepe_w,
-                                                      plan.compute_dtype, True, True)
-    return grad_h + grad_h_lepe, g_qkv_w, None, g_lepe_w, g_lepe_b
+    # The LePE's input gradient is added into grad_h in place.
+    _, g_lepe_w, g_lepe_b = dwconv.backward(grad_attended, h, lepe_w, plan.compute_dtype, True,
+                                            True, dx_add=grad_h, dx_out=grad_h)
+    return grad_h, g_qkv_w, None, g_lepe_w, g_lepe_b
 
 
 def _block_forward(plan: BlockPlan, drops, x, pos_w, pos_b, n1_w, n1_b, qkv_w, qkv_b, lepe_w,
