@@ -181,9 +181,10 @@ def _routing_backward(plan: BlockPlan, grad_attended: Tensor, saved, geometry, q
     thirds = grad_qkv.view(batch, tokens, 3, plan.heads, chans // plan.heads).unbind(2)
     attention.backward(grad_out, *heads, out, lse, index, mask, block, block, plan.scale,
                        layout=layout, grads=[t.transpose(1, 2) for t in thirds])
+    grad_v = grad_qkv[..., 2 * chans:]
     _, g_lepe_w, g_lepe_b = dwconv.backward(
         grad_attended, v.view(batch, pad_h, pad_w, chans), lepe_w, plan.compute_dtype, True,
-        True, dx_add=grad_qkv[..., 2 * chans:], dx_out=grad_qkv[..., 2 * chans:])
+        True, dx_add=grad_v, dx_out=grad_v)
     if mask is not None:
         grad_qkv.masked_fill_(mask.view(batch, pad_h, pad_w, 1), 0.0)
     grad_h, g_qkv_w, g_qkv_b = linear_backward(grad_qkv, hp, qkv_wc, weight_dtype=param_dtype,
