@@ -33,10 +33,9 @@ MAX_SLOTS = 255      # the count table is uint8
 MIN_PROGRAMS = 512
 
 # (BLOCK_M query rows, num_warps, num_stages) per head-dim class (max BLOCK_D), from
-# `tools/benchmark.py ops --tune-map` on an H200 at t224_s3 (D = 32); D = 64 keeps the row
-# measured faster than the gathered backward at t224_s3's shape with D = 64 (docs/benchmarks.md,
-# ops run 7).
-_TILES = {32: (16, 4, 1), 64: (16, 8, 1)}
+# `tools/benchmark.py ops --tune-map` on an H200 at t224_s3 (D = 32) and at its shape with
+# D = 64 (docs/benchmarks.md, ops run 8).
+_TILES = {32: (64, 8, 1), 64: (32, 8, 1)}
 _FITTED = {}  # (device index, head-dim class): the smaller row that launched
 
 MODES = ('auto', 'on', 'off')
@@ -94,8 +93,9 @@ def _block_of(t, map_w, win_h, win_w, blocks_w):
 @triton.jit
 def _count_kernel(Index, Counts, stride_ib, stride_ih, stride_ig, stride_ik, index_heads,
                   groups, slots, blocks, num_chunks,
-                  BLOCK_G: tl.constexpr, BLOCK_B: tl.constexpr):
-    """Counts[r, g, m] = how many of index row (r, g)'s slots name block m."""
+                  BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_B: tl.constexpr):
+    """Counts[r, g, m] = how many of index row (r, g)'s slots name block m; BLOCK_S slots of
+    BLOCK_G rows per step."""
     program = tl.program_id(0)
     row, chunk = program // num_chunks, program % num_chunks
     b, h = (row // index_heads).to(tl.int64), (row % index_heads).to(tl.int64)
@@ -103,10 +103,12 @@ def _count_kernel(Index, Counts, stride_ib, stride_ih, stride_ig, stride_ik, ind
     m = tl.arange(0, BLOCK_B)
     g_valid = g < groups
     counts = tl.zeros([BLOCK_G, BLOCK_B], tl.int32)
-    base = Index + b * stride_ib + h * stride_ih + g * stride_ig
-    for j in range(slots):
-        named = tl.load(base + j * stride_ik, mask=g_valid, other=-1).to(tl.int32)
-        counts += (named[:, None] == m[None, :]).to(tl.int32)
+    base = Index + b * stride_ib + h * stride_ih + g[:, None] * stride_ig
+    for start in range(0, slots, BLOCK_S):
+        j = start + tl.arange(0, BLOCK_S)
+        named = tl.load(base + j[None, :] * stride_ik,
+                        mask=g_valid[:, None] & (j < slots)[None, :], other=-1).to(tl.int32)
+        counts += tl.sum((named[:, :, None] == m[None, None, :]).to(tl.int32), 1)
     offsets = row.to(tl.int64) * groups * blocks + g[:, None] * blocks + m[None, :]
     tl.store(Counts + offsets, counts.to(tl.uint8), mask=g_valid[:, None] & (m < blocks)[None, :])
 
@@ -122,21 +124,22 @@ def count_table(index: Tensor, blocks: int) -> Tensor:
     if counts.numel() == 0:
         return counts
     block_b = next_power_of_2(blocks)
-    block_g = max(1, min(next_power_of_2(groups), 4096 // block_b))
+    block_s = min(next_power_of_2(slots), 16)
+    # at most 8192 compares a step: small programs, many of them (the table is tiny)
+    block_g = max(1, min(next_power_of_2(groups), 8192 // (block_s * block_b)))
     num_chunks = cdiv(groups, block_g)
     fast_launcher(_count_kernel)[(batch * heads * num_chunks,)](
         index, counts, *_index_strides(index), heads, groups, slots, blocks, num_chunks,
-        BLOCK_G=block_g, BLOCK_B=block_b, num_warps=4)
+        BLOCK_G=block_g, BLOCK_S=block_s, BLOCK_B=block_b, num_warps=4)
     return counts
 
 
 @triton.jit
-def _pair_weights(Counts, counts_base, row_groups, row_valid, col_blocks, col_valid, blocks):
-    """(rows, cols) fp32: the count of the row's group naming the column's block; 0 where a
-    row or column does not exist."""
-    valid = row_valid[:, None] & col_valid[None, :]
-    return tl.load(Counts + counts_base + row_groups[:, None] * blocks + col_blocks[None, :],
-                   mask=valid, other=0).to(tl.float32)
+def _one_hot(col_blocks, col_valid, dtype, BLOCK_B: tl.constexpr):
+    """(BLOCK_B, len(cols)) one-hot of each column's block in ``dtype``; a zero column where
+    the key does not exist or is padding."""
+    named = tl.where(col_valid, col_blocks, -1)
+    return (tl.arange(0, BLOCK_B)[:, None] == named[None, :]).to(dtype)
 
 
 @triton.jit
@@ -172,8 +175,14 @@ def _map_bwd_kernel(Q, K, V, Out, GradOut, Lse, Counts, Mask, GradQ, GradK, Grad
                     q_map_w, q_win_h, q_win_w, q_blocks_w,
                     k_map_w, k_win_h, k_win_w, k_blocks_w, scale, scale_log2,
                     HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    """dQ, dK and dV of one (batch, head): its query tiles in turn, dK/dV kept in registers."""
+                    BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+                    BLOCK_B: tl.constexpr):
+    """dQ, dK and dV of one (batch, head): its query tiles in turn, dK/dV kept in registers.
+
+    Every product is taken transposed, (keys, query rows), so the BLOCK_T keys are its M. A
+    pair's weight (the count of the row's group naming the key's block) is the product of the
+    keys' one-hot block matrix and the rows' count-table rows: exact (one term per output, a
+    count <= 255) and one tensor-core product instead of a byte gather per score."""
     bh = tl.program_id(0).to(tl.int64)
     b, h = bh // heads, bh % heads
     d = tl.arange(0, BLOCK_D)
@@ -186,7 +195,9 @@ def _map_bwd_kernel(Q, K, V, Out, GradOut, Lse, Counts, Mask, GradQ, GradK, Grad
                    stride_vd)
     grad_k = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
     grad_v = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
-    counts_base = b * stride_cb + h * stride_ch
+    one_hot = _one_hot(col_blocks, col_valid, k.dtype, BLOCK_B)
+    Counts += b * stride_cb + h * stride_ch
+    m = tl.arange(0, BLOCK_B)
     for start in range(0, num_q, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
         row_valid = rows < num_q
@@ -198,19 +209,21 @@ def _map_bwd_kernel(Q, K, V, Out, GradOut, Lse, Counts, Mask, GradQ, GradK, Grad
                        d_valid, stride_od)
         delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
         lse = tl.load(Lse + bh * num_q + rows, mask=row_valid, other=float('inf'))
-        weights = _pair_weights(Counts, counts_base,
-                                _block_of(rows, q_map_w, q_win_h, q_win_w, q_blocks_w),
-                                row_valid, col_blocks, col_valid, blocks)
-        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
-        p = tl.where(weights > 0, tl.exp2(scores - lse[:, None]) * weights, 0.0)
-        grad_v += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        ds = (p * (dp - delta[:, None])).to(q.dtype)
-        grad_q = tl.dot(ds, k, input_precision=DOT_PRECISION) * scale
+        row_groups = _block_of(rows, q_map_w, q_win_h, q_win_w, q_blocks_w)
+        counts = tl.load(Counts + row_groups[None, :] * blocks + m[:, None],
+                         mask=row_valid[None, :] & (m < blocks)[:, None], other=0)
+        weights = tl.dot(tl.trans(one_hot), counts.to(one_hot.dtype),
+                         input_precision=DOT_PRECISION)
+        scores = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * scale_log2
+        p = tl.where(weights > 0, tl.exp2(scores - lse[None, :]) * weights, 0.0)
+        grad_v += tl.dot(p.to(do.dtype), do, input_precision=DOT_PRECISION)
+        dp = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        ds = (p * (dp - delta[None, :])).to(q.dtype)
+        grad_k += tl.dot(ds, q, input_precision=DOT_PRECISION)
+        grad_q = tl.dot(tl.trans(ds), k, input_precision=DOT_PRECISION) * scale
         tl.store(GradQ + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqn
                  + d[None, :], grad_q.to(GradQ.dtype.element_ty),
                  mask=row_valid[:, None] & d_valid[None, :])
-        grad_k += tl.dot(tl.trans(ds), q, input_precision=DOT_PRECISION)
     out_mask = (cols < num_k)[:, None] & d_valid[None, :]
     offsets = b * stride_dkb + h * stride_dkh + cols[:, None] * stride_dkn + d[None, :]
     tl.store(GradK + offsets, (grad_k * scale).to(GradK.dtype.element_ty), mask=out_mask)
@@ -256,7 +269,8 @@ def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
             *_geometries(block_q, block_k, layout), scale, scale * LOG2E, HAS_MASK=has_mask,
             DOT_PRECISION='ieee' if q.dtype == torch.float32 else 'tf32', BLOCK_M=block_m,
             BLOCK_T=max(16, next_power_of_2(k.shape[2])), BLOCK_D=_block_d(head_dim),
-            num_warps=num_warps, num_stages=num_stages)
+            BLOCK_B=max(16, next_power_of_2(counts.shape[-1])), num_warps=num_warps,
+            num_stages=num_stages)
     if config is not None:
         return launch(config)
     launch_fitting(launch, _FITTED, (q.device.index, _head_dim_class(head_dim)),

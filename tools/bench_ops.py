@@ -519,12 +519,12 @@ def tune(shapes, kinds, dtype, dtype_name, reps_ms, configs_path, workers):
 
 
 # Candidate rows (BLOCK_M, num_warps, num_stages) of ops._triton_map_attention._TILES.
-MAP_TUNE = [(16, 2, 1), (16, 4, 1), (16, 8, 1), (32, 4, 1), (32, 8, 1), (64, 8, 1), (16, 8, 2)]
+MAP_TUNE = [(16, 4, 1), (16, 8, 1), (32, 4, 1), (32, 8, 1), (64, 4, 1), (64, 8, 1), (64, 8, 2)]
 
 
 def tune_map(shapes, dtype, reps_ms):
     """Time the whole-map backward alone (CUDA-graph replay) for every MAP_TUNE row on the
-    shapes it applies to; print the times and the fastest row."""
+    shapes it applies to; print the times, the fastest row and the count table's time."""
     for shape in shapes:
         if not whole_map.applies(shape.blocks * shape.block_k, shape.head_dim, shape.topk):
             print(f'{shape.name}: the whole-map backward does not apply', flush=True)
@@ -545,9 +545,12 @@ def tune_map(shapes, dtype, reps_ms):
             except Exception as err:  # a row this GPU cannot hold
                 torch.cuda.synchronize()
                 print(f'{shape.name} {row}: {type(err).__name__}', flush=True)
+        counting = time_ms(lambda: whole_map.count_table(index, shape.blocks), reps_ms,
+                           graph=True)
         times = ', '.join(f'{row}: {ms * 1e3:.1f}' for row, ms in timings.items())
         print(f'{shape.name} whole-map backward us: {times}; fastest '
-              f'{min(timings, key=timings.get)}', flush=True)
+              f'{min(timings, key=timings.get)}; count table {counting * 1e3:.1f} us',
+              flush=True)
 
 
 def apply_configs(configs_path):
