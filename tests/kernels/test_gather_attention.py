@@ -519,6 +519,7 @@ def test_count_table_counts_named_blocks():
     with pytest.raises(ValueError, match='at most 255 slots'):
         map_backward.count_table(torch.zeros(1, 1, 256, dtype=torch.long), 2)
     assert map_backward.count_table(index[:, :0].to(DEVICE), 5).shape == (1, 1, 0, 5)
+    assert not map_backward.count_table(index[..., :0].to(DEVICE), 5).any()  # no slots
 
 
 def test_whole_map_backward_choice():
