@@ -13,7 +13,8 @@ candidate tile config on a few shapes per (head dim, block size) class, and writ
 rows as a ``set_tile_configs`` table (JSON). It compiles the candidates first in parallel
 worker processes (Triton's disk cache), so the sweep is not compile-bound. ``--tune-map`` times
 the whole-map backward (``ops._triton_map_attention``) for each candidate row on the shapes it
-applies to and prints each row's time and the fastest (a row of its ``_TILES``).
+applies to and prints each row's time, the fastest (a row of its ``_TILES``) and the time of
+the count table it reads.
 
 Columns: fwd ms and fwd+bwd ms timed as CUDA-graph replays (GPU time, no Python launch cost;
 marked "(eager)" where capture fails), fwd+bwd ms launched eagerly from Python (with L2
