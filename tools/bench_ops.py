@@ -549,9 +549,9 @@ def tune_map(shapes, dtype, reps_ms):
         counting = time_ms(lambda: whole_map.count_table(index, shape.blocks), reps_ms,
                            graph=True)
         times = ', '.join(f'{row}: {ms * 1e3:.1f}' for row, ms in timings.items())
-        print(f'{shape.name} whole-map backward us: {times}; fastest '
-              f'{min(timings, key=timings.get)}; count table {counting * 1e3:.1f} us',
-              flush=True)
+        fastest = min(timings, key=timings.get) if timings else 'none (no row launched)'
+        print(f'{shape.name} whole-map backward us: {times}; fastest {fastest}; count table '
+              f'{counting * 1e3:.1f} us', flush=True)
 
 
 def apply_configs(configs_path):
