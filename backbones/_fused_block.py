@@ -56,16 +56,17 @@ MLP_KERNEL_FAST_CHANNELS = 128      # up to here the kernel is the faster on the
 MLP_KERNEL_WIDE_MAX_ROWS = 32768    # wider than that, eager calls take it for at most this many rows
 
 
-def takes_mlp_kernel(x2: Tensor, fc1_w: Tensor, fc2_w: Tensor,
-                     compute_dtype: torch.dtype) -> bool:
+def takes_mlp_kernel(x2: Tensor, fc1_w: Tensor, fc2_w: Tensor, compute_dtype: torch.dtype,
+                     graphed: bool = False) -> bool:
     """Whether the block's MLP half on ``x2`` (B, H, W, C) runs as the one kernel (see
-    MLP_KERNEL_MAX_CHANNELS): 16-bit products, within the width limit of this kind of call, at
-    most MLP_KERNEL_WIDE_MAX_ROWS rows above MLP_KERNEL_FAST_CHANNELS, contiguous weights."""
+    MLP_KERNEL_MAX_CHANNELS): 16-bit products, within the width limit of this kind of call
+    (``graphed``: a call for a CUDA graph, also when not capturing yet), at most
+    MLP_KERNEL_WIDE_MAX_ROWS rows above MLP_KERNEL_FAST_CHANNELS, contiguous weights."""
     from ops import _triton_ln_mlp
     if compute_dtype not in (torch.float16, torch.bfloat16):
         return False
     chans = x2.shape[-1]
-    captured = x2.is_cuda and torch.cuda.is_current_stream_capturing()
+    captured = graphed or (x2.is_cuda and torch.cuda.is_current_stream_capturing())
     if chans > MLP_KERNEL_MAX_CHANNELS['captured' if captured else 'eager']:
         return False
     if chans > MLP_KERNEL_FAST_CHANNELS and x2.numel() // chans > MLP_KERNEL_WIDE_MAX_ROWS:
@@ -216,16 +217,16 @@ def _full_forward(plan: BlockPlan, h: Tensor, qkv_wc: Tensor, lepe_w: Tensor, le
 
 
 def _full_backward(plan: BlockPlan, grad_attended: Tensor, saved, graph, qkv_wc: Tensor,
-                   lepe_w: Tensor, param_dtype: torch.dtype):
+                   lepe_w: Tensor, param_dtype: torch.dtype, retain_graph: bool = False):
     """(grad_h, qkv weight gradient, None (no qkv bias), LePE weight and bias gradients) of
-    :func:`_full_forward`."""
+    :func:`_full_forward`; ``retain_graph`` keeps the SDPA graph for another backward."""
     from ops import _triton_depthwise_conv as dwconv
     (h,) = saved
     out, leaves = graph
     batch, height, width, chans = h.shape
     tokens = height * width
     grad_out = grad_attended.view(batch, tokens, plan.heads, chans // plan.heads).transpose(1, 2)
-    grads = torch.autograd.grad(out, leaves, grad_out)
+    grads = torch.autograd.grad(out, leaves, grad_out, retain_graph=retain_graph)
     grad_qkv = torch.stack([g.transpose(1, 2) for g in grads], dim=2).view(  # one copy
         batch, height, width, 3 * chans)
     grad_h, g_qkv_w, _ = linear_backward(grad_qkv, h, qkv_wc, need_bias=False,
@@ -237,16 +238,19 @@ def _full_backward(plan: BlockPlan, grad_attended: Tensor, saved, graph, qkv_wc:
 
 
 def _block_forward(plan: BlockPlan, drops, x, pos_w, pos_b, n1_w, n1_b, qkv_w, qkv_b, lepe_w,
-                   lepe_b, proj_w, proj_b, n2_w, n2_b, fc1_w, fc1_b, fc2_w, fc2_b):
+                   lepe_b, proj_w, proj_b, n2_w, n2_b, fc1_w, fc1_b, fc2_w, fc2_b,
+                   out: Optional[Tensor] = None, graphed: bool = False):
     """(x3, tensors for the backward, the mixer's state) of one block, computed without
-    autograd: by :class:`_FusedBlock`, or directly when no gradient is needed."""
+    autograd: by :class:`_FusedBlock`, directly when no gradient is needed, or for a CUDA graph
+    (``graphed``: the kernels chosen as under capture). x3 is written into ``out`` when given
+    (contiguous, x3's shape and dtype)."""
     from ops import _triton_depthwise_conv as dwconv
     from ops import _triton_ln_mlp
     cd = plan.compute_dtype
     with torch.autocast(x.device.type, enabled=False):
         x1 = dwconv.forward(x, pos_w, pos_b, x, cd)
         h, mean1, rstd1 = _layer_norm_forward(x1, n1_w, n1_b, plan.eps1, cd)
-        mlp_kernel = takes_mlp_kernel(x, fc1_w, fc2_w, cd)  # x2 has x's shape
+        mlp_kernel = takes_mlp_kernel(x, fc1_w, fc2_w, cd, graphed)  # x2 has x's shape
         # The MLP kernel rounds fp32 parameters as it reads them; of its parameters only the
         # backward's products need casts (fc1's and fc2's weights).
         if not mlp_kernel:
@@ -271,13 +275,13 @@ def _block_forward(plan: BlockPlan, drops, x, pos_w, pos_b, n1_w, n1_b, qkv_w, q
             x3, h2, hidden, mean2, rstd2 = _triton_ln_mlp.forward(
                 x2, n2_w, n2_b, plan.eps2, fc1_w if fc1_wc is None else fc1_wc, fc1_b,
                 fc2_w if fc2_wc is None else fc2_wc, fc2_b, cd,
-                None if drop2 is None else drop2.view(-1), save=plan.needs_grad)
+                None if drop2 is None else drop2.view(-1), save=plan.needs_grad, out=out)
         else:
             h2, mean2, rstd2 = _layer_norm_forward(x2, n2_w, n2_b, plan.eps2, cd)
             hidden = _linear(h2, fc1_wc, fc1_bc)
             branch = _linear(F.gelu(hidden), fc2_wc, fc2_bc)
             drop2 = _drop_path_mask(branch, cd, *drops[1]) if drops else None
-            x3 = x2 + (branch if drop2 is None else branch * drop2)
+            x3 = torch.add(x2, branch if drop2 is None else branch * drop2, out=out)
     saved = (x, x1, x2, h2, attended, hidden, pos_w, lepe_w, n1_w, n1_b, n2_w, n2_b, *weights,
              mean1, rstd1, mean2, rstd2, drop1, drop2, *mixer_saved)
     return x3, saved, mixer_state
@@ -299,34 +303,47 @@ class _FusedBlock(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        from ops import _triton_depthwise_conv as dwconv
-        (x, x1, x2, h2, attended, hidden, pos_w, lepe_w, n1_w, n1_b, n2_w, n2_b, qkv_wc,
-         qkv_bc, proj_wc, proj_bc, fc1_wc, fc1_bc, fc2_wc, fc2_bc, mean1, rstd1, mean2, rstd2,
-         drop1, drop2, *mixer_saved) = ctx.saved_tensors
-        plan, param_dtype = ctx.plan, ctx.param_dtype
-        cd = plan.compute_dtype
-        with torch.autocast(x.device.type, enabled=False):
-            # MLP branch: x3 = x2 + drop2 * fc2(gelu(fc1(LN2(x2))))
-            grad_branch = grad if drop2 is None else grad * drop2
-            grad_h2, g_fc1_w, g_fc1_b, g_fc2_w, g_fc2_b = gelu_mlp_backward(
-                grad_branch, h2, hidden, fc1_wc, fc2_wc, param_dtypes=(param_dtype,) * 4)
-            grad_x2, g_n2_w, g_n2_b = _layer_norm_backward(grad_h2, x2, n2_w, n2_b, mean2,
-                                                           rstd2, cd, residual=grad)
-            # attention branch: x2 = x1 + drop1 * proj(mixer(LN1(x1)))
-            grad_branch = (grad_x2 if drop1 is None else grad_x2 * drop1).to(cd)
-            grad_attended, g_proj_w, g_proj_b = linear_backward(
-                grad_branch, attended, proj_wc, weight_dtype=param_dtype, bias_dtype=param_dtype)
-            mixer_backward = _full_backward if plan.full_attention else _routing_backward
-            grad_h, g_qkv_w, g_qkv_b, g_lepe_w, g_lepe_b = mixer_backward(
-                plan, grad_attended, mixer_saved, ctx.mixer_state, qkv_wc, lepe_w, param_dtype)
-            grad_x1, g_n1_w, g_n1_b = _layer_norm_backward(grad_h, x1, n1_w, n1_b, mean1,
-                                                           rstd1, cd, residual=grad_x2)
-            # x1 = x + dwconv3(x)
-            grad_x, g_pos_w, g_pos_b = dwconv.backward(grad_x1, x, pos_w, cd, True, True,
-                                                       dx_add=grad_x1)
-        return (grad_x, g_pos_w, g_pos_b, g_n1_w, g_n1_b, g_qkv_w, g_qkv_b, g_lepe_w, g_lepe_b,
-                g_proj_w, g_proj_b, g_n2_w, g_n2_b, g_fc1_w, g_fc1_b, g_fc2_w, g_fc2_b, None,
-                None)
+        grads = _block_backward(ctx.plan, ctx.param_dtype, ctx.saved_tensors, ctx.mixer_state,
+                                grad)
+        return grads + (None, None)
+
+
+def _block_backward(plan: BlockPlan, param_dtype: torch.dtype, saved, mixer_state, grad: Tensor,
+                    retain_graph: bool = False, grad_x_out: Optional[Tensor] = None):
+    """The 17 gradients (x, then the 16 parameters of :func:`fused_block`'s order) of one
+    block from :func:`_block_forward`'s ``saved`` and mixer state, without autograd.
+    ``retain_graph`` keeps a full-attention block's SDPA graph for another backward; grad_x is
+    written into ``grad_x_out`` when given (contiguous, x's shape and dtype)."""
+    from ops import _triton_depthwise_conv as dwconv
+    (x, x1, x2, h2, attended, hidden, pos_w, lepe_w, n1_w, n1_b, n2_w, n2_b, qkv_wc, qkv_bc,
+     proj_wc, proj_bc, fc1_wc, fc1_bc, fc2_wc, fc2_bc, mean1, rstd1, mean2, rstd2, drop1,
+     drop2, *mixer_saved) = saved
+    cd = plan.compute_dtype
+    with torch.autocast(x.device.type, enabled=False):
+        # MLP branch: x3 = x2 + drop2 * fc2(gelu(fc1(LN2(x2))))
+        grad_branch = grad if drop2 is None else grad * drop2
+        grad_h2, g_fc1_w, g_fc1_b, g_fc2_w, g_fc2_b = gelu_mlp_backward(
+            grad_branch, h2, hidden, fc1_wc, fc2_wc, param_dtypes=(param_dtype,) * 4)
+        grad_x2, g_n2_w, g_n2_b = _layer_norm_backward(grad_h2, x2, n2_w, n2_b, mean2, rstd2,
+                                                       cd, residual=grad)
+        # attention branch: x2 = x1 + drop1 * proj(mixer(LN1(x1)))
+        grad_branch = (grad_x2 if drop1 is None else grad_x2 * drop1).to(cd)
+        grad_attended, g_proj_w, g_proj_b = linear_backward(
+            grad_branch, attended, proj_wc, weight_dtype=param_dtype, bias_dtype=param_dtype)
+        if plan.full_attention:
+            mixer_grads = _full_backward(plan, grad_attended, mixer_saved, mixer_state, qkv_wc,
+                                         lepe_w, param_dtype, retain_graph)
+        else:
+            mixer_grads = _routing_backward(plan, grad_attended, mixer_saved, mixer_state,
+                                            qkv_wc, lepe_w, param_dtype)
+        grad_h, g_qkv_w, g_qkv_b, g_lepe_w, g_lepe_b = mixer_grads
+        grad_x1, g_n1_w, g_n1_b = _layer_norm_backward(grad_h, x1, n1_w, n1_b, mean1, rstd1, cd,
+                                                       residual=grad_x2)
+        # x1 = x + dwconv3(x)
+        grad_x, g_pos_w, g_pos_b = dwconv.backward(grad_x1, x, pos_w, cd, True, True,
+                                                   dx_add=grad_x1, dx_out=grad_x_out)
+    return (grad_x, g_pos_w, g_pos_b, g_n1_w, g_n1_b, g_qkv_w, g_qkv_b, g_lepe_w, g_lepe_b,
+            g_proj_w, g_proj_b, g_n2_w, g_n2_b, g_fc1_w, g_fc1_b, g_fc2_w, g_fc2_b)
 
 
 def fused_block(block, x: Tensor) -> Tensor:
@@ -349,6 +366,10 @@ def fused_block(block, x: Tensor) -> Tensor:
                          t is not None and t.requires_grad for t in (x,) + params),
                      eps1=block.norm1.eps, eps2=block.norm2.eps,
                      compute_dtype=autocast_dtype(x))
+    if block.graphs is not None:
+        out = block.graphs(plan, drops, x, params)
+        if out is not None:
+            return out
     if not plan.needs_grad:  # inference: no autograd node
         return _block_forward(plan, drops, x, *params)[0]
     return _FusedBlock.apply(x, *params, plan, drops)

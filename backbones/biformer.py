@@ -47,7 +47,7 @@ from ops._dtypes import TRITON_DTYPES, autocast_dtype
 
 __all__ = ['BiFormer', 'BiLevelRoutingAttention', 'FullAttentionLePE', 'BiFormerBlock',
            'BiFormerStage', 'BiFormerStem', 'AutocastLayerNorm', 'checkpoint_filter_fn',
-           'ATTN_IMPLS', 'PAD_MODES']
+           'ATTN_IMPLS', 'PAD_MODES', 'set_graph_blocks']
 
 ATTN_IMPLS = ('fused', 'gather')
 PAD_MODES = ('official', 'masked')
@@ -366,6 +366,7 @@ class BiFormerBlock(nn.Module):
                  fused_block: bool = True):
         super().__init__()
         self.fused_block = fused_block
+        self.graphs = None  # BlockGraphs when the model's graph_blocks is on
         self.pos_embed = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
         self.official = attn_impl == 'gather'  # the official formulation throughout
         self.norm1 = AutocastLayerNorm(dim, eps=1e-6, fused=not self.official)
@@ -475,6 +476,19 @@ def build_stages(depths, embed_dims, topks, drop_path_rate: float = 0.0,
     return nn.Sequential(*stages)
 
 
+def set_graph_blocks(model: nn.Module, enable: bool = True) -> None:
+    """Turn the CUDA graphs of ``model``'s BiFormer blocks on or off
+    (:mod:`backbones._block_graphs`: captured per input shape on CUDA, replayed from then on;
+    for eager loops bound by the host). Turning them off, or on again, drops the captures."""
+    from backbones._block_graphs import BlockGraphs
+    blocks = [m for m in model.modules() if isinstance(m, BiFormerBlock)]
+    if enable and any(not block.fused_block or block.official for block in blocks):
+        raise ValueError("graph_blocks needs fused_block=True and attn_impl='fused' (it "
+                         "captures the fused block)")
+    for block in blocks:
+        block.graphs = BlockGraphs() if enable else None
+
+
 def init_weights(module: nn.Module) -> None:
     """Official initialisation: Linear trunc-normal(0.02) with zero bias, LayerNorm 1/0, convs
     keep PyTorch's default."""
@@ -516,6 +530,8 @@ class BiFormer(nn.Module):
             ``'gather'`` (the official formulation).
         fused_block: run each block as one autograd node on CUDA (see
             :class:`BiFormerBlock`); ``False`` keeps one node per op (the module path).
+        graph_blocks: replay each fused block's calls from CUDA graphs captured per input shape
+            (:func:`set_graph_blocks`; off by default: it holds graph memory).
         in_chans, num_classes, global_pool, drop_rate, drop_path_rate: as in timm.
     """
 
@@ -525,7 +541,8 @@ class BiFormer(nn.Module):
                  mlp_ratio: float = 3.0, n_win: int = 7, side_dwconv: int = 5,
                  pad_mode: str = 'official', attn_impl: str = 'fused', in_chans: int = 3,
                  num_classes: int = 1000, global_pool: str = 'avg', drop_rate: float = 0.0,
-                 drop_path_rate: float = 0.0, fused_block: bool = True):
+                 drop_path_rate: float = 0.0, fused_block: bool = True,
+                 graph_blocks: bool = False):
         super().__init__()
         self.num_classes = num_classes
         self.in_chans = in_chans
@@ -541,6 +558,8 @@ class BiFormer(nn.Module):
         self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool,
                                    drop_rate=drop_rate)
         self.apply(init_weights)
+        if graph_blocks:
+            set_graph_blocks(self)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Union[str, List]]:
@@ -556,6 +575,11 @@ class BiFormer(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         for stage in self.stages:
             stage.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def set_graph_blocks(self, enable: bool = True) -> None:
+        """See :func:`set_graph_blocks` (checkpointed stages run their blocks eagerly)."""
+        set_graph_blocks(self, enable)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:

@@ -691,15 +691,17 @@ def window_rows(num_tokens: int, window: Tuple[int, int], map_width: int,
                 device: torch.device) -> Tensor:
     """int32 (num_tokens,): the memory row, in a row-major map ``map_width`` wide, of each
     position in window-major order (``window = (h, w)``; :func:`to_window_major` of the row
-    numbers). Cached per geometry, except while a CUDA graph is being captured (a tensor made
-    then holds its values only in replays) and inside :func:`_uncached_window_rows`."""
+    numbers). Cached per geometry, except while a CUDA graph is being captured and inside
+    :func:`_uncached_window_rows`: a tensor made then holds its values only in replays, and a
+    cached one read then would be baked into the graph, which may outlive the cache's entry."""
+    uncached = getattr(_uncached, 'active', False) or (
+        device.type == 'cuda' and torch.cuda.is_current_stream_capturing())
     key = (num_tokens, window, map_width, device)
-    rows = _WINDOW_ROWS_CACHE.get(key)
+    rows = None if uncached else _WINDOW_ROWS_CACHE.get(key)
     if rows is None:
         rows = to_window_major(torch.arange(num_tokens, dtype=torch.int32, device=device),
                                window, map_width, 0)
-        if not (getattr(_uncached, 'active', False) or (
-                device.type == 'cuda' and torch.cuda.is_current_stream_capturing())):
+        if not uncached:
             if len(_WINDOW_ROWS_CACHE) >= _WINDOW_ROWS_CACHE_SIZE:
                 _WINDOW_ROWS_CACHE.clear()
             _WINDOW_ROWS_CACHE[key] = rows

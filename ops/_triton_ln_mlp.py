@@ -144,7 +144,7 @@ def forward(x: Tensor, ln_weight: Optional[Tensor], ln_bias: Optional[Tensor], e
             fc1_weight: Tensor, fc1_bias: Optional[Tensor], fc2_weight: Tensor,
             fc2_bias: Optional[Tensor], compute_dtype: torch.dtype,
             sample_scale: Optional[Tensor] = None, save: bool = False,
-            config: Optional[tuple] = None):
+            config: Optional[tuple] = None, out: Optional[Tensor] = None):
     """``x + s * fc2(gelu(fc1(LN(x))))`` of a contiguous x (B, ..., C), products in
     ``compute_dtype``, output in ``promote(x.dtype, compute_dtype)``.
 
@@ -152,7 +152,8 @@ def forward(x: Tensor, ln_weight: Optional[Tensor], ln_bias: Optional[Tensor], e
     dtype, contiguous; ``sample_scale`` None or (B,) (one factor per leading index, in the
     dtype the module path multiplies in). Returns (y, h, z, mean, rstd): with ``save``, h = LN(x)
     (B, ..., C) and z = fc1(h) (B, ..., hidden) in ``compute_dtype``, mean and rstd fp32 (rows,);
-    otherwise those four are None. The caller checks :func:`supports`."""
+    otherwise those four are None. y is written into ``out`` when given (contiguous, x's
+    shape, y's dtype). The caller checks :func:`supports`."""
     for name, t in (('x', x), ('fc1_weight', fc1_weight), ('fc2_weight', fc2_weight)):
         if not t.is_contiguous():
             raise ValueError(f'{name} must be contiguous (the kernel reads rows), got strides '
@@ -160,7 +161,13 @@ def forward(x: Tensor, ln_weight: Optional[Tensor], ln_bias: Optional[Tensor], e
     channels, hidden_features = x.shape[-1], fc1_weight.shape[0]
     n_rows = x.numel() // channels
     out_dtype = torch.promote_types(x.dtype, compute_dtype)
-    y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    if out is None:
+        y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    elif out.shape != x.shape or out.dtype != out_dtype or not out.is_contiguous():
+        raise ValueError(f'out must be a contiguous {tuple(x.shape)} {out_dtype} tensor, got '
+                         f'{tuple(out.shape)} {out.dtype} with strides {out.stride()}')
+    else:
+        y = out
     saved = (None,) * 4
     if save:
         saved = (torch.empty(x.shape, dtype=compute_dtype, device=x.device),

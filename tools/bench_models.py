@@ -23,6 +23,7 @@ inference call and training step instead, which measures what the GPU itself sus
 """
 import argparse
 import datetime
+import gc
 import json
 import os
 import platform
@@ -84,18 +85,20 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-MODEL_VARIANTS = {'gather': dict(attn_impl='gather'), 'module': dict(fused_block=False)}
+MODEL_VARIANTS = {'gather': dict(attn_impl='gather'), 'module': dict(fused_block=False),
+                  'graphs': dict(graph_blocks=True)}
 
 
 def build_model(spec: str, setting: str, args) -> torch.nn.Module:
-    """timm model for ``spec`` in ``setting``: ``NAME``, or ``NAME:gather`` (the official
-    formulation) or ``NAME:module`` (``fused_block=False``) for a BiFormer."""
+    """timm model for ``spec`` in ``setting``: ``NAME``, or for a BiFormer ``NAME:gather`` (the
+    official formulation), ``NAME:module`` (``fused_block=False``) or ``NAME:graphs``
+    (``graph_blocks=True``: eager loop, blocks replayed from CUDA graphs)."""
     name, _, impl = spec.partition(':')
     kwargs = {}
     if impl:
         if impl not in MODEL_VARIANTS or not name.startswith('biformer'):
-            raise ValueError(f'model spec {spec!r}: only biformer_*:gather and biformer_*:module '
-                             f'are understood')
+            raise ValueError(f'model spec {spec!r}: only biformer_*:' + ', biformer_*:'.join(
+                MODEL_VARIANTS) + ' are understood')
         kwargs.update(MODEL_VARIANTS[impl])
     if setting == 'dense':
         kwargs['features_only'] = True
@@ -141,6 +144,12 @@ def _peak_bytes(device) -> int:
     return torch.cuda.max_memory_allocated(device) if device.type == 'cuda' else 0
 
 
+def _peak_reserved_bytes(device) -> int:
+    """The caching allocator's peak reserve: unlike the allocated peak, it counts the memory
+    CUDA graphs' pools keep for their temporaries."""
+    return torch.cuda.max_memory_reserved(device) if device.type == 'cuda' else 0
+
+
 def _reset_peak(device):
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
@@ -183,8 +192,9 @@ def measure(model: torch.nn.Module, batch: int, img: int, args) -> Dict:
     timer, result = Timer(device), {}
 
     def throughput(fn):
-        """(img/s, peak GB) of ``fn`` after warm-up. Graphed, the peak was reset before the
-        capture, so it covers warm-up and capture (replays allocate nothing more)."""
+        """(img/s, peak GB, peak reserved GB) of ``fn`` after warm-up. Graphed, the peak was
+        reset before the capture, so it covers warm-up and capture (replays allocate nothing
+        more)."""
         for _ in range(args.warmup):
             fn()
         if not graphed:
@@ -192,7 +202,8 @@ def measure(model: torch.nn.Module, batch: int, img: int, args) -> Dict:
         timer.start()
         for _ in range(args.iters):
             fn()
-        return batch * args.iters / timer.stop(), _peak_bytes(device) / 1e9
+        return (batch * args.iters / timer.stop(), _peak_bytes(device) / 1e9,
+                _peak_reserved_bytes(device) / 1e9)
 
     def infer():
         with torch.inference_mode(), torch.autocast(**autocast):
@@ -202,7 +213,7 @@ def measure(model: torch.nn.Module, batch: int, img: int, args) -> Dict:
     if graphed:
         _reset_peak(device)
         infer = _graph_replay(infer, infer, args.warmup)
-    result['infer_img_s'], result['infer_peak_gb'] = throughput(infer)
+    result['infer_img_s'], result['infer_peak_gb'], _ = throughput(infer)
     if args.no_train:
         return result
 
@@ -226,7 +237,8 @@ def measure(model: torch.nn.Module, batch: int, img: int, args) -> Dict:
         _reset_peak(device)
         train_step = _graph_replay(step, eager_step, args.warmup,
                                    before_capture=lambda: optimizer.zero_grad(set_to_none=True))
-    result['train_img_s'], result['train_peak_gb'] = throughput(train_step)
+    result['train_img_s'], result['train_peak_gb'], result['train_reserved_gb'] = throughput(
+        train_step)
     return result
 
 
@@ -352,8 +364,8 @@ def environment(args) -> Dict:
 
 
 def format_table(rows: List[Dict]) -> str:
-    header = ('| setting | model | infer img/s | infer peak GB | train img/s | train peak GB |\n'
-              '|---|---|---:|---:|---:|---:|')
+    header = ('| setting | model | infer img/s | infer peak GB | train img/s | train peak GB '
+              '| train reserved GB |\n|---|---|---:|---:|---:|---:|---:|')
     lines = [header]
     for row in rows:
         def cell(key, fmt):
@@ -361,7 +373,7 @@ def format_table(rows: List[Dict]) -> str:
                 key, row.get('error', '-'))
         lines.append(f"| {row['setting']} | {row['model']} | {cell('infer_img_s', '{:.0f}')} | "
                      f"{cell('infer_peak_gb', '{:.2f}')} | {cell('train_img_s', '{:.0f}')} | "
-                     f"{cell('train_peak_gb', '{:.2f}')} |")
+                     f"{cell('train_peak_gb', '{:.2f}')} | {cell('train_reserved_gb', '{:.2f}')} |")
     return '\n'.join(lines)
 
 
@@ -384,7 +396,8 @@ def main(argv=None):
                 row['error'] = 'OOM'
             except Exception as err:  # keep the other rows of a long run; the row says why
                 row['error'] = f'{type(err).__name__}: {err}'.replace('|', '/')[:160]
-            if args.device.startswith('cuda'):
+            if args.device.startswith('cuda'):  # the next row's reserve starts from nothing
+                gc.collect()
                 torch.cuda.empty_cache()
             print(json.dumps(row), flush=True)
             rows.append(row)

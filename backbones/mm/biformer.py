@@ -19,7 +19,8 @@ from mmengine.runner.checkpoint import CheckpointLoader
 from timm.layers import LayerNorm2d
 
 from ..biformer import (ATTN_IMPLS, FULL_ATTENTION, PAD_MODES, BiFormerStem, build_stages,
-                        check_input, init_weights, remap_official_keys, unwrap_state_dict)
+                        check_input, init_weights, remap_official_keys, set_graph_blocks,
+                        unwrap_state_dict)
 
 __all__ = ['BiFormer']
 
@@ -76,6 +77,8 @@ class BiFormer(BaseModule):
         attn_impl: ``'fused'`` (ops.gather_attention) or ``'gather'`` (official formulation).
         fused_block: each block as one autograd node on CUDA (docs/biformer.md); ``False``
             keeps one node per op.
+        graph_blocks: replay the fused blocks from CUDA graphs captured per input shape
+            (``backbones.biformer.set_graph_blocks``); helps fixed-size eager training only.
         init_cfg: e.g. ``dict(type='Pretrained', checkpoint=path)`` (optional ``prefix``):
             official classification checkpoints and ours (classifier or detector) load.
     """
@@ -84,7 +87,8 @@ class BiFormer(BaseModule):
                  pad_mode: str = 'official', drop_path_rate: float = 0.0,
                  out_indices: Sequence[int] = (0, 1, 2, 3), frozen_stages: int = -1,
                  norm_eval: bool = False, with_cp: bool = False, attn_impl: str = 'fused',
-                 fused_block: bool = True, init_cfg: Optional[Dict] = None):
+                 fused_block: bool = True, graph_blocks: bool = False,
+                 init_cfg: Optional[Dict] = None):
         super().__init__(init_cfg=init_cfg)
         settings = _resolve_arch(arch)
         out_indices = tuple(out_indices)
@@ -111,6 +115,8 @@ class BiFormer(BaseModule):
                                    fused_block=fused_block)
         self.out_norms = nn.ModuleDict({str(i): LayerNorm2d(embed_dims[i]) for i in out_indices})
         self.apply(init_weights)
+        if graph_blocks:
+            set_graph_blocks(self)
         for stage in self.stages:
             stage.grad_checkpointing = with_cp
         self._freeze_stages()
