@@ -91,9 +91,10 @@ def _contiguous_strides(shape) -> Tuple[int, ...]:
 def _capture(graph: torch.cuda.CUDAGraph, pools: _StreamPools, pool, fn):
     """``fn(warmup=False)`` captured into ``graph`` on the side stream, after an eager
     ``fn(warmup=True)`` on the current stream (kernels compiled and loaded, launch fitting
-    done). The side stream's first capture also warms up there (its cuBLAS workspace), then
-    empties the allocator's cache of what that left on the side stream. Returns the captured
-    call's result."""
+    done; the side stream's first capture warms up there too, for its cuBLAS workspace).
+    Then, as ``torch.cuda.graph`` does at each capture, the allocator's cache is emptied: the
+    warm-ups' memory goes back to the device instead of staying reserved beside the graph
+    pools. Returns the captured call's result."""
     current = torch.cuda.current_stream()
     with torch.no_grad():
         fn(warmup=True)
@@ -101,8 +102,6 @@ def _capture(graph: torch.cuda.CUDAGraph, pools: _StreamPools, pool, fn):
         with torch.cuda.stream(pools.side):
             if not pools.side_warmed:
                 fn(warmup=True)
-                torch.cuda.synchronize()
-                torch.cuda.empty_cache()
                 pools.side_warmed = True
             graph.capture_begin(pool=pool, capture_error_mode='thread_local')
             try:
@@ -110,6 +109,7 @@ def _capture(graph: torch.cuda.CUDAGraph, pools: _StreamPools, pool, fn):
             finally:
                 graph.capture_end()
         current.wait_stream(pools.side)
+    torch.cuda.empty_cache()
     return result
 
 
