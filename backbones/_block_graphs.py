@@ -12,7 +12,8 @@ What is captured, and when:
   the input's shape, strides, dtype and device, the current stream, and the parameters' storage
   and dtypes. Each block keeps one capture for calls that need a gradient and one for calls
   that do not. A call whose key differs from its capture's runs eagerly (the fused path). The
-  second consecutive call with a new key captures it, replacing the old capture.
+  second consecutive call with a new key captures it, replacing the old capture; after
+  ``BlockGraphs.MAX_CAPTURES`` captures, new keys run eagerly (inputs of changing size).
 * Not captured: calls on the CPU, under another capture, under ``torch.compile``, export or
   tracing, and calls under saved-tensor hooks (activation checkpointing, offloading: they
   expect the saved tensors to pass through them).
@@ -31,6 +32,7 @@ write their outputs into buffers outside it and share one pool per stream in any
 Captures retain their pools' temporaries, so graphed training reserves more memory than eager.
 """
 import itertools
+import warnings
 import weakref
 from typing import Dict, Optional, Tuple
 
@@ -245,9 +247,15 @@ class BlockGraphs:
     """The CUDA graphs of one :class:`backbones.biformer.BiFormerBlock` (module docstring).
     Not copied with the model: a deep copy or pickle starts without captures."""
 
+    # Captures per block and mode (with or without gradient) before calls with a new key run
+    # eagerly for good: inputs whose shape keeps changing would otherwise pay for a capture
+    # every time a shape repeats.
+    MAX_CAPTURES = 4
+
     def __init__(self):
         self.captures: Dict[bool, Optional[_Capture]] = {True: None, False: None}
         self.candidates: Dict[bool, Optional[tuple]] = {True: None, False: None}
+        self.captured: Dict[bool, int] = {True: 0, False: 0}
 
     def __deepcopy__(self, memo):
         return BlockGraphs()
@@ -278,10 +286,18 @@ class BlockGraphs:
             if self.candidates[mode] != key:
                 self.candidates[mode] = key
                 return None
+            if self.captured[mode] >= self.MAX_CAPTURES:  # shown once (same message and line)
+                warnings.warn(f'BiFormer block graphs: {self.MAX_CAPTURES} captures of a block '
+                              'for changing inputs; new ones run eagerly from now on '
+                              '(graph_blocks helps inputs of a fixed size)')
+                return None
+            self.captured[mode] += 1
             self.captures[mode] = None  # its memory goes back first
             capture = self.captures[mode] = _Capture(key, plan, drops, x, params)
-        elif not capture.may_replay_forward():
-            return None
+        else:
+            self.candidates[mode] = None  # a new key must come twice in a row to be captured
+            if not capture.may_replay_forward():
+                return None
         if mode:
             return _GraphedBlock.apply(capture, x, *params)
         return capture.replay_forward(x)

@@ -53,6 +53,49 @@ def test_cpu_calls_run_eagerly(monkeypatch):
     assert all(b.graphs.captures == {True: None, False: None} for b in _blocks(model))
 
 
+def test_capture_policy(monkeypatch):
+    """Which calls capture, replay or run eagerly (None), on stand-ins for the CUDA captures:
+    a key's second consecutive call captures it, and after MAX_CAPTURES captures new keys
+    run eagerly, with one warning."""
+    from backbones import _block_graphs
+    made = []
+
+    class FakeCapture:
+        def __init__(self, key, plan, drops, x, params):
+            self.key = key
+            made.append(x.shape)
+
+        def may_replay_forward(self):
+            return True
+
+        def replay_forward(self, x):
+            return ('replayed', x.shape)
+
+    monkeypatch.setattr(_block_graphs, '_Capture', FakeCapture)
+    monkeypatch.setattr(_block_graphs.BlockGraphs, 'applies', staticmethod(lambda x: True))
+    monkeypatch.setattr(torch.cuda, 'current_stream', lambda device=None: type(
+        'Stream', (), {'cuda_stream': 0})())
+    graphs = _block_graphs.BlockGraphs()
+    plan = _fused_block.BlockPlan(False, 7, 4, 2, 0.1, False, False, 1e-6, 1e-6,
+                                  torch.float32)
+    params = (torch.zeros(3),)
+
+    def call(size):
+        return graphs(plan, None, torch.zeros(size), params)
+
+    assert call(1) is None                      # first sighting: eager
+    assert call(1) == ('replayed', (1,))        # captured, then replayed
+    assert call(1) == ('replayed', (1,)) and len(made) == 1
+    assert call(2) is None and call(1) == ('replayed', (1,))  # one-off key: eager
+    for size in (2, 3, 4):
+        assert call(size) is None and call(size) == ('replayed', (size,))
+    assert len(made) == graphs.MAX_CAPTURES == 4
+    assert call(5) is None
+    with pytest.warns(UserWarning, match='4 captures of a block'):
+        assert call(5) is None
+    assert call(4) == ('replayed', (4,)) and len(made) == 4
+
+
 # ----------------------------------------------------------------------------------- CUDA
 
 
