@@ -154,6 +154,24 @@ def test_training_steps_match_eager(same_kernels):
 
 
 @pytest.mark.gpu
+def test_gradients_accumulate_into_grad(same_kernels):
+    """loss.backward() twice without zeroing, after the capture: .grad holds both steps'
+    sum and is none of the captures' buffers (which the next replay overwrites)."""
+    eager, graphed = _pair()
+    x = torch.randn(2, 3, 224, 224, device='cuda')
+    for _ in range(2):
+        _step(graphed, x)  # first sighting, then the capture
+    for model in (eager, graphed):
+        for _ in range(2):
+            with torch.autocast('cuda', dtype=torch.bfloat16):
+                model(x).float().square().mean().backward()
+    buffers = {b.data_ptr() for block in _blocks(graphed)
+               for b in block.graphs.captures[True].param_grads if b is not None}
+    for e, g in zip(eager.parameters(), graphed.parameters()):
+        assert _close(g.grad, e.grad) and g.grad.data_ptr() not in buffers
+
+
+@pytest.mark.gpu
 def test_inference_and_shape_changes(same_kernels):
     eager, graphed = _pair()
     eager.eval(), graphed.eval()
