@@ -83,11 +83,7 @@ def _pools(device: torch.device) -> _StreamPools:
 
 
 def _contiguous_strides(shape) -> Tuple[int, ...]:
-    strides, step = [], 1
-    for size in reversed(shape):
-        strides.append(step)
-        step *= max(size, 1)
-    return tuple(reversed(strides))
+    return torch.empty(shape, device='meta').stride()
 
 
 def _capture(graph: torch.cuda.CUDAGraph, pools: _StreamPools, pool, fn):
