@@ -42,6 +42,16 @@ def test_switch_and_copies():
         timm.create_model('biformer_tiny', graph_blocks=True, attn_impl='gather')
 
 
+def test_mm_backbone_and_classifier_switch():
+    pytest.importorskip('mmengine')
+    from backbones.mm.biformer import BiFormer as MMBiFormer
+    from backbones.mm.classifier import TimmClassifier
+    for model in (MMBiFormer(arch='tiny', graph_blocks=True),
+                  TimmClassifier('biformer_tiny', graph_blocks=True)):
+        assert all(b.graphs is not None for b in _blocks(model)) and _blocks(model)
+    assert all(b.graphs is None for b in _blocks(MMBiFormer(arch='tiny')))
+
+
 def test_cpu_calls_run_eagerly(monkeypatch):
     """On the CPU (the fused block through the Triton interpreter) nothing is captured."""
     monkeypatch.setattr(BiFormerBlock, 'FUSED_BLOCK_DEVICES', ('cuda', 'cpu'))
