@@ -109,6 +109,23 @@ def test_non_contiguous_inputs_are_refused():
         _kernel(x, params, torch.float32)
 
 
+def test_out_buffer():
+    """``out`` receives y (the block graphs' shared output buffer); a wrong one is refused."""
+    params = _params(32, 64)
+    x = torch.randn(2, 5, 32, device=DEVICE)
+    expected, = _kernel(x, params, torch.float32, config=(16, 16, 4, 1))[:1]
+    out = torch.full_like(x, float('nan'))
+    p = params
+    y = _triton_ln_mlp.forward(x, p['ln_weight'], p['ln_bias'], 1e-6, p['fc1_weight'],
+                               p['fc1_bias'], p['fc2_weight'], p['fc2_bias'], torch.float32,
+                               config=(16, 16, 4, 1), out=out)[0]
+    assert y is out and torch.equal(out, expected)
+    for wrong in (out.half(), out[:1], out.transpose(0, 1).contiguous().transpose(0, 1)):
+        with pytest.raises(ValueError, match='out must be a contiguous'):
+            _triton_ln_mlp.forward(x, None, None, 1e-6, p['fc1_weight'], None,
+                                   p['fc2_weight'], None, torch.float32, out=wrong)
+
+
 def test_supports_and_tile_configs():
     assert _triton_ln_mlp.supports(512, 1536) and not _triton_ln_mlp.supports(768, 2304)
     assert _triton_ln_mlp.tile_config(48) == _triton_ln_mlp.tile_config(64)
