@@ -629,6 +629,27 @@ def test_custom_ops_do_not_cache_window_rows():
         kernels.window_rows(16, (2, 2), 4, q.device)
     assert not kernels._WINDOW_ROWS_CACHE
 
+
+@pytest.mark.gpu
+def test_window_rows_under_capture_neither_cached_nor_read_from_the_cache():
+    """A graph captured after eager calls makes its own table: one read from the cache would be
+    baked into the graph and outlive the cache's entry."""
+    device = torch.device('cuda')
+    kernels._WINDOW_ROWS_CACHE.clear()
+    cached = kernels.window_rows(16, (2, 2), 4, device)
+    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        graph.capture_begin()
+        try:
+            captured = kernels.window_rows(16, (2, 2), 4, device)
+        finally:
+            graph.capture_end()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert captured.data_ptr() != cached.data_ptr() and len(kernels._WINDOW_ROWS_CACHE) == 1
+    assert torch.equal(captured, cached)
+
+
 @pytest.mark.gpu
 def test_torch_compile_takes_the_custom_op_on_cuda():
     """Under torch.compile a CUDA caller's graph holds the Triton custom op, not the
