@@ -1,7 +1,7 @@
 """CUDA graphs of fused BiFormer blocks (``BiFormer(graph_blocks=True)``).
 
-Eager BiFormer is bound by the host: a fused block still issues ~140 aten ops and ~20 kernel
-launches per training step for short kernels (docs/biformer.md). With block graphs, each
+Eager BiFormer is bound by the host: a fused block still issues ~140 aten ops and ~40 kernel
+calls per training step, for short kernels (docs/biformer.md). With block graphs, each
 block's calls are captured once into CUDA graphs and then replayed. A replayed training call
 costs the host one copy in, one graph launch and one copy out, forward and backward alike,
 inside an ordinary eager loop: optimizer, loss, AMP and data loading stay eager.
