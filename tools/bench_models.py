@@ -11,11 +11,13 @@ the same models on the official gather formulation, and timm peers.
 
 A model is a timm name; ``NAME:gather`` runs a BiFormer on the official formulation
 (``attn_impl='gather'``), ``NAME:module`` with ``fused_block=False`` (one autograd node per
-op instead of per block). Two settings: ``cls`` (classifier, 224 px, batch 128) and ``dense``
+op instead of per block), ``NAME:graphs`` with ``graph_blocks=True`` (the eager loop, each
+block replayed from CUDA graphs). Two settings: ``cls`` (classifier, 224 px, batch 128) and ``dense``
 (``features_only=True`` at 1024 px, batch 8; BiFormer with ``n_win=16`` as the official
 detection configs). Each cell times inference (``inference_mode``) and a training step
 (forward, backward, AdamW step, ``fused=True`` on CUDA) under autocast, after warm-up, with
-CUDA events; peak memory is ``torch.cuda.max_memory_allocated`` over the timed steps.
+CUDA events; peak memory is ``torch.cuda.max_memory_allocated`` over the timed steps, and for
+training also ``max_memory_reserved`` (which counts what CUDA graphs' pools hold).
 
 Eager timings include the host's kernel-launch overhead, which bounds a model of many small
 kernels (BiFormer: 30 blocks) on a slow host CPU; ``--cuda-graph`` replays the captured
@@ -51,7 +53,8 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(prog='benchmark.py models', description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--models', nargs='+', default=list(DEFAULT_MODELS),
-                        help='timm names, NAME:gather for the official BiFormer formulation')
+                        help='timm names; for a BiFormer NAME:gather (official formulation), '
+                             'NAME:module (fused_block=False), NAME:graphs (graph_blocks=True)')
     parser.add_argument('--settings', nargs='+', choices=('cls', 'dense'),
                         default=['cls', 'dense'])
     parser.add_argument('--batch', type=int, default=128, help='cls batch size')
