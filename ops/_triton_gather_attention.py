@@ -53,42 +53,42 @@ LOG2E = 1.4426950408889634
 # block_q; 'dkdv' tiles key rows (BLOCK_N) by routed query rows (BLOCK_M) and goes by block_k,
 # and so does 'bwd', the dK/dV kernel when it also computes dQ (the one-kernel backward).
 # D <= 32 and D = 64 come from the CUDA-graph-timed sweep `tools/benchmark.py ops --tune fwd dq
-# dkdv bwd` on an H200 (2026-12-01, with the ALIGNED kernels; docs/ops.md "Tile configs" names
-# the shapes behind each row); D > 64 keeps the untuned defaults.
-SIZE_LIMITS = (8, 16, 32, 64, 128, None)
+# dkdv bwd` on an H200 (2026-12-01, with the one-block key steps; docs/ops.md "Tile configs"
+# names the shapes behind each row); D > 64 keeps the untuned defaults.
+SIZE_LIMITS = (8, 16, 32, 64, 128, 256, None)
 HEAD_DIM_CLASSES = (32, 64, 256)
 _TILES = {  # kind: {max_block_d: one config per SIZE_LIMITS class}
     'fwd': {
-        32: ((16, 64, 2, 2), (16, 64, 2, 2), (64, 128, 4, 3), (64, 128, 4, 2), (64, 128, 4, 2),
-             (64, 128, 4, 2)),
-        64: ((16, 128, 4, 2), (16, 64, 2, 2), (16, 128, 4, 2), (64, 128, 4, 2), (64, 128, 4, 2),
-             (64, 128, 4, 2)),
+        32: ((16, 64, 2, 2), (16, 64, 2, 2), (64, 128, 4, 2), (64, 64, 4, 2), (64, 128, 4, 2),
+             (64, 64, 4, 2), (64, 128, 4, 2)),
+        64: ((16, 128, 4, 2), (16, 64, 2, 2), (16, 128, 4, 2), (64, 64, 4, 2), (64, 128, 4, 2),
+             (64, 128, 4, 2), (64, 128, 4, 2)),
         256: ((16, 128, 4, 2), (16, 64, 2, 2), (16, 128, 4, 2), (64, 128, 4, 2),
-              (64, 128, 4, 2), (64, 128, 4, 2)),
+              (64, 128, 4, 2), (64, 128, 4, 2), (64, 128, 4, 2)),
     },
     'dq': {
-        32: ((16, 64, 2, 2), (16, 64, 2, 2), (16, 64, 2, 2), (64, 128, 4, 2), (64, 128, 4, 2),
-             (64, 32, 4, 2)),
-        64: ((16, 64, 2, 2), (16, 64, 2, 2), (16, 64, 2, 2), (64, 128, 4, 2), (64, 128, 4, 2),
-             (64, 64, 4, 2)),
+        32: ((16, 64, 2, 2), (16, 64, 2, 2), (64, 128, 4, 2), (64, 64, 4, 2), (64, 128, 4, 2),
+             (64, 32, 4, 2), (64, 128, 4, 2)),
+        64: ((16, 64, 2, 2), (16, 64, 2, 2), (16, 64, 2, 2), (64, 64, 4, 2), (64, 128, 4, 2),
+             (64, 64, 4, 2), (64, 64, 4, 2)),
         256: ((16, 64, 2, 2), (16, 64, 2, 2), (16, 64, 2, 2), (64, 64, 4, 2), (64, 64, 4, 2),
-              (64, 64, 4, 2)),
+              (64, 64, 4, 2), (64, 64, 4, 2)),
     },
     'dkdv': {
-        32: ((64, 16, 2, 2), (32, 16, 2, 2), (64, 16, 2, 2), (32, 64, 4, 2), (32, 128, 4, 2),
-             (32, 64, 4, 2)),
+        32: ((64, 16, 2, 2), (64, 16, 2, 2), (64, 16, 2, 2), (32, 64, 4, 2), (32, 128, 4, 2),
+             (32, 64, 4, 2), (32, 128, 4, 2)),
         64: ((64, 16, 2, 2), (64, 16, 2, 2), (64, 64, 4, 2), (32, 64, 4, 2), (32, 32, 2, 2),
-             (64, 64, 4, 2)),
+             (64, 64, 4, 2), (64, 64, 4, 2)),
         256: ((64, 16, 2, 2), (64, 16, 2, 2), (64, 64, 4, 2), (64, 64, 4, 2), (64, 64, 4, 2),
-              (64, 64, 4, 2)),
+              (64, 64, 4, 2), (64, 64, 4, 2)),
     },
     'bwd': {
         32: ((64, 16, 2, 2), (64, 16, 2, 2), (32, 32, 2, 2), (16, 64, 4, 2), (32, 128, 4, 2),
-             (32, 128, 4, 2)),
+             (64, 64, 4, 3), (64, 64, 4, 2)),
         64: ((64, 16, 2, 2), (64, 16, 2, 2), (64, 32, 4, 2), (64, 64, 4, 2), (32, 128, 4, 2),
-             (16, 256, 8, 2)),
+             (16, 256, 8, 2), (16, 256, 8, 2)),
         256: ((64, 16, 2, 2), (64, 16, 2, 2), (32, 64, 4, 2), (32, 64, 4, 2), (32, 64, 4, 2),
-              (32, 64, 4, 2)),
+              (32, 64, 4, 2), (32, 64, 4, 2)),
     },
 }
 _CONFIGS = {kind: {max_d: tuple(zip(SIZE_LIMITS, rows)) for max_d, rows in classes.items()}
@@ -240,6 +240,19 @@ def _aligned_columns(step, group, block_k, index_ptr, stride_ig, stride_ik, Rows
 
 
 @triton.jit
+def _one_block_columns(step, group, block_k, index_ptr, stride_ig, stride_ik, Rows,
+                       WINDOWS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``ALIGNED`` key step where ``BLOCK_N`` also divides ``block_k``: the step reads
+    ``BLOCK_N`` consecutive keys of one routed block, named by one scalar index load; their
+    memory rows and a score bias per column (all -inf for a -1 slot)."""
+    first = step * BLOCK_N
+    block = tl.load(index_ptr + group * stride_ig + (first // block_k) * stride_ik).to(tl.int32)
+    within = first % block_k + tl.arange(0, BLOCK_N)
+    key = _token_row(tl.maximum(block, 0), within, block_k, Rows, within >= 0, WINDOWS)
+    return key, tl.full([BLOCK_N], 0.0, tl.float32) + tl.where(block >= 0, 0.0, float('-inf'))
+
+
+@triton.jit
 def _query_tile(tile, block_q, groups, GPT, TPG, RPG, QRows, WINDOWS: tl.constexpr,
                 ALIGNED: tl.constexpr, BLOCK_M: tl.constexpr):
     """:func:`_tile_rows` of a query tile, or its ``ALIGNED`` form (packed-group slot 0, the
@@ -258,13 +271,18 @@ def _query_tile(tile, block_q, groups, GPT, TPG, RPG, QRows, WINDOWS: tl.constex
 def _step_logits(q, K, V, step, group_tile, row_group, d, d_valid, block_k, groups, slot_keys,
                  GPT, CPG, Index, stride_ig, stride_ik, stride_kn, stride_kd, stride_vn,
                  stride_vd, Mask, stride_mn, KRows, scale_log2, HAS_MASK: tl.constexpr,
-                 WINDOWS: tl.constexpr, ALIGNED: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                 BLOCK_N: tl.constexpr):
+                 WINDOWS: tl.constexpr, ALIGNED: tl.constexpr, ONE_BLOCK: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
     """One key step of a query tile: the base-2 logits ``q k^T * scale_log2`` (-inf where a
-    pair is not admissible) and the routed keys and values it read."""
+    pair is not admissible) and the routed keys and values it read. ``ONE_BLOCK`` (with
+    ``ALIGNED``): the step lies in one routed block (:func:`_one_block_columns`)."""
     if ALIGNED:
-        key, bias = _aligned_columns(step, group_tile, block_k, Index, stride_ig, stride_ik,
-                                     KRows, WINDOWS, BLOCK_N)
+        if ONE_BLOCK:
+            key, bias = _one_block_columns(step, group_tile, block_k, Index, stride_ig,
+                                           stride_ik, KRows, WINDOWS, BLOCK_N)
+        else:
+            key, bias = _aligned_columns(step, group_tile, block_k, Index, stride_ig, stride_ik,
+                                         KRows, WINDOWS, BLOCK_N)
         kv_mask = d_valid[None, :]
     else:
         key, col_group, col_valid = _step_columns(step, group_tile, block_k, groups, slot_keys,
@@ -298,10 +316,11 @@ def _fwd_kernel(Q, K, V, Index, Mask, Out, Lse,
                 num_steps, GPT, TPG, RPG, CPG, scale_log2,
                 QRows, KRows,
                 HAS_MASK: tl.constexpr, WINDOWS: tl.constexpr, ALIGNED: tl.constexpr,
-                DOT_PRECISION: tl.constexpr,
+                ONE_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Out and Lse; ``ALIGNED`` (see :func:`_query_plan`): every row and column of every
-    step is in range, so scores take no per-element admissibility mask."""
+    step is in range, so scores take no per-element admissibility mask; ``ONE_BLOCK``: each
+    step also lies in one routed block."""
     program = tl.program_id(0).to(tl.int64)  # one flat grid: B*H may exceed grid dim 1
     tile = (program % num_tiles).to(tl.int32)
     bh = program // num_tiles
@@ -324,7 +343,7 @@ def _fwd_kernel(Q, K, V, Index, Mask, Out, Lse,
                                     groups, slot_keys, GPT, CPG, Index, stride_ig, stride_ik,
                                     stride_kn, stride_kd, stride_vn, stride_vd, Mask,
                                     stride_mn, KRows, scale_log2, HAS_MASK, WINDOWS, ALIGNED,
-                                    DOT_PRECISION, BLOCK_N)
+                                    ONE_BLOCK, DOT_PRECISION, BLOCK_N)
         m_new = tl.maximum(m_i, tl.max(scores, 1))
         m_safe = tl.where(m_new == float('-inf'), 0.0, m_new)
         p = tl.exp2(scores - m_safe[:, None])
@@ -355,10 +374,10 @@ def _bwd_dq_kernel(Q, K, V, Out, GradOut, Lse, Index, Mask, GradQ, Delta,
                    num_steps, GPT, TPG, RPG, CPG, scale, scale_log2,
                    QRows, KRows,
                    HAS_MASK: tl.constexpr, WINDOWS: tl.constexpr, ALIGNED: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr,
+                   ONE_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """GradQ ((B, H, Nq, D) at strides ``stride_dq*``, unit head-dim stride, q's dtype) and
-    Delta = rowsum(dO * O) (B, H, Nq) fp32. ``ALIGNED`` as in ``_fwd_kernel``."""
+    Delta = rowsum(dO * O) (B, H, Nq) fp32. ``ALIGNED``, ``ONE_BLOCK`` as in ``_fwd_kernel``."""
     program = tl.program_id(0).to(tl.int64)  # one flat grid: B*H may exceed grid dim 1
     tile = (program % num_tiles).to(tl.int32)
     bh = program // num_tiles
@@ -387,7 +406,7 @@ def _bwd_dq_kernel(Q, K, V, Out, GradOut, Lse, Index, Mask, GradQ, Delta,
                                     groups, slot_keys, GPT, CPG, Index, stride_ig, stride_ik,
                                     stride_kn, stride_kd, stride_vn, stride_vd, Mask,
                                     stride_mn, KRows, scale_log2, HAS_MASK, WINDOWS, ALIGNED,
-                                    DOT_PRECISION, BLOCK_N)
+                                    ONE_BLOCK, DOT_PRECISION, BLOCK_N)
         p = tl.exp2(logits - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
@@ -471,15 +490,17 @@ def _bwd_dkdv_kernel(Q, K, V, Out, GradOut, Lse, Delta, Order, Offsets, Mask, Gr
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for step in range(num_steps):
-        if ALIGNED:
-            j = step * BLOCK_M + cols
-            col_valid = j >= 0
-            group = tl.load(Order + start + j // block_q)
+        if ALIGNED:  # the step's BLOCK_M query rows lie in one group: one scalar load
+            first = step * BLOCK_M
+            group = tl.load(Order + start + first // block_q)
+            within = first % block_q + cols
+            col_valid = within >= 0
         else:
             j = step * QPB + cols % QPB
             col_valid = col_in_tile & (j < rows_routed)
             group = tl.load(Order + start + j // block_q, mask=col_valid, other=0)
-        q_pos = _token_row(group, j % block_q, block_q, QRows, col_valid, WINDOWS)
+            within = j % block_q
+        q_pos = _token_row(group, within, block_q, QRows, col_valid, WINDOWS)
         col_mask = col_valid[:, None] & d_valid[None, :]
         q = tl.load(Q + q_pos[:, None] * stride_qn + d[None, :] * stride_qd, mask=col_mask,
                     other=0.0)
@@ -614,7 +635,8 @@ def _query_plan(kind: str, batch: int, heads: int, num_q: int, head_dim: int, bl
     ``config`` overrides the ``_CONFIGS`` row (tuning). The key tile is capped at the next
     power of two of the routed keys a tile needs, so short rows are not padded far. The tiling
     is ``ALIGNED`` (no per-element masks) when BLOCK_M divides ``block_q`` and BLOCK_N the
-    routed keys of a group, and :func:`set_aligned_tiles` has not turned it off.
+    routed keys of a group, and :func:`set_aligned_tiles` has not turned it off; ``ONE_BLOCK``
+    when BLOCK_N also divides ``block_k`` (each key step reads part of one routed block).
     """
     groups = num_q // block_q
     slot_keys = slots * block_k
@@ -632,7 +654,8 @@ def _query_plan(kind: str, batch: int, heads: int, num_q: int, head_dim: int, bl
                num_steps, groups_per_tile, tiles_per_group, min(block_q, block_m),
                cols_per_group)
     aligned = _aligned_tiles and block_q % block_m == 0 and slot_keys % block_n == 0
-    meta = dict(ALIGNED=aligned, DOT_PRECISION='ieee' if fp32 else 'tf32', BLOCK_M=block_m,
+    meta = dict(ALIGNED=aligned, ONE_BLOCK=aligned and block_k % block_n == 0,
+                DOT_PRECISION='ieee' if fp32 else 'tf32', BLOCK_M=block_m,
                 BLOCK_N=block_n, BLOCK_D=_block_d(head_dim), num_warps=num_warps,
                 num_stages=num_stages)
     return (num_tiles * batch * heads,), scalars, meta
@@ -844,13 +867,12 @@ def set_backward_mode(mode: str) -> None:
       each query group routes to one key block that a tile holds whole, by fp32 atomics
       otherwise;
     * ``'auto'`` (default): the whole-map backward of ``ops._triton_map_attention`` where it
-      takes the call (short key sequences with small routed blocks), else ``'fused'`` where
-      each query group routes to one key block (one slot: BiFormer's stage 1, DSVT's sets),
-      ``'split'`` for several slots. Measured on an
-      H200 (docs/ops.md): with one slot the one-kernel backward was faster at every shape, with
-      atomics too (blocks wider than a tile); with 4-16 slots the atomics made it 3-76% slower.
-      Under ``torch.use_deterministic_algorithms(True)`` it never uses atomics (whose fp32 sums
-      depend on the order of arrival): blocks wider than a tile then take ``'split'``.
+      takes the call (short key sequences with small routed blocks), else ``'fused'`` where it
+      stores dQ (one slot, blocks a tile holds whole: BiFormer's 224-px stage 1, DSVT's sets),
+      ``'split'`` everywhere else, so never atomics (deterministic). Measured on an H200
+      (docs/ops.md): the stored one-kernel backward was as fast or faster at those shapes; with
+      atomics it was 4-16% slower than split at one slot of 256- and 273-token blocks and
+      14-72% slower with 8-16 slots.
     """
     global _backward_mode
     if mode not in BACKWARD_MODES:
@@ -869,9 +891,7 @@ def backward_dq_mode(slots: int, block_k: int, head_dim: int, mode: Optional[str
         block_n = tile_config('bwd', block_k, head_dim)[1]
     if slots == 1 and block_k <= block_n:
         return 1
-    if mode == 'fused' or (slots == 1 and not torch.are_deterministic_algorithms_enabled()):
-        return 2
-    return 0
+    return 2 if mode == 'fused' else 0
 
 
 def backward_one_kernel(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,

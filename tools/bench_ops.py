@@ -113,20 +113,22 @@ SHAPES_BY_NAME = {s.name: s for s in SHAPES}
 TUNE = {  # kind: (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates, see ops._triton_...
     'fwd': [(16, 64, 2, 2), (16, 128, 4, 2), (32, 64, 4, 2), (32, 128, 4, 2), (64, 64, 4, 2),
             (64, 128, 4, 2), (64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 4, 2), (128, 64, 4, 3),
-            (128, 64, 8, 2), (128, 128, 8, 2)],
+            (128, 64, 8, 2), (128, 128, 8, 2), (64, 32, 4, 3), (128, 64, 8, 3), (64, 64, 8, 2)],
     'dq': [(16, 32, 2, 2), (16, 64, 2, 2), (32, 32, 2, 2), (32, 64, 4, 2), (64, 32, 4, 2),
            (64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 2), (64, 128, 4, 2), (128, 32, 8, 2),
-           (128, 64, 8, 2), (128, 64, 8, 3)],
+           (128, 64, 8, 2), (128, 64, 8, 3), (64, 32, 4, 3), (32, 64, 4, 3)],
     'dkdv': [(32, 16, 2, 2), (64, 16, 2, 2), (64, 16, 4, 2), (128, 16, 4, 2), (32, 32, 2, 2),
              (64, 32, 4, 2), (128, 32, 4, 2), (32, 64, 4, 2), (32, 64, 4, 3), (64, 64, 4, 2),
-             (64, 64, 4, 3), (128, 64, 8, 2), (32, 128, 4, 2), (64, 128, 8, 2)],
+             (64, 64, 4, 3), (128, 64, 8, 2), (32, 128, 4, 2), (64, 128, 8, 2), (64, 32, 4, 3),
+             (128, 64, 8, 3), (64, 64, 8, 2), (32, 64, 8, 2)],
     'bwd': [(32, 16, 2, 2), (64, 16, 2, 2), (32, 32, 2, 2), (64, 32, 4, 2), (16, 64, 4, 2),
             (32, 64, 4, 2), (32, 64, 4, 3), (64, 64, 4, 2), (64, 64, 4, 3), (16, 128, 4, 2),
             (32, 128, 4, 2), (32, 128, 8, 2), (64, 128, 8, 2), (16, 256, 8, 2), (32, 256, 8, 2)],
 }
 # Shapes the sweep times: at least one per (head dim, block size) class that a model uses.
-TUNE_SHAPES = ('t224_s3', 't224_s2', 's_det_s3', 't224_s1', 'b1024_s2', 'dsvt48_d32',
-               's_det_s2', 'dsvt90_d32', 't512_s1', 'dsvt36_d64', 'b1024_s2_d64', 'dsvt90_d64')
+TUNE_SHAPES = ('t224_s3', 't224_s2', 't512_s3', 's_det_s3', 't224_s1', 'b1024_s2', 'dsvt48_d32',
+               's_det_s2', 'dsvt90_d32', 't512_s1', 's_det_s1', 'dsvt36_d64', 'b1024_s2_d64',
+               'dsvt90_d64')
 
 
 def make_problem(shape: Shape, dtype, device='cuda', seed=0):
@@ -462,7 +464,7 @@ def choose_configs(timings):
         for max_d, rows in kernels._CONFIGS[kind].items():
             new_rows = []
             for limit, current in rows:
-                members = [t for name, t in per_shape.items() if t
+                members = [t for name, t in per_shape.items() if t and _runs_in_auto(kind, name)
                            and _size_class(_block_size(kind, SHAPES_BY_NAME[name])) == limit
                            and kernels.head_dim_class(SHAPES_BY_NAME[name].head_dim) == max_d]
                 common = set.intersection(*(set(t) for t in members)) if members else set()
@@ -471,6 +473,12 @@ def choose_configs(timings):
                 new_rows.append((limit, tuple(current)))
             table[kind][max_d] = new_rows
     return table
+
+
+def _runs_in_auto(kind, shape_name):
+    """Whether the 'auto' backward can take kernel ``kind`` at this shape: the one-kernel
+    backward ('bwd') runs at one slot only, so shapes with several do not choose its rows."""
+    return kind != 'bwd' or SHAPES_BY_NAME[shape_name].topk == 1
 
 
 def _block_size(kind, shape):

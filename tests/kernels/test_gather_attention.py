@@ -263,17 +263,38 @@ def test_aligned_and_general_tiles_match_fp64(case, aligned_tiles, dtype):
     compare_to_fp64(q, k, v, index, mask, window or block_q, window or block_k, map_width=width)
 
 
+@pytest.fixture
+def tile_rows():
+    """``kernels.set_tile_configs`` for the test; the tuned table comes back afterwards."""
+    saved = {kind: dict(classes) for kind, classes in kernels._CONFIGS.items()}
+    yield kernels.set_tile_configs
+    kernels.set_tile_configs(saved)
+
+
+@pytest.mark.parametrize('block_n', [16, 64], ids=['one_block_steps', 'several_blocks_a_step'])
+@pytest.mark.parametrize('width', [None, 16], ids=['block_major', 'windows'])
+def test_aligned_key_steps_within_and_across_blocks_match_fp64(block_n, width, tile_rows):
+    """ALIGNED forward and dQ steps of 16 keys (each inside one 32-key block: the scalar index
+    load) and of 64 (two blocks a step), with -1 slots, padding and a per-head index."""
+    tile_rows({kind: {32: [(None, (16, block_n, 2, 1))]} for kind in ('fwd', 'dq')})
+    q, k, v, index, mask = make_inputs(1, 2, 4, 32, 8, 32, 2, 16, per_head=True,
+                                       masked_fraction=0.2)
+    index[0, 1, 0, :] = -1
+    plans = [kernels._query_plan(kind, 1, 2, 128, 16, 32, 32, 2, True, None)[2]
+             for kind in ('fwd', 'dq')]
+    assert [(plan['ALIGNED'], plan['ONE_BLOCK']) for plan in plans] == \
+        [(True, block_n == 16)] * 2
+    window = None if width is None else (4, 8)
+    compare_to_fp64(q, k, v, index, mask, window or 32, window or 32, map_width=width)
+
+
 def test_backward_mode_choice():
     choose = kernels.backward_dq_mode
     assert choose(1, 64, 32, 'auto') == 1 and choose(1, 64, 32, 'fused') == 1
-    assert choose(1, 300, 32, 'auto') == 2 and choose(1, 300, 32, 'fused') == 2
+    # no atomics unless forced: dQ stored, or the split backward
+    assert choose(1, 300, 32, 'auto') == 0 and choose(1, 300, 32, 'fused') == 2
     assert choose(4, 16, 32, 'auto') == 0 and choose(4, 16, 32, 'fused') == 2
     assert choose(1, 64, 32, 'split') == 0
-    torch.use_deterministic_algorithms(True)
-    try:  # no atomics by default: dQ stored, or the split backward
-        assert choose(1, 64, 32, 'auto') == 1 and choose(1, 300, 32, 'auto') == 0
-    finally:
-        torch.use_deterministic_algorithms(False)
     with pytest.raises(ValueError, match='mode must be one of'):
         kernels.set_backward_mode('atomic')
 
@@ -484,6 +505,8 @@ def test_backward_writes_into_given_gradient_views(path, monkeypatch):
     q, k, v, index, mask = make_inputs(2, 2, 3, 4, 3, block_k, slots, 16, masked_fraction=0.2)
     if path == 'whole_map':
         map_backward.set_map_backward('on')
+    if path == 'one_kernel_atomics':  # 'auto' never takes atomics
+        monkeypatch.setattr(kernels, '_backward_mode', 'fused')
     scale = 0.25
     out, lse = kernels.forward(q, k, v, index, mask, 4, block_k, scale)
     grad_out = torch.randn_like(q)
