@@ -358,12 +358,13 @@ def test_zero_size_inputs(shape, backend):
 
 
 @pytest.mark.parametrize('per_head', [False, True], ids=['shared', 'per_head'])
-@pytest.mark.parametrize('tiles', [(16, 256), (4, 1024)], ids=['16x256', '4x1024'])
+@pytest.mark.parametrize('tiles', [(4, 256), (4, 512), (16, 1024)],
+                         ids=['4x256', '4x512', '16x1024'])
 def test_transpose_index_is_a_stable_counting_sort(per_head, tiles, monkeypatch):
-    # Both tilings of the kernel: 20 blocks span several programs; the groups x 3 slots span
-    # two steps of BLOCK_E entries.
-    monkeypatch.setattr(kernels, '_transpose_tiles', lambda rows, blocks: tiles)
-    blocks, groups, slots = 20, {256: 90, 1024: 350}[tiles[1]], 3
+    # Tilings of the kernel: 20 blocks span several programs; the groups x 3 slots span two
+    # steps of BLOCK_E entries.
+    monkeypatch.setattr(kernels, '_transpose_tiles', lambda entries: tiles)
+    blocks, groups, slots = 20, {256: 90, 512: 180, 1024: 350}[tiles[1]], 3
     shape = (2, 2, groups, slots) if per_head else (2, groups, slots)
     index = torch.randint(-1, blocks, shape, device=DEVICE)
     index = index.transpose(-1, -2).contiguous().transpose(-1, -2)  # strided index
