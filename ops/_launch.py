@@ -38,6 +38,10 @@ try:
     from triton import knobs
 except ImportError:  # Triton < 3.4
     knobs = None
+try:
+    from triton.runtime.errors import PTXASError
+except ImportError:  # Triton < 3.2
+    PTXASError = OutOfResources
 
 ENABLED = os.environ.get('DSA_OPS_FAST_LAUNCH', '1') != '0' and knobs is not None
 
@@ -128,23 +132,24 @@ def launch_fitting(launch: Callable, fitted: dict, key, table_row: Callable[[], 
     hold the row (Triton raises ``OutOfResources`` before the kernel runs), ``smaller(row)``
     rows, starting from ``table_row()``, are tried until one launches (a ValueError, not a
     valid tiling, is skipped too); that one is remembered under ``key``, with one warning naming
-    ``what`` and ``tune_command``. Returns what ``launch`` returns."""
+    ``what`` and ``tune_command``. So is a row that ptxas cannot compile within its register
+    cap (``PTXASError``). Returns what ``launch`` returns."""
     remembered = fitted.get(key)
     try:
         return launch(remembered)
-    except OutOfResources as err:
+    except (OutOfResources, PTXASError) as err:
         failure = err
     first = remembered or table_row()
     tried = first
     while (tried := smaller(tried)) is not None:
         try:
             result = launch(tried)
-        except (OutOfResources, ValueError):  # too large still, or not a valid tiling
+        except (OutOfResources, PTXASError, ValueError):  # too large still, or not a tiling
             continue
         fitted[key] = tried
         name = torch.cuda.get_device_name(device) if device.type == 'cuda' else str(device)
-        warnings.warn(f'{what}: tile config {first} needs more shared memory than {name} has '
-                      f'({failure}); using {tried}, which is slower than a config tuned for '
-                      f'this GPU ({tune_command})', stacklevel=4)
+        warnings.warn(f'{what}: tile config {first} does not fit {name} ({failure}); using '
+                      f'{tried}, which is slower than a config tuned for this GPU '
+                      f'({tune_command})', stacklevel=4)
         return result
     raise failure

@@ -46,49 +46,50 @@ from ops.gather_attention import to_window_major
 
 LOG2E = 1.4426950408889634
 
-# Tile configs (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel kind and head-dim class.
+# Tile configs (BLOCK_M, BLOCK_N, num_warps, num_stages, max_registers) per kernel kind and
+# head-dim class; max_registers caps the registers per thread (Triton's maxnreg; 0: no cap).
 # _CONFIGS[kind][max_block_d] holds one config per block-size class of SIZE_LIMITS: the first
 # head-dim class with BLOCK_D <= max_block_d applies, then the first size limit >= the block
 # size (None: any). 'fwd' and 'dq' tile query rows (BLOCK_M) by routed keys (BLOCK_N) and go by
 # block_q; 'dkdv' tiles key rows (BLOCK_N) by routed query rows (BLOCK_M) and goes by block_k,
 # and so does 'bwd', the dK/dV kernel when it also computes dQ (the one-kernel backward).
 # D <= 32 and D = 64 come from the CUDA-graph-timed sweep `tools/benchmark.py ops --tune fwd dq
-# dkdv bwd` on an H200 (2026-12-01, with the one-block key steps; docs/ops.md "Tile configs"
+# dkdv bwd` on an H200 (2026-12-02, tiles and then register caps; docs/ops.md "Tile configs"
 # names the shapes behind each row); D > 64 keeps the untuned defaults.
 SIZE_LIMITS = (8, 16, 32, 64, 128, 256, None)
 HEAD_DIM_CLASSES = (32, 64, 256)
 _TILES = {  # kind: {max_block_d: one config per SIZE_LIMITS class}
     'fwd': {
-        32: ((16, 64, 2, 2), (16, 64, 2, 2), (64, 128, 4, 2), (64, 64, 4, 2), (64, 128, 4, 2),
-             (64, 64, 4, 2), (64, 128, 4, 2)),
-        64: ((16, 128, 4, 2), (16, 64, 2, 2), (16, 128, 4, 2), (64, 64, 4, 2), (64, 128, 4, 2),
-             (64, 128, 4, 2), (64, 128, 4, 2)),
-        256: ((16, 128, 4, 2), (16, 64, 2, 2), (16, 128, 4, 2), (64, 128, 4, 2),
-              (64, 128, 4, 2), (64, 128, 4, 2), (64, 128, 4, 2)),
+        32: ((16, 64, 2, 2, 80), (16, 64, 2, 2, 0), (64, 128, 4, 2, 128), (64, 64, 4, 3, 80),
+             (64, 128, 4, 2, 128), (128, 64, 4, 2, 128), (64, 128, 4, 2, 128)),
+        64: ((16, 128, 4, 2, 0), (16, 64, 2, 2, 0), (16, 128, 4, 2, 0), (64, 64, 4, 2, 96),
+             (64, 128, 4, 2, 96), (64, 128, 4, 2, 0), (64, 128, 4, 2, 0)),
+        256: ((16, 128, 4, 2, 0), (16, 64, 2, 2, 0), (16, 128, 4, 2, 0), (64, 128, 4, 2, 0),
+              (64, 128, 4, 2, 0), (64, 128, 4, 2, 0), (64, 128, 4, 2, 0)),
     },
     'dq': {
-        32: ((16, 64, 2, 2), (16, 64, 2, 2), (64, 128, 4, 2), (64, 64, 4, 2), (64, 128, 4, 2),
-             (64, 32, 4, 2), (64, 128, 4, 2)),
-        64: ((16, 64, 2, 2), (16, 64, 2, 2), (16, 64, 2, 2), (64, 64, 4, 2), (64, 128, 4, 2),
-             (64, 64, 4, 2), (64, 64, 4, 2)),
-        256: ((16, 64, 2, 2), (16, 64, 2, 2), (16, 64, 2, 2), (64, 64, 4, 2), (64, 64, 4, 2),
-              (64, 64, 4, 2), (64, 64, 4, 2)),
+        32: ((16, 64, 2, 2, 80), (16, 64, 2, 2, 80), (64, 128, 4, 2, 128), (64, 64, 4, 3, 96),
+             (16, 64, 2, 2, 96), (64, 64, 4, 2, 96), (64, 128, 4, 2, 0)),
+        64: ((16, 64, 2, 2, 0), (16, 64, 2, 2, 0), (16, 64, 2, 2, 0), (64, 64, 4, 3, 128),
+             (64, 128, 4, 2, 128), (64, 64, 4, 2, 0), (64, 64, 4, 2, 0)),
+        256: ((16, 64, 2, 2, 0), (16, 64, 2, 2, 0), (16, 64, 2, 2, 0), (64, 64, 4, 2, 0),
+              (64, 64, 4, 2, 0), (64, 64, 4, 2, 0), (64, 64, 4, 2, 0)),
     },
     'dkdv': {
-        32: ((64, 16, 2, 2), (64, 16, 2, 2), (64, 16, 2, 2), (32, 64, 4, 2), (32, 128, 4, 2),
-             (32, 64, 4, 2), (32, 128, 4, 2)),
-        64: ((64, 16, 2, 2), (64, 16, 2, 2), (64, 64, 4, 2), (32, 64, 4, 2), (32, 32, 2, 2),
-             (64, 64, 4, 2), (64, 64, 4, 2)),
-        256: ((64, 16, 2, 2), (64, 16, 2, 2), (64, 64, 4, 2), (64, 64, 4, 2), (64, 64, 4, 2),
-              (64, 64, 4, 2), (64, 64, 4, 2)),
+        32: ((64, 16, 2, 2, 128), (64, 16, 2, 2, 128), (64, 16, 2, 2, 96), (32, 64, 4, 2, 0),
+             (64, 16, 2, 2, 96), (32, 64, 4, 3, 96), (32, 128, 4, 2, 0)),
+        64: ((64, 16, 2, 2, 0), (64, 16, 2, 2, 0), (64, 64, 4, 2, 0), (32, 64, 4, 2, 0),
+             (32, 32, 2, 2, 0), (64, 64, 4, 2, 0), (64, 64, 4, 2, 0)),
+        256: ((64, 16, 2, 2, 0), (64, 16, 2, 2, 0), (64, 64, 4, 2, 0), (64, 64, 4, 2, 0),
+              (64, 64, 4, 2, 0), (64, 64, 4, 2, 0), (64, 64, 4, 2, 0)),
     },
     'bwd': {
-        32: ((64, 16, 2, 2), (64, 16, 2, 2), (32, 32, 2, 2), (16, 64, 4, 2), (32, 128, 4, 2),
-             (64, 64, 4, 3), (64, 64, 4, 2)),
-        64: ((64, 16, 2, 2), (64, 16, 2, 2), (64, 32, 4, 2), (64, 64, 4, 2), (32, 128, 4, 2),
-             (16, 256, 8, 2), (16, 256, 8, 2)),
-        256: ((64, 16, 2, 2), (64, 16, 2, 2), (32, 64, 4, 2), (32, 64, 4, 2), (32, 64, 4, 2),
-              (32, 64, 4, 2), (32, 64, 4, 2)),
+        32: ((64, 16, 2, 2, 0), (64, 16, 2, 2, 0), (32, 32, 2, 2, 0), (32, 64, 4, 2, 128),
+             (32, 128, 4, 2, 0), (64, 64, 4, 2, 128), (64, 64, 4, 2, 0)),
+        64: ((64, 16, 2, 2, 0), (64, 16, 2, 2, 0), (64, 32, 4, 2, 0), (16, 64, 4, 2, 128),
+             (32, 128, 4, 2, 0), (16, 256, 8, 2, 0), (16, 256, 8, 2, 0)),
+        256: ((64, 16, 2, 2, 0), (64, 16, 2, 2, 0), (32, 64, 4, 2, 0), (32, 64, 4, 2, 0),
+              (32, 64, 4, 2, 0), (32, 64, 4, 2, 0), (32, 64, 4, 2, 0)),
     },
 }
 _CONFIGS = {kind: {max_d: tuple(zip(SIZE_LIMITS, rows)) for max_d, rows in classes.items()}
@@ -103,7 +104,8 @@ def head_dim_class(head_dim: int) -> int:
 
 
 def tile_config(kind: str, block_size: int, head_dim: int):
-    """The (BLOCK_M, BLOCK_N, num_warps, num_stages) row of ``_CONFIGS`` for one kernel."""
+    """The (BLOCK_M, BLOCK_N, num_warps, num_stages, max_registers) row of ``_CONFIGS`` for one
+    kernel."""
     rows = _CONFIGS[kind][head_dim_class(head_dim)]
     return next(config for limit, config in rows if limit is None or block_size <= limit)
 
@@ -122,9 +124,10 @@ def set_tile_configs(table: dict) -> None:
                 raise ValueError(f'head-dim class must be one of {HEAD_DIM_CLASSES}, got {max_d}')
             rows = tuple((None if limit is None else int(limit), tuple(int(c) for c in config))
                          for limit, config in rows)
-            if not rows or rows[-1][0] is not None or any(len(c) != 4 for _, c in rows):
+            if not rows or rows[-1][0] is not None or any(len(c) != 5 for _, c in rows):
                 raise ValueError(f'{kind} rows for D<={max_d} must end with a None limit and '
-                                 f'hold 4-tuples, got {rows}')
+                                 f'hold (BLOCK_M, BLOCK_N, num_warps, num_stages, '
+                                 f'max_registers), got {rows}')
             _CONFIGS[kind][max_d] = rows
     _query_plan.cache_clear()
     _key_plan.cache_clear()
@@ -132,22 +135,25 @@ def set_tile_configs(table: dict) -> None:
 
 
 # Tile configs replaced because a device's shared memory could not hold them (the table is
-# tuned on an H200, 228 KB per SM; consumer GPUs have about 100 KB): {(device index, kind,
-# block size, head dim): the first smaller config that launched}.
+# tuned on an H200, 228 KB per SM; consumer GPUs have about 100 KB) or ptxas could not compile
+# them within their register cap: {(device index, kind, block size, head dim): the first
+# smaller config that launched}.
 _FITTED = {}
 
 
 def _smaller_config(kind: str, config: tuple) -> Optional[tuple]:
-    """The next config to try when ``config`` does not fit: one pipeline stage, then half the
-    key tile (fwd, dq) or half the query rows (dkdv, bwd: its key tile decides the one-kernel
-    backward's dQ mode, so it stays); None below 16."""
-    block_m, block_n, num_warps, num_stages = config
+    """The next config to try when ``config`` does not fit: no register cap, then one pipeline
+    stage, then half the key tile (fwd, dq) or half the query rows (dkdv, bwd: its key tile
+    decides the one-kernel backward's dQ mode, so it stays); None below 16."""
+    block_m, block_n, num_warps, num_stages, max_registers = config
+    if max_registers:
+        return block_m, block_n, num_warps, num_stages, 0
     if num_stages > 1:
-        return block_m, block_n, num_warps, 1
+        return block_m, block_n, num_warps, 1, max_registers
     if kind in ('fwd', 'dq') and block_n > 16:
-        return block_m, block_n // 2, num_warps, num_stages
+        return block_m, block_n // 2, num_warps, num_stages, max_registers
     if block_m > 16:
-        return block_m // 2, block_n, num_warps, num_stages
+        return block_m // 2, block_n, num_warps, num_stages, max_registers
     return None
 
 
@@ -639,7 +645,8 @@ def _query_plan(kind: str, batch: int, heads: int, num_q: int, head_dim: int, bl
     """
     groups = num_q // block_q
     slot_keys = slots * block_k
-    block_m, block_n, num_warps, num_stages = config or tile_config(kind, block_q, head_dim)
+    block_m, block_n, num_warps, num_stages, max_registers = \
+        config or tile_config(kind, block_q, head_dim)
     groups_per_tile = max(1, block_m // block_q)
     block_n = min(block_n, max(16, next_power_of_2(slot_keys * groups_per_tile)))
     tiles_per_group = cdiv(block_q, block_m)
@@ -656,7 +663,7 @@ def _query_plan(kind: str, batch: int, heads: int, num_q: int, head_dim: int, bl
     meta = dict(ALIGNED=aligned, ONE_BLOCK=aligned and block_k % block_n == 0,
                 DOT_PRECISION='ieee' if fp32 else 'tf32', BLOCK_M=block_m,
                 BLOCK_N=block_n, BLOCK_D=_block_d(head_dim), num_warps=num_warps,
-                num_stages=num_stages)
+                num_stages=num_stages, maxnreg=max_registers or None)
     return (num_tiles * batch * heads,), scalars, meta
 
 
@@ -667,7 +674,8 @@ def _key_plan(kind: str, batch: int, heads: int, num_k: int, head_dim: int, bloc
     the tile config of ``kind`` ('dkdv' or 'bwd'). ``ALIGNED`` when BLOCK_N divides
     ``block_k`` and BLOCK_M ``block_q`` (unless :func:`set_aligned_tiles` turned it off)."""
     blocks = num_k // block_k
-    block_m, block_n, num_warps, num_stages = config or tile_config(kind, block_k, head_dim)
+    block_m, block_n, num_warps, num_stages, max_registers = \
+        config or tile_config(kind, block_k, head_dim)
     blocks_per_tile = max(1, block_n // block_k)
     rows_per_block = block_m // blocks_per_tile
     if rows_per_block == 0:
@@ -680,7 +688,7 @@ def _key_plan(kind: str, batch: int, heads: int, num_k: int, head_dim: int, bloc
     aligned = _aligned_tiles and block_k % block_n == 0 and block_q % block_m == 0
     meta = dict(ALIGNED=aligned, DOT_PRECISION='ieee' if fp32 else 'tf32', BLOCK_M=block_m,
                 BLOCK_N=block_n, BLOCK_D=_block_d(head_dim), num_warps=num_warps,
-                num_stages=num_stages)
+                num_stages=num_stages, maxnreg=max_registers or None)
     return (num_tiles * batch * heads,), scalars, tiling, meta
 
 

@@ -143,3 +143,34 @@ def test_tuning_sweeps_compile_their_candidates_in_worker_processes(tmp_path, ca
     assert 'compiled the candidates' in capsys.readouterr().out
     compile_in_workers(lambda *task: None, [(1,)], workers=1)  # a lambda cannot be pickled
     assert 'compiling serially' in capsys.readouterr().out
+
+
+def test_ops_tuning_caps_registers_on_the_fastest_tiles_of_each_class(monkeypatch):
+    """The second pass caps the CAPPED_TILES fastest tiles of every shape of a class, for all
+    of that class's shapes; each backward kernel's rows come from the shapes where the default
+    backward runs it; a capped row wins where it is fastest."""
+    import bench_ops
+    monkeypatch.setattr(bench_ops, 'CAPPED_TILES', 2)
+    tiles = [(64, 64, 4, 2, 0), (64, 32, 4, 3, 0), (32, 64, 4, 2, 0), (16, 64, 2, 2, 0)]
+
+    def ranked(*order):  # ms by rank: the first tile is the fastest
+        return {tiles[i]: 1.0 + rank for rank, i in enumerate(order)}
+    measured = {'t224_s1': ranked(0, 1, 2, 3), 'b1024_s2': ranked(3, 0, 1, 2),
+                't224_s2': ranked(2, 3, 0, 1)}
+    capped = bench_ops._capped_candidates('fwd', measured)
+    def with_caps(*chosen):
+        return sorted(tiles[i][:4] + (cap,) for i in chosen for cap in bench_ops.REGISTER_CAPS)
+    # t224_s1 and b1024_s2 (64-token blocks): the 2 fastest of each; t224_s2 (16) its own
+    assert sorted(capped['t224_s1']) == sorted(capped['b1024_s2']) == with_caps(0, 1, 3)
+    assert sorted(capped['t224_s2']) == with_caps(2, 3)
+    # t224_s1 (one 64-token slot) takes the one-kernel backward, the others dQ and dK/dV
+    assert list(bench_ops._capped_candidates('bwd', measured)) == ['t224_s1']
+    assert list(bench_ops._capped_candidates('dq', measured)) == ['b1024_s2', 't224_s2']
+
+    timings = {name: dict(times) for name, times in measured.items()}
+    for name in ('t224_s1', 'b1024_s2'):
+        timings[name].update({config: 5.0 for config in capped[name]})
+        timings[name][(64, 32, 4, 3, 96)] = 0.5
+    rows = dict(bench_ops.choose_configs({'fwd': timings})['fwd'][32])
+    assert rows[64] == (64, 32, 4, 3, 96)  # t224_s1 and b1024_s2: 64-token blocks
+    assert rows[16] == tiles[2]  # t224_s2: uncapped, its fastest

@@ -8,9 +8,10 @@
     python tools/benchmark.py ops --host-overhead                 # eager Python path, CPU only
 
 ``--tune`` times each kernel of ours (fwd, dq, dkdv, and bwd: the dK/dV kernel that also
-computes dQ) alone, as CUDA-graph replays, for every
-candidate tile config on a few shapes per (head dim, block size) class, and writes the best
-rows as a ``set_tile_configs`` table (JSON). It compiles the candidates first in parallel
+computes dQ) alone, as CUDA-graph replays, for every candidate tile (``TUNE``) on a few shapes
+per (head dim, block size) class, then the three fastest tiles of each class's shapes under
+each register cap of ``REGISTER_CAPS`` (Triton's ``maxnreg``), and writes the best rows as a
+``set_tile_configs`` table (JSON). It compiles the candidates first in parallel
 worker processes (Triton's disk cache), so the sweep is not compile-bound. ``--tune-map`` times
 the whole-map backward (``ops._triton_map_attention``) for each candidate row on the shapes it
 applies to and prints each row's time, the fastest (a row of its ``_TILES``) and the time of
@@ -110,7 +111,7 @@ SHAPES = [
 ]
 SHAPES_BY_NAME = {s.name: s for s in SHAPES}
 
-TUNE = {  # kind: (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates, see ops._triton_...
+TUNE = {  # kind: (BLOCK_M, BLOCK_N, num_warps, num_stages) tiles, timed without a register cap
     'fwd': [(16, 64, 2, 2), (16, 128, 4, 2), (32, 64, 4, 2), (32, 128, 4, 2), (64, 64, 4, 2),
             (64, 128, 4, 2), (64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 4, 2), (128, 64, 4, 3),
             (128, 64, 8, 2), (128, 128, 8, 2), (64, 32, 4, 3), (128, 64, 8, 3), (64, 64, 8, 2)],
@@ -125,6 +126,9 @@ TUNE = {  # kind: (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates, see ops.
             (32, 64, 4, 2), (32, 64, 4, 3), (64, 64, 4, 2), (64, 64, 4, 3), (16, 128, 4, 2),
             (32, 128, 4, 2), (32, 128, 8, 2), (64, 128, 8, 2), (16, 256, 8, 2), (32, 256, 8, 2)],
 }
+# The sweep's second pass: register caps (max_registers) on each class's fastest tiles.
+REGISTER_CAPS = (128, 96, 80)
+CAPPED_TILES = 2  # fastest uncapped tiles per shape that the second pass caps
 # Shapes the sweep times: at least one per (head dim, block size) class that a model uses.
 TUNE_SHAPES = ('t224_s3', 't224_s2', 't512_s3', 's_det_s3', 't224_s1', 'b1024_s2', 'dsvt48_d32',
                's_det_s2', 'dsvt90_d32', 't512_s1', 's_det_s1', 'dsvt36_d64', 'b1024_s2_d64',
@@ -397,18 +401,6 @@ class KernelInputs:
                                             self.lse, *self.args)
         self.order, self.offsets = kernels._transpose_index(self.index, shape.blocks)
 
-    def effective_config(self, kind, config):
-        """The config a launch really uses (fwd/dq cap BLOCK_N at the routed keys); raises
-        ValueError for a config that does not fit the shape."""
-        s = self.shape
-        if kind in ('dkdv', 'bwd'):
-            kernels._key_plan(kind, s.batch, s.heads, s.blocks * s.block_k, s.head_dim,
-                              s.block_k, s.block_q, False, config)
-            return config
-        meta = kernels._query_plan(kind, s.batch, s.heads, s.groups * s.block_q, s.head_dim,
-                                   s.block_q, s.block_k, s.topk, False, config)[2]
-        return meta['BLOCK_M'], meta['BLOCK_N'], meta['num_warps'], meta['num_stages']
-
     def launcher(self, kind, config):
         q, k, v, grad_out = self.q, self.k, self.v, self.grad_out
         if kind == 'fwd':
@@ -427,22 +419,57 @@ class KernelInputs:
                                                    dq_mode=dq_mode, config=config)
 
 
-def _candidates(inputs, kind):
-    """{effective config: [candidate configs that launch as it]} of one kind on one shape."""
+def effective_config(shape, kind, config):
+    """The config a launch really uses (fwd/dq cap BLOCK_N at the routed keys); raises
+    ValueError for a config that does not fit the shape."""
+    s = shape
+    if kind in ('dkdv', 'bwd'):
+        kernels._key_plan(kind, s.batch, s.heads, s.blocks * s.block_k, s.head_dim,
+                          s.block_k, s.block_q, False, config)
+        return config
+    meta = kernels._query_plan(kind, s.batch, s.heads, s.groups * s.block_q, s.head_dim,
+                               s.block_q, s.block_k, s.topk, False, config)[2]
+    return (meta['BLOCK_M'], meta['BLOCK_N'], meta['num_warps'], meta['num_stages'],
+            meta['maxnreg'] or 0)
+
+
+def _candidates(shape, kind, configs=None):
+    """{effective config: [candidate configs that launch as it]} of one kind on one shape;
+    ``configs`` default to the uncapped TUNE tiles."""
     unique = {}
-    for config in TUNE[kind]:
+    for config in [tile + (0,) for tile in TUNE[kind]] if configs is None else configs:
         try:
-            unique.setdefault(inputs.effective_config(kind, config), []).append(config)
+            unique.setdefault(effective_config(shape, kind, tuple(config)), []).append(
+                tuple(config))
         except ValueError:  # the tile cannot hold the packed groups/blocks
             pass
     return unique
 
 
-def _compile_worker(shape_name, kind, dtype_name):
+def _capped_candidates(kind, measured):
+    """{shape name: configs for the second pass}: the CAPPED_TILES fastest uncapped tiles of
+    every shape of a (head-dim, block-size) class, each with every REGISTER_CAPS value, for
+    all shapes of that class (so the class's shapes share candidates). ``measured``: {shape
+    name: {config: ms}} of the first pass."""
+    def size_class(name):
+        shape = SHAPES_BY_NAME[name]
+        return (kernels.head_dim_class(shape.head_dim), _size_class(_block_size(kind, shape)))
+    chosen = [name for name in measured if _runs_in_auto(kind, name)]
+    fastest = {}
+    for name in chosen:
+        shape = SHAPES_BY_NAME[name]
+        tiles = {effective_config(shape, kind, c)[:4]: ms for c, ms in measured[name].items()}
+        fastest.setdefault(size_class(name), set()).update(
+            sorted(tiles, key=tiles.get)[:CAPPED_TILES])
+    return {name: [tile + (cap,) for tile in sorted(fastest[size_class(name)])
+                   for cap in REGISTER_CAPS] for name in chosen}
+
+
+def _compile_worker(shape_name, kind, dtype_name, configs=None):
     """Launch every candidate of one kind once on one shape (fills Triton's disk cache)."""
     dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}[dtype_name]
     inputs = KernelInputs(SHAPES_BY_NAME[shape_name], dtype)
-    for config in _candidates(inputs, kind):
+    for config in _candidates(inputs.shape, kind, configs):
         try:
             inputs.launcher(kind, config)()
         except Exception:  # reported by the timing pass
@@ -476,28 +503,36 @@ def choose_configs(timings):
 
 
 def _runs_in_auto(kind, shape_name):
-    """Whether the 'auto' backward can take kernel ``kind`` at this shape: the one-kernel
-    backward ('bwd') runs at one slot only, so shapes with several do not choose its rows."""
-    return kind != 'bwd' or SHAPES_BY_NAME[shape_name].topk == 1
+    """Whether the default kernels run kernel ``kind`` at this shape, so that its timings there
+    choose rows: the forward always; the backward is the whole-map one where that takes the
+    call, else the one-kernel backward ('bwd') where it stores dQ, else dQ and dK/dV."""
+    if kind == 'fwd':
+        return True
+    s = SHAPES_BY_NAME[shape_name]
+    if whole_map.takes_map_backward(s.blocks * s.block_k, s.head_dim, s.block_q, s.block_k,
+                                    s.topk, s.batch * s.heads):
+        return False
+    one_kernel = kernels.backward_dq_mode(s.topk, s.block_k, s.head_dim, 'auto') != 0
+    return one_kernel == (kind == 'bwd')
 
 
 def _block_size(kind, shape):
     return shape.block_k if kind in ('dkdv', 'bwd') else shape.block_q
 
 
-def tune(shapes, kinds, dtype, dtype_name, reps_ms, configs_path, workers):
-    """Time each kernel kind alone for every TUNE candidate (CUDA-graph replay) and write the
-    chosen table (and all timings) to ``configs_path`` as JSON after every shape."""
+def _time_candidates(shapes, kinds, dtype, reps_ms, timings, configs_path, candidates=None):
+    """Add each kernel kind's time alone (CUDA-graph replay, ms) for its candidates on every
+    shape to ``timings`` ({kind: {shape name: {config: ms}}}) and write the chosen table and
+    all timings to ``configs_path`` after every shape. ``candidates``: {kind: {shape name:
+    configs}}, default the uncapped TUNE tiles."""
     from triton.testing import do_bench_cudagraph
-    compile_in_workers(_compile_worker, [(s.name, kind, dtype_name) for s in shapes
-                                         for kind in kinds], workers)
-    timings = {kind: {} for kind in kinds}
     for shape in shapes:
         inputs = KernelInputs(shape, dtype)
         for kind in kinds:
             default = kernels.tile_config(kind, _block_size(kind, shape), shape.head_dim)
-            measured = {}
-            for effective, requested in _candidates(inputs, kind).items():
+            measured = timings[kind].setdefault(shape.name, {})
+            configs = None if candidates is None else candidates[kind].get(shape.name, [])
+            for effective, requested in _candidates(shape, kind, configs).items():
                 try:
                     ms = do_bench_cudagraph(inputs.launcher(kind, effective), rep=reps_ms,
                                             return_mode='median')
@@ -505,7 +540,6 @@ def tune(shapes, kinds, dtype, dtype_name, reps_ms, configs_path, workers):
                     print(f'  {shape.name} {kind} {effective}: {type(err).__name__}', flush=True)
                     continue
                 measured.update({config: ms for config in requested})
-            timings[kind][shape.name] = measured
             if measured:
                 best = min(measured, key=measured.get)
                 base = measured.get(default)
@@ -515,12 +549,28 @@ def tune(shapes, kinds, dtype, dtype_name, reps_ms, configs_path, workers):
                       flush=True)
         del inputs
         torch.cuda.empty_cache()
-        table = choose_configs(timings)
         with open(configs_path, 'w') as f:
-            json.dump(dict(configs=table, timings={
+            json.dump(dict(configs=choose_configs(timings), timings={
                 kind: {name: {str(list(c)): t for c, t in per.items()}
                        for name, per in per_shape.items()}
                 for kind, per_shape in timings.items()}), f, indent=1)
+
+
+def tune(shapes, kinds, dtype, dtype_name, reps_ms, configs_path, workers):
+    """Time each kernel kind alone (CUDA-graph replay) for every TUNE tile, then for the
+    fastest tiles of each class under each of REGISTER_CAPS, and write the chosen table (and
+    all timings) to ``configs_path`` as JSON."""
+    compile_in_workers(_compile_worker, [(s.name, kind, dtype_name) for s in shapes
+                                         for kind in kinds], workers)
+    timings = {kind: {} for kind in kinds}
+    _time_candidates(shapes, kinds, dtype, reps_ms, timings, configs_path)
+    capped = {kind: _capped_candidates(kind, timings[kind]) for kind in kinds}
+    print('second pass: register caps', REGISTER_CAPS, flush=True)
+    compile_in_workers(_compile_worker, [(name, kind, dtype_name, configs)
+                                         for kind in kinds
+                                         for name, configs in capped[kind].items()
+                                         if configs], workers)
+    _time_candidates(shapes, kinds, dtype, reps_ms, timings, configs_path, capped)
     print('chosen rows (set_tile_configs table):', flush=True)
     for kind, classes in choose_configs(timings).items():
         for max_d, rows in classes.items():

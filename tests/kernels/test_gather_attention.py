@@ -81,17 +81,18 @@ def max_errors(results, exact):
 
 class SmallDevice:
     """A kernel on a GPU with little shared memory: launches for which ``refuses(meta)`` holds
-    raise OutOfResources (as Triton does before running), the others are recorded by
-    ``record(meta)`` and run."""
+    raise ``error`` (default OutOfResources, as Triton does before running), the others are
+    recorded by ``record(meta)`` and run."""
 
-    def __init__(self, kernel, refuses, record):
+    def __init__(self, kernel, refuses, record, error=None):
+        from triton.runtime.errors import OutOfResources
         self.kernel, self.refuses, self.record = kernel, refuses, record
+        self.error = error or OutOfResources(300_000, 100_000, 'shared memory')
 
     def __getitem__(self, grid):
         def launch(*args, **meta):
-            from triton.runtime.errors import OutOfResources
             if self.refuses(meta):
-                raise OutOfResources(300_000, 100_000, 'shared memory')
+                raise self.error
             self.record(meta)
             return self.kernel[grid](*args, **meta)
         return launch
@@ -276,7 +277,7 @@ def tile_rows():
 def test_aligned_key_steps_within_and_across_blocks_match_fp64(block_n, width, tile_rows):
     """ALIGNED forward and dQ steps of 16 keys (each inside one 32-key block: the scalar index
     load) and of 64 (two blocks a step), with -1 slots, padding and a per-head index."""
-    tile_rows({kind: {32: [(None, (16, block_n, 2, 1))]} for kind in ('fwd', 'dq')})
+    tile_rows({kind: {32: [(None, (16, block_n, 2, 1, 0))]} for kind in ('fwd', 'dq')})
     q, k, v, index, mask = make_inputs(1, 2, 4, 32, 8, 32, 2, 16, per_head=True,
                                        masked_fraction=0.2)
     index[0, 1, 0, :] = -1
@@ -844,7 +845,7 @@ def test_tile_configs_too_large_for_the_device_shrink_and_are_remembered(monkeyp
         leaves = [t.detach().requires_grad_() for t in (q, k, v)]
         out = ops.gather_attention(*leaves, index, block_q=16, block_k=16, backend=backend)
         return [out] + list(torch.autograd.grad(out, leaves, grad))
-    with pytest.warns(UserWarning, match='needs more shared memory'):
+    with pytest.warns(UserWarning, match='does not fit'):
         got = run('triton')
     for result, expected in zip(got, run('torch')):
         torch.testing.assert_close(result, expected, atol=1e-4, rtol=1e-4)
@@ -856,3 +857,27 @@ def test_tile_configs_too_large_for_the_device_shrink_and_are_remembered(monkeyp
         warnings.simplefilter('error')  # remembered: no second warning, no failed launch
         run('triton')
     assert launched
+
+
+def test_register_capped_configs_that_ptxas_cannot_compile_run_uncapped(monkeypatch, tile_rows):
+    """A table row whose register cap ptxas refuses (``PTXASError``, e.g. for a kernel variant
+    the sweep did not compile) is launched without the cap, once, with a warning."""
+    from ops._launch import PTXASError
+    monkeypatch.setattr(kernels, '_FITTED', {})
+    tile_rows({kind: {32: [(None, (16, 32, 2, 1, 80))]} for kind in ('fwd', 'dq')})
+    launched = []
+    for name in ('_fwd_kernel', '_bwd_dq_kernel'):
+        monkeypatch.setattr(kernels, name, SmallDevice(
+            getattr(kernels, name), lambda meta: meta['maxnreg'] is not None,
+            lambda meta: launched.append(meta['maxnreg']),
+            PTXASError('Insufficient registers (80) to compile instruction')))
+    q, k, v, index, _ = make_inputs(1, 2, 4, 16, 4, 16, 3, 16, empty_fraction=0.0)
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    with pytest.warns(UserWarning, match='does not fit'):
+        out = ops.gather_attention(*leaves, index, block_q=16, block_k=16, backend='triton')
+        grads = torch.autograd.grad(out, leaves, torch.ones_like(out))
+    expected = ops.gather_attention(q, k, v, index, block_q=16, block_k=16, backend='torch')
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+    assert all(g.isfinite().all() for g in grads)
+    assert launched == [None, None]  # forward and dQ kernels, uncapped
+    assert set(kernels._FITTED.values()) == {(16, 32, 2, 1, 0)}
