@@ -367,7 +367,7 @@ def _fwd_kernel(Q, K, V, Index, Mask, Out, Lse,
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, Out, GradOut, Lse, Index, Mask, GradQ, Delta,
+def _bwd_dq_kernel(Q, K, V, Out, GradOut, Lse, Index, Mask, GradQ, Delta, Order, Offsets,
                    stride_qb, stride_qh, stride_qn, stride_qd,
                    stride_kb, stride_kh, stride_kn, stride_kd,
                    stride_vb, stride_vh, stride_vn, stride_vd,
@@ -379,12 +379,25 @@ def _bwd_dq_kernel(Q, K, V, Out, GradOut, Lse, Index, Mask, GradQ, Delta,
                    num_tiles, heads, num_q, head_dim, groups, block_q, block_k, slot_keys,
                    num_steps, GPT, TPG, RPG, CPG, scale, scale_log2,
                    QRows, KRows,
+                   index_heads, slots, list_len, blocks, num_chunks, transpose_programs,
                    HAS_MASK: tl.constexpr, WINDOWS: tl.constexpr, ALIGNED: tl.constexpr,
                    ONE_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                   TRANSPOSE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_E: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """GradQ ((B, H, Nq, D) at strides ``stride_dq*``, unit head-dim stride, q's dtype) and
-    Delta = rowsum(dO * O) (B, H, Nq) fp32. ``ALIGNED``, ``ONE_BLOCK`` as in ``_fwd_kernel``."""
+    Delta = rowsum(dO * O) (B, H, Nq) fp32. ``ALIGNED``, ``ONE_BLOCK`` as in ``_fwd_kernel``.
+
+    ``TRANSPOSE``: the first ``transpose_programs`` programs build the transposed index (Order,
+    Offsets) for the dK/dV kernel instead (:func:`_transpose_index_program`), beside the dQ
+    programs rather than in a launch of its own."""
     program = tl.program_id(0).to(tl.int64)  # one flat grid: B*H may exceed grid dim 1
+    if TRANSPOSE:
+        if program < transpose_programs:
+            _transpose_index_program(program, Index, Order, Offsets, stride_ib, stride_ih,
+                                     stride_ig, stride_ik, index_heads, slots, list_len, blocks,
+                                     num_chunks, BLOCK_B, BLOCK_E)
+            return
+        program -= transpose_programs
     tile = (program % num_tiles).to(tl.int32)
     bh = program // num_tiles
     b, h = bh // heads, bh % heads
@@ -546,16 +559,16 @@ def _bwd_dkdv_kernel(Q, K, V, Out, GradOut, Lse, Delta, Order, Offsets, Mask, Gr
 
 
 @triton.jit
-def _transpose_index_kernel(Index, Order, Offsets, index_heads, stride_ib, stride_ih,
-                            stride_ig, stride_ik, slots, list_len, blocks, num_chunks,
-                            BLOCK_B: tl.constexpr, BLOCK_E: tl.constexpr):
-    """Transposed index of one index row, for ``BLOCK_B`` of its key blocks ``m``.
+def _transpose_index_program(program, Index, Order, Offsets, stride_ib, stride_ih, stride_ig,
+                             stride_ik, index_heads, slots, list_len, blocks, num_chunks,
+                             BLOCK_B: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Program ``program`` of the transposed index: one index row, ``BLOCK_B`` of its key
+    blocks ``m``.
 
     ``Offsets[row, m]`` (m in [0, M]) counts the row's entries in [0, m); the groups whose
     slots name block ``m`` go to ``Order[row, Offsets[row, m]:Offsets[row, m + 1]]`` in row
     order (a stable counting sort; -1 and out-of-range entries are left out).
     """
-    program = tl.program_id(0).to(tl.int64)
     row = program // num_chunks
     chunk = (program % num_chunks).to(tl.int32)
     Index += (row // index_heads) * stride_ib + (row % index_heads) * stride_ih
@@ -584,6 +597,16 @@ def _transpose_index_kernel(Index, Order, Offsets, index_heads, stride_ib, strid
         filled += tl.sum(hits, 1)
 
 
+@triton.jit
+def _transpose_index_kernel(Index, Order, Offsets, stride_ib, stride_ih, stride_ig, stride_ik,
+                            index_heads, slots, list_len, blocks, num_chunks,
+                            BLOCK_B: tl.constexpr, BLOCK_E: tl.constexpr):
+    """The transposed index alone (see :func:`_transpose_index_program`)."""
+    _transpose_index_program(tl.program_id(0).to(tl.int64), Index, Order, Offsets, stride_ib,
+                             stride_ih, stride_ig, stride_ik, index_heads, slots, list_len,
+                             blocks, num_chunks, BLOCK_B, BLOCK_E)
+
+
 def _index_strides(index: Tensor):
     """(batch, head, group, slot) strides; a shared (B, G, K) index gets head stride 0."""
     if index.dim() == 3:
@@ -591,13 +614,9 @@ def _index_strides(index: Tensor):
     return index.stride()
 
 
-def _transpose_index(index: Tensor, blocks: int):
-    """Per index row (B, or B*H for a per-head index): groups listed by routed key block.
-
-    Returns ``order`` int32 (rows, G*K) and ``offsets`` int32 (rows, M+1): the groups that
-    route to block ``m`` are ``order[r, offsets[r, m]:offsets[r, m+1]]``, in group order.
-    Entries of ``order`` past ``offsets[r, M]`` (the -1 slots) are left unwritten.
-    """
+def _transpose_launch(index: Tensor, blocks: int):
+    """The transposed index's buffers and launch: (order, offsets, programs, scalar arguments
+    after the index strides, BLOCK_B/BLOCK_E meta). See :func:`_transpose_index`."""
     batch, slots = index.shape[0], index.shape[-1]
     heads = index.shape[1] if index.dim() == 4 else 1
     list_len = index.shape[-2] * slots
@@ -605,9 +624,21 @@ def _transpose_index(index: Tensor, blocks: int):
     offsets = torch.empty((batch * heads, blocks + 1), dtype=torch.int32, device=index.device)
     block_b, block_e = _transpose_tiles(list_len)
     num_chunks = cdiv(blocks + 1, block_b)
-    fast_launcher(_transpose_index_kernel)[(batch * heads * num_chunks,)](
-        index, order, offsets, heads, *_index_strides(index), slots, list_len, blocks,
-        num_chunks, BLOCK_B=block_b, BLOCK_E=block_e, num_warps=4)
+    return (order, offsets, batch * heads * num_chunks,
+            (heads, slots, list_len, blocks, num_chunks), dict(BLOCK_B=block_b, BLOCK_E=block_e))
+
+
+def _transpose_index(index: Tensor, blocks: int):
+    """Per index row (B, or B*H for a per-head index): groups listed by routed key block.
+
+    Returns ``order`` int32 (rows, G*K) and ``offsets`` int32 (rows, M+1): the groups that
+    route to block ``m`` are ``order[r, offsets[r, m]:offsets[r, m+1]]``, in group order.
+    Entries of ``order`` past ``offsets[r, M]`` (the -1 slots) are left unwritten. The split
+    backward builds it in its dQ launch instead (:func:`backward_dq`).
+    """
+    order, offsets, programs, scalars, meta = _transpose_launch(index, blocks)
+    fast_launcher(_transpose_index_kernel)[(programs,)](
+        index, order, offsets, *_index_strides(index), *scalars, **meta, num_warps=4)
     return order, offsets
 
 
@@ -803,9 +834,11 @@ def forward(q: Tensor, k: Tensor, v: Tensor, index: Tensor, key_padding_mask: Op
 def backward_dq(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                 index: Tensor, key_padding_mask: Optional[Tensor], block_q: int, block_k: int,
                 scale: float, config: Optional[tuple] = None,
-                layout: Optional[Sequence[int]] = None, grad_q: Optional[Tensor] = None):
+                layout: Optional[Sequence[int]] = None, grad_q: Optional[Tensor] = None,
+                transpose: Optional[tuple] = None):
     """(grad_q :func:`token_major` in q's dtype, or written into the given ``grad_q``, delta =
-    rowsum(dO * O) (B, H, Nq) fp32); non-empty inputs only."""
+    rowsum(dO * O) (B, H, Nq) fp32); non-empty inputs only. ``transpose``, a
+    :func:`_transpose_launch` of ``index``: the launch also fills its order and offsets."""
     batch, heads, num_q, head_dim = q.shape
     if grad_q is None:
         grad_q = token_major(q)
@@ -813,16 +846,20 @@ def backward_dq(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, 
     mask, stride_mb, stride_mn, has_mask = _mask_args(key_padding_mask, index)
     layout_args, windows = _layout_args(layout, q, k, block_q, block_k)
 
+    order, offsets, transpose_programs, transpose_scalars, transpose_meta = \
+        transpose or (index, index, 0, (0, 0, 0, 0, 0), dict(BLOCK_B=1, BLOCK_E=1))
+
     def launch(tiles):
         grid, scalars, meta = _query_plan('dq', batch, heads, num_q, head_dim, block_q,
                                           block_k, index.shape[-1], q.dtype == torch.float32,
                                           tiles)
-        fast_launcher(_bwd_dq_kernel)[grid](
-            q, k, v, out, grad_out, lse, index, mask, grad_q, delta,
+        fast_launcher(_bwd_dq_kernel)[(grid[0] + transpose_programs,)](
+            q, k, v, out, grad_out, lse, index, mask, grad_q, delta, order, offsets,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(),
             *_row_strides(grad_q), *_index_strides(index), stride_mb, stride_mn,
-            *scalars, scale, scale * LOG2E, *layout_args, HAS_MASK=has_mask, WINDOWS=windows,
-            **meta)
+            *scalars, scale, scale * LOG2E, *layout_args, *transpose_scalars,
+            transpose_programs, HAS_MASK=has_mask, WINDOWS=windows,
+            TRANSPOSE=transpose is not None, **transpose_meta, **meta)
     _launch_fitting('dq', block_q, head_dim, q.device, config, launch)
     return grad_q, delta
 
@@ -948,13 +985,17 @@ def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
                            *grads, layout=layout)
         return tuple(grads)
     mode = backward_dq_mode(index.shape[-1], block_k, q.shape[-1])
-    order, offsets = _transpose_index(index, k.shape[2] // block_k)
-    args = (order, offsets, index.dim() == 4, key_padding_mask, block_q, block_k, scale)
+    blocks = k.shape[2] // block_k
     if mode != 0:
+        args = (*_transpose_index(index, blocks), index.dim() == 4, key_padding_mask, block_q,
+                block_k, scale)
         return backward_one_kernel(grad_out, q, k, v, out, lse, *args, dq_mode=mode,
                                    layout=layout, grads=grads)
+    transpose = _transpose_launch(index, blocks)
     grad_q, delta = backward_dq(grad_out, q, k, v, out, lse, index, key_padding_mask, block_q,
-                                block_k, scale, layout=layout, grad_q=grads and grads[0])
+                                block_k, scale, layout=layout, grad_q=grads and grads[0],
+                                transpose=transpose)
+    args = (*transpose[:2], index.dim() == 4, key_padding_mask, block_q, block_k, scale)
     grad_k, grad_v = backward_dkdv(grad_out, q, k, v, out, lse, delta, *args, layout=layout,
                                    grad_kv=grads and grads[1:])
     return grad_q, grad_k, grad_v

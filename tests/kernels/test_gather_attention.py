@@ -379,6 +379,26 @@ def test_transpose_index_is_a_stable_counting_sort(per_head, tiles, monkeypatch)
             assert row_order[expected_offsets[m]:expected_offsets[m + 1]].tolist() == groups_of_m
 
 
+@pytest.mark.parametrize('per_head', [False, True], ids=['shared', 'per_head'])
+def test_dq_launch_builds_the_same_transposed_index(per_head):
+    """The split backward's dQ launch runs the transposition programs first, beside its own:
+    the same order and offsets as the transposition alone, and the same dQ and delta."""
+    q, k, v, index, mask = make_inputs(2, 2, 6, 4, 5, 4, 3, 16, per_head=per_head,
+                                       masked_fraction=0.2)
+    out, lse = kernels.forward(q, k, v, index, mask, 4, 4, 0.25)
+    grad_out = torch.randn_like(q)
+    plain = kernels.backward_dq(grad_out, q, k, v, out, lse, index, mask, 4, 4, 0.25)
+    transpose = kernels._transpose_launch(index, 5)
+    with_transpose = kernels.backward_dq(grad_out, q, k, v, out, lse, index, mask, 4, 4, 0.25,
+                                         transpose=transpose)
+    order, offsets = _transpose_index(index, 5)
+    assert torch.equal(transpose[1], offsets)
+    for row, row_offsets in enumerate(offsets.tolist()):  # entries past the last are unwritten
+        assert torch.equal(transpose[0][row, :row_offsets[-1]], order[row, :row_offsets[-1]])
+    for got, expected in zip(with_transpose, plain):
+        assert torch.equal(got, expected)
+
+
 # ----------------------------------------------------------------------------- window layout
 
 WINDOW_CASES = {
