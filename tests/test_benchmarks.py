@@ -174,3 +174,35 @@ def test_ops_tuning_caps_registers_on_the_fastest_tiles_of_each_class(monkeypatc
     rows = dict(bench_ops.choose_configs({'fwd': timings})['fwd'][32])
     assert rows[64] == (64, 32, 4, 3, 96)  # t224_s1 and b1024_s2: 64-token blocks
     assert rows[16] == tiles[2]  # t224_s2: uncapped, its fastest
+
+
+def test_ops_tuning_times_the_window_layout_too(monkeypatch):
+    """Shapes with a window form are swept once more in the window layout (as BiFormer calls
+    the op): the member's inputs come from the kernels in that layout, and every kernel kind
+    launches on them."""
+    import functools
+
+    import bench_ops
+    import ops
+    from ops import _triton_gather_attention as kernels
+    tiny = bench_ops.Shape('tiny_map', 1, 2, 4, 4, 4, 4, 2, 16)  # 2x2 windows of a 4x4 map
+    monkeypatch.setitem(bench_ops.SHAPES_BY_NAME, 'tiny_map', tiny)
+    monkeypatch.setattr(bench_ops, 'make_problem',
+                        functools.partial(bench_ops.make_problem, device='cpu'))
+    sets = bench_ops.SHAPES_BY_NAME['dsvt48_d32']  # no window form
+    assert bench_ops.sweep_members([tiny, sets]) == ['tiny_map', 'dsvt48_d32', 'tiny_map:windows']
+    assert bench_ops.sweep_members([tiny, sets], windows=False) == ['tiny_map', 'dsvt48_d32']
+    plain = bench_ops.KernelInputs('tiny_map', torch.float32)
+    windowed = bench_ops.KernelInputs('tiny_map:windows', torch.float32)
+    assert plain.layout is None and windowed.layout == (2, 2, 4)
+    expected = ops.gather_attention(windowed.q, windowed.k, windowed.v, windowed.index,
+                                    block_q=(2, 2), block_k=(2, 2), map_width=4,
+                                    backend='torch')
+    torch.testing.assert_close(windowed.out, expected, atol=1e-5, rtol=1e-5)
+    for kind in ('fwd', 'dq', 'dkdv', 'bwd'):
+        windowed.launcher(kind, kernels.tile_config(kind, 4, 16))()
+    # both layouts of a shape are members of its class: they share the second pass's tiles
+    fast, slow = (16, 16, 2, 1, 0), (16, 32, 2, 1, 0)
+    capped = bench_ops._capped_candidates('fwd', {'tiny_map': {fast: 1.0, slow: 2.0},
+                                                  'tiny_map:windows': {slow: 1.0}})
+    assert capped['tiny_map'] == capped['tiny_map:windows'] != []

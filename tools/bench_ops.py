@@ -9,9 +9,11 @@
 
 ``--tune`` times each kernel of ours (fwd, dq, dkdv, and bwd: the dK/dV kernel that also
 computes dQ) alone, as CUDA-graph replays, for every candidate tile (``TUNE``) on a few shapes
-per (head dim, block size) class, then the three fastest tiles of each class's shapes under
-each register cap of ``REGISTER_CAPS`` (Triton's ``maxnreg``), and writes the best rows as a
-``set_tile_configs`` table (JSON). It compiles the candidates first in parallel
+per (head dim, block size) class, then the fastest tiles (``CAPPED_TILES``) of each class's
+shapes under each register cap of ``REGISTER_CAPS`` (Triton's ``maxnreg``), and writes the best
+rows as a ``set_tile_configs`` table (JSON). Each shape that has a window form (``map_windows``)
+is timed in the window layout too, as BiFormer calls the op (``--no-windows``: block-major
+only); the chosen row of a class weighs both. It compiles the candidates first in parallel
 worker processes (Triton's disk cache), so the sweep is not compile-bound. ``--tune-map`` times
 the whole-map backward (``ops._triton_map_attention``) for each candidate row on the shapes it
 applies to and prints each row's time, the fastest (a row of its ``_TILES``) and the time of
@@ -387,36 +389,60 @@ def flex_in_child(shapes, dtype_name, reps_ms):
     return results
 
 
-class KernelInputs:
-    """One shape's inputs to each kernel of ours: q, k, v, index, mask, dO and, from a first
-    pass, the forward's out and lse, the delta and the transposed index."""
+WINDOWED = ':windows'  # suffix of a sweep member timed in BiFormer's window layout
 
-    def __init__(self, shape, dtype):
-        self.shape = shape
+
+def sweep_member(name):
+    """(Shape, layout) of a tuning-sweep member: a shape's name (block-major tokens, layout
+    None), or that name + WINDOWED for the same problem in the window layout (``layout`` as
+    the kernels take it: q and k window widths and the map width; see ``map_windows``)."""
+    if name.endswith(WINDOWED):
+        shape = SHAPES_BY_NAME[name[:-len(WINDOWED)]]
+        (_, width), map_width = map_windows(shape)
+        return shape, (width, width, map_width)
+    return SHAPES_BY_NAME[name], None
+
+
+def sweep_members(shapes, windows=True):
+    """Names of the sweep's members: every shape, and with ``windows`` each shape that has a
+    window form (``map_windows``) once more in that layout, which BiFormer's attention uses."""
+    return [s.name for s in shapes] + [s.name + WINDOWED for s in shapes
+                                       if windows and map_windows(s)]
+
+
+class KernelInputs:
+    """One sweep member's inputs to each kernel of ours (:func:`sweep_member`): q, k, v, index,
+    mask, dO and, from a first pass, the forward's out and lse, the delta and the transposed
+    index."""
+
+    def __init__(self, name, dtype):
+        self.shape, self.layout = shape, layout = sweep_member(name)
         self.q, self.k, self.v, self.index, self.mask = make_problem(shape, dtype)
         self.args = (self.index, self.mask, shape.block_q, shape.block_k, shape.head_dim ** -0.5)
-        self.out, self.lse = kernels.forward(self.q, self.k, self.v, *self.args)
+        self.out, self.lse = kernels.forward(self.q, self.k, self.v, *self.args, layout=layout)
         self.grad_out = torch.randn_like(self.q)
         _, self.delta = kernels.backward_dq(self.grad_out, self.q, self.k, self.v, self.out,
-                                            self.lse, *self.args)
+                                            self.lse, *self.args, layout=layout)
         self.order, self.offsets = kernels._transpose_index(self.index, shape.blocks)
 
     def launcher(self, kind, config):
-        q, k, v, grad_out = self.q, self.k, self.v, self.grad_out
+        q, k, v, grad_out, layout = self.q, self.k, self.v, self.grad_out, self.layout
         if kind == 'fwd':
-            return lambda: kernels.forward(q, k, v, *self.args, config=config)
+            return lambda: kernels.forward(q, k, v, *self.args, config=config, layout=layout)
         if kind == 'dq':
             return lambda: kernels.backward_dq(grad_out, q, k, v, self.out, self.lse, *self.args,
-                                               config=config)
+                                               config=config, layout=layout)
         index, mask, block_q, block_k, scale = self.args
         tail = (self.order, self.offsets, index.dim() == 4, mask, block_q, block_k, scale)
         if kind == 'dkdv':
             return lambda: kernels.backward_dkdv(grad_out, q, k, v, self.out, self.lse,
-                                                 self.delta, *tail, config=config)
+                                                 self.delta, *tail, config=config,
+                                                 layout=layout)
         dq_mode = kernels.backward_dq_mode(index.shape[-1], block_k, q.shape[-1], 'fused',
                                            block_n=config[1])
         return lambda: kernels.backward_one_kernel(grad_out, q, k, v, self.out, self.lse, *tail,
-                                                   dq_mode=dq_mode, config=config)
+                                                   dq_mode=dq_mode, config=config,
+                                                   layout=layout)
 
 
 def effective_config(shape, kind, config):
@@ -447,17 +473,17 @@ def _candidates(shape, kind, configs=None):
 
 
 def _capped_candidates(kind, measured):
-    """{shape name: configs for the second pass}: the CAPPED_TILES fastest uncapped tiles of
-    every shape of a (head-dim, block-size) class, each with every REGISTER_CAPS value, for
-    all shapes of that class (so the class's shapes share candidates). ``measured``: {shape
-    name: {config: ms}} of the first pass."""
+    """{member name: configs for the second pass}: the CAPPED_TILES fastest uncapped tiles of
+    every sweep member of a (head-dim, block-size) class, each with every REGISTER_CAPS value,
+    for all members of that class (so they share candidates). ``measured``: {member name:
+    {config: ms}} of the first pass."""
     def size_class(name):
-        shape = SHAPES_BY_NAME[name]
+        shape = sweep_member(name)[0]
         return (kernels.head_dim_class(shape.head_dim), _size_class(_block_size(kind, shape)))
     chosen = [name for name in measured if _runs_in_auto(kind, name)]
     fastest = {}
     for name in chosen:
-        shape = SHAPES_BY_NAME[name]
+        shape = sweep_member(name)[0]
         tiles = {effective_config(shape, kind, c)[:4]: ms for c, ms in measured[name].items()}
         fastest.setdefault(size_class(name), set()).update(
             sorted(tiles, key=tiles.get)[:CAPPED_TILES])
@@ -465,10 +491,11 @@ def _capped_candidates(kind, measured):
                    for cap in REGISTER_CAPS] for name in chosen}
 
 
-def _compile_worker(shape_name, kind, dtype_name, configs=None):
-    """Launch every candidate of one kind once on one shape (fills Triton's disk cache)."""
+def _compile_worker(name, kind, dtype_name, configs=None):
+    """Launch every candidate of one kind once on one sweep member (fills Triton's disk
+    cache)."""
     dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}[dtype_name]
-    inputs = KernelInputs(SHAPES_BY_NAME[shape_name], dtype)
+    inputs = KernelInputs(name, dtype)
     for config in _candidates(inputs.shape, kind, configs):
         try:
             inputs.launcher(kind, config)()
@@ -482,9 +509,9 @@ def _size_class(block_size):
 
 
 def choose_configs(timings):
-    """A set_tile_configs table from {kind: {shape: {config: ms}}}: per head-dim class and
+    """A set_tile_configs table from {kind: {member: {config: ms}}}: per head-dim class and
     block-size class, the candidate with the least summed slowdown (time / best time) over
-    that class's shapes; classes without a timed shape keep their current rows."""
+    that class's sweep members; classes without a timed member keep their current rows."""
     table = {}
     for kind, per_shape in timings.items():
         table[kind] = {}
@@ -492,8 +519,8 @@ def choose_configs(timings):
             new_rows = []
             for limit, current in rows:
                 members = [t for name, t in per_shape.items() if t and _runs_in_auto(kind, name)
-                           and _size_class(_block_size(kind, SHAPES_BY_NAME[name])) == limit
-                           and kernels.head_dim_class(SHAPES_BY_NAME[name].head_dim) == max_d]
+                           and _size_class(_block_size(kind, sweep_member(name)[0])) == limit
+                           and kernels.head_dim_class(sweep_member(name)[0].head_dim) == max_d]
                 common = set.intersection(*(set(t) for t in members)) if members else set()
                 if common:
                     current = least_slowdown(common, members)
@@ -502,13 +529,14 @@ def choose_configs(timings):
     return table
 
 
-def _runs_in_auto(kind, shape_name):
-    """Whether the default kernels run kernel ``kind`` at this shape, so that its timings there
-    choose rows: the forward always; the backward is the whole-map one where that takes the
-    call, else the one-kernel backward ('bwd') where it stores dQ, else dQ and dK/dV."""
+def _runs_in_auto(kind, name):
+    """Whether the default kernels run kernel ``kind`` at this sweep member, so that its
+    timings there choose rows: the forward always; the backward is the whole-map one where
+    that takes the call, else the one-kernel backward ('bwd') where it stores dQ, else dQ and
+    dK/dV."""
     if kind == 'fwd':
         return True
-    s = SHAPES_BY_NAME[shape_name]
+    s = sweep_member(name)[0]
     if whole_map.takes_map_backward(s.blocks * s.block_k, s.head_dim, s.block_q, s.block_k,
                                     s.topk, s.batch * s.heads):
         return False
@@ -520,30 +548,31 @@ def _block_size(kind, shape):
     return shape.block_k if kind in ('dkdv', 'bwd') else shape.block_q
 
 
-def _time_candidates(shapes, kinds, dtype, reps_ms, timings, configs_path, candidates=None):
+def _time_candidates(names, kinds, dtype, reps_ms, timings, configs_path, candidates=None):
     """Add each kernel kind's time alone (CUDA-graph replay, ms) for its candidates on every
-    shape to ``timings`` ({kind: {shape name: {config: ms}}}) and write the chosen table and
-    all timings to ``configs_path`` after every shape. ``candidates``: {kind: {shape name:
-    configs}}, default the uncapped TUNE tiles."""
+    sweep member to ``timings`` ({kind: {member name: {config: ms}}}) and write the chosen
+    table and all timings to ``configs_path`` after every member. ``candidates``: {kind:
+    {member name: configs}}, default the uncapped TUNE tiles."""
     from triton.testing import do_bench_cudagraph
-    for shape in shapes:
-        inputs = KernelInputs(shape, dtype)
+    for name in names:
+        inputs = KernelInputs(name, dtype)
+        shape = inputs.shape
         for kind in kinds:
             default = kernels.tile_config(kind, _block_size(kind, shape), shape.head_dim)
-            measured = timings[kind].setdefault(shape.name, {})
-            configs = None if candidates is None else candidates[kind].get(shape.name, [])
+            measured = timings[kind].setdefault(name, {})
+            configs = None if candidates is None else candidates[kind].get(name, [])
             for effective, requested in _candidates(shape, kind, configs).items():
                 try:
                     ms = do_bench_cudagraph(inputs.launcher(kind, effective), rep=reps_ms,
                                             return_mode='median')
                 except Exception as err:
-                    print(f'  {shape.name} {kind} {effective}: {type(err).__name__}', flush=True)
+                    print(f'  {name} {kind} {effective}: {type(err).__name__}', flush=True)
                     continue
                 measured.update({config: ms for config in requested})
             if measured:
                 best = min(measured, key=measured.get)
                 base = measured.get(default)
-                print(f'{shape.name:13s} {kind:4s} best {best} {measured[best] * 1e3:7.1f} us; '
+                print(f'{name:21s} {kind:4s} best {best} {measured[best] * 1e3:7.1f} us; '
                       f'current {default} '
                       + (f'{base * 1e3:7.1f} us' if base is not None else 'not timed'),
                       flush=True)
@@ -556,21 +585,23 @@ def _time_candidates(shapes, kinds, dtype, reps_ms, timings, configs_path, candi
                 for kind, per_shape in timings.items()}), f, indent=1)
 
 
-def tune(shapes, kinds, dtype, dtype_name, reps_ms, configs_path, workers):
-    """Time each kernel kind alone (CUDA-graph replay) for every TUNE tile, then for the
-    fastest tiles of each class under each of REGISTER_CAPS, and write the chosen table (and
-    all timings) to ``configs_path`` as JSON."""
-    compile_in_workers(_compile_worker, [(s.name, kind, dtype_name) for s in shapes
+def tune(shapes, kinds, dtype, dtype_name, reps_ms, configs_path, workers, windows=True):
+    """Time each kernel kind alone (CUDA-graph replay) for every TUNE tile on every sweep
+    member (:func:`sweep_members`: with ``windows``, the window-layout form of each shape
+    that has one too), then for the fastest tiles of each class under each of REGISTER_CAPS,
+    and write the chosen table (and all timings) to ``configs_path`` as JSON."""
+    names = sweep_members(shapes, windows)
+    compile_in_workers(_compile_worker, [(name, kind, dtype_name) for name in names
                                          for kind in kinds], workers)
     timings = {kind: {} for kind in kinds}
-    _time_candidates(shapes, kinds, dtype, reps_ms, timings, configs_path)
+    _time_candidates(names, kinds, dtype, reps_ms, timings, configs_path)
     capped = {kind: _capped_candidates(kind, timings[kind]) for kind in kinds}
     print('second pass: register caps', REGISTER_CAPS, flush=True)
     compile_in_workers(_compile_worker, [(name, kind, dtype_name, configs)
                                          for kind in kinds
                                          for name, configs in capped[kind].items()
                                          if configs], workers)
-    _time_candidates(shapes, kinds, dtype, reps_ms, timings, configs_path, capped)
+    _time_candidates(names, kinds, dtype, reps_ms, timings, configs_path, capped)
     print('chosen rows (set_tile_configs table):', flush=True)
     for kind, classes in choose_configs(timings).items():
         for max_d, rows in classes.items():
@@ -692,6 +723,9 @@ def main(argv=None):
     parser.add_argument('--tune', nargs='*', choices=tuple(TUNE),
                         help='sweep the tile configs of these kernels of ours (default: all) on '
                         '--shapes (default: TUNE_SHAPES); writes --configs')
+    parser.add_argument('--no-windows', action='store_true',
+                        help='--tune on block-major tokens only (default: also the window '
+                        'layout of each shape that has one, as BiFormer calls the op)')
     parser.add_argument('--tune-map', action='store_true',
                         help='time the whole-map backward\'s tile rows on --shapes')
     parser.add_argument('--configs', help='JSON table of tile configs: written by --tune, '
@@ -726,7 +760,7 @@ def main(argv=None):
         if not args.configs:
             sys.exit('--tune needs --configs FILE to write the chosen table to')
         tune(shapes, args.tune or list(TUNE), dtype, args.dtype, args.reps_ms, args.configs,
-             args.workers)
+             args.workers, windows=not args.no_windows)
         return
     if args.configs:
         apply_configs(args.configs)
