@@ -477,17 +477,14 @@ def _capped_candidates(kind, measured):
     every sweep member of a (head-dim, block-size) class, each with every REGISTER_CAPS value,
     for all members of that class (so they share candidates). ``measured``: {member name:
     {config: ms}} of the first pass."""
-    def size_class(name):
-        shape = sweep_member(name)[0]
-        return (kernels.head_dim_class(shape.head_dim), _size_class(_block_size(kind, shape)))
     chosen = [name for name in measured if _runs_in_auto(kind, name)]
     fastest = {}
     for name in chosen:
         shape = sweep_member(name)[0]
         tiles = {effective_config(shape, kind, c)[:4]: ms for c, ms in measured[name].items()}
-        fastest.setdefault(size_class(name), set()).update(
+        fastest.setdefault(_member_class(kind, name), set()).update(
             sorted(tiles, key=tiles.get)[:CAPPED_TILES])
-    return {name: [tile + (cap,) for tile in sorted(fastest[size_class(name)])
+    return {name: [tile + (cap,) for tile in sorted(fastest[_member_class(kind, name)])
                    for cap in REGISTER_CAPS] for name in chosen}
 
 
@@ -504,8 +501,13 @@ def _compile_worker(name, kind, dtype_name, configs=None):
     torch.cuda.synchronize()
 
 
-def _size_class(block_size):
-    return next(limit for limit in kernels.SIZE_LIMITS if limit is None or block_size <= limit)
+def _member_class(kind, name):
+    """(head-dim class, block-size class) of kernel ``kind``'s rows that a sweep member
+    times: the keys of ``kernels._CONFIGS[kind]`` and of its rows' size limits."""
+    shape = sweep_member(name)[0]
+    block_size = _block_size(kind, shape)
+    return (kernels.head_dim_class(shape.head_dim),
+            next(limit for limit in kernels.SIZE_LIMITS if limit is None or block_size <= limit))
 
 
 def choose_configs(timings):
@@ -519,8 +521,7 @@ def choose_configs(timings):
             new_rows = []
             for limit, current in rows:
                 members = [t for name, t in per_shape.items() if t and _runs_in_auto(kind, name)
-                           and _size_class(_block_size(kind, sweep_member(name)[0])) == limit
-                           and kernels.head_dim_class(sweep_member(name)[0].head_dim) == max_d]
+                           and _member_class(kind, name) == (max_d, limit)]
                 common = set.intersection(*(set(t) for t in members)) if members else set()
                 if common:
                     current = least_slowdown(common, members)
