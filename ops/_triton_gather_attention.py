@@ -31,7 +31,6 @@ implementations for tracing.
 """
 import contextlib
 import functools
-import os
 import threading
 from typing import List, Optional, Sequence, Tuple
 
@@ -43,6 +42,7 @@ from torch.autograd.function import once_differentiable
 
 from ops._launch import fast_launcher, launch_fitting
 from ops._sizes import cdiv, next_power_of_2
+from ops.gather_attention import to_window_major
 
 LOG2E = 1.4426950408889634
 
@@ -176,47 +176,20 @@ def _block_d(head_dim: int) -> int:
 
 
 @triton.jit
-def _exp2(x, FAST_EXP: tl.constexpr):
-    """``2 ** x`` (fp32 in, fp32 out). ``FAST_EXP``: two values per ``ex2.approx.f16x2``
-    instruction, with x rounded to fp16 first (relative error of the result about 1e-3 for x
-    in [-16, 0], under the 4e-3 of the bf16 and 5e-4 of the fp16 rounding that probabilities
-    get before their products); for fp16 and bf16 kernels on a GPU, where the exponentials, 16
-    a cycle per SM, bound the score loop at small head dims (:func:`fast_exp_applies`)."""
-    if FAST_EXP:
-        return tl.inline_asm_elementwise(
-            """{
-            .reg .b32 packed;
-            .reg .b16 low, high;
-            cvt.rn.f16x2.f32 packed, $3, $2;
-            ex2.approx.f16x2 packed, packed;
-            mov.b32 {low, high}, packed;
-            cvt.f32.f16 $0, low;
-            cvt.f32.f16 $1, high;
-            }""",
-            "=f,=f,f,f", [x], dtype=tl.float32, is_pure=True, pack=2)
-    return tl.exp2(x)
-
-
-@triton.jit
-def _token_row(block, within, block_size, WinRows, win_w, wins_per_row, valid,
-               WINDOWS: tl.constexpr):
+def _token_row(block, within, block_size, Rows, valid, WINDOWS: tl.constexpr):
     """Memory row of token ``within`` of group (or key block) ``block``: ``block * block_size
-    + within``; with ``WINDOWS``, the map row of that token of window ``block``: the window's
-    origin, from ``block`` in scalar arithmetic (``win_w`` wide windows, ``wins_per_row`` to a
-    map row), plus ``WinRows[within]``, the token's offset in window 0 (:func:`window_rows`), a
-    load that does not wait on ``block``. Lanes not ``valid`` get an arbitrary row."""
+    + within``; with ``WINDOWS``, ``Rows`` of that (window-major) position, the map row of
+    the token (:func:`window_rows`; one cached load in place of window-address divisions).
+    Lanes not ``valid`` get row 0."""
+    row = block * block_size + within
     if WINDOWS:
-        origin = ((block // wins_per_row) * (block_size * wins_per_row)
-                  + (block % wins_per_row) * win_w)
-        row = origin + tl.load(WinRows + within, mask=valid, other=0)
-    else:
-        row = block * block_size + within
+        row = tl.load(Rows + row, mask=valid, other=0)
     return row
 
 
 @triton.jit
-def _tile_rows(tile, block_q, groups, GPT, TPG, RPG, Rows, win_w, wins_per_row,
-               WINDOWS: tl.constexpr, BLOCK_M: tl.constexpr):
+def _tile_rows(tile, block_q, groups, GPT, TPG, RPG, Rows, WINDOWS: tl.constexpr,
+               BLOCK_M: tl.constexpr):
     """Query positions (memory rows) of this tile's rows, their packed-group slot, and row
     validity."""
     group_tile = tile // TPG
@@ -227,15 +200,14 @@ def _tile_rows(tile, block_q, groups, GPT, TPG, RPG, Rows, win_w, wins_per_row,
     within = sub_tile * BLOCK_M + rows % rows_per_group
     group = group_tile * GPT + local_group
     valid = (local_group < GPT) & (group < groups) & (within < block_q)
-    q_pos = _token_row(group, within, block_q, Rows, win_w, wins_per_row, valid, WINDOWS)
-    return q_pos, local_group, valid, group_tile
+    return (_token_row(group, within, block_q, Rows, valid, WINDOWS), local_group, valid,
+            group_tile)
 
 
 @triton.jit
 def _step_columns(step, group_tile, block_k, groups, slot_keys, GPT, CPG,
-                  index_ptr, stride_ig, stride_ik, mask_ptr, stride_mn, Rows, win_w,
-                  wins_per_row, HAS_MASK: tl.constexpr, WINDOWS: tl.constexpr,
-                  BLOCK_N: tl.constexpr):
+                  index_ptr, stride_ig, stride_ik, mask_ptr, stride_mn, Rows,
+                  HAS_MASK: tl.constexpr, WINDOWS: tl.constexpr, BLOCK_N: tl.constexpr):
     """Key positions (memory rows) read in this step, their packed-group slot, and whether each
     is admissible."""
     cols = tl.arange(0, BLOCK_N)
@@ -246,7 +218,7 @@ def _step_columns(step, group_tile, block_k, groups, slot_keys, GPT, CPG,
     block = tl.load(index_ptr + group * stride_ig + (j // block_k) * stride_ik, mask=valid,
                     other=-1).to(tl.int32)
     valid = valid & (block >= 0)
-    key = _token_row(block, j % block_k, block_k, Rows, win_w, wins_per_row, valid, WINDOWS)
+    key = _token_row(block, j % block_k, block_k, Rows, valid, WINDOWS)
     if HAS_MASK:
         padded = tl.load(mask_ptr + key * stride_mn, mask=valid, other=1)
         valid = valid & (padded == 0)
@@ -254,83 +226,75 @@ def _step_columns(step, group_tile, block_k, groups, slot_keys, GPT, CPG,
 
 
 @triton.jit
-def _aligned_rows(tile, block_size, TPG, Rows, win_w, wins_per_row, WINDOWS: tl.constexpr,
-                  BLOCK: tl.constexpr):
+def _aligned_rows(tile, block_size, TPG, Rows, WINDOWS: tl.constexpr, BLOCK: tl.constexpr):
     """``ALIGNED`` tiling, where ``BLOCK`` divides the group (or key block) size: the tile's
     memory rows (all valid) and the group it lies in."""
     group = tile // TPG
     within = (tile % TPG) * BLOCK + tl.arange(0, BLOCK)
-    rows = _token_row(group, within, block_size, Rows, win_w, wins_per_row, within < block_size,
-                      WINDOWS)
-    return rows, group
+    return _token_row(group, within, block_size, Rows, within < block_size, WINDOWS), group
 
 
 @triton.jit
-def _aligned_columns(step, group, block_k, index_ptr, stride_ig, stride_ik, Rows, win_w,
-                     wins_per_row, WINDOWS: tl.constexpr, BLOCK_N: tl.constexpr):
+def _aligned_columns(step, group, block_k, index_ptr, stride_ig, stride_ik, Rows,
+                     WINDOWS: tl.constexpr, BLOCK_N: tl.constexpr):
     """``ALIGNED`` key step, where ``BLOCK_N`` divides the group's routed keys: the key rows
     of step ``step`` (all in range) and a score bias per column, -inf for a -1 slot."""
     j = step * BLOCK_N + tl.arange(0, BLOCK_N)
     block = tl.load(index_ptr + group * stride_ig + (j // block_k) * stride_ik).to(tl.int32)
-    key = _token_row(tl.maximum(block, 0), j % block_k, block_k, Rows, win_w, wins_per_row,
-                     j >= 0, WINDOWS)
+    key = _token_row(tl.maximum(block, 0), j % block_k, block_k, Rows, j >= 0, WINDOWS)
     return key, tl.where(block >= 0, 0.0, float('-inf'))
 
 
 @triton.jit
-def _one_block_columns(step, group, block_k, index_ptr, stride_ig, stride_ik, Rows, win_w,
-                       wins_per_row, WINDOWS: tl.constexpr, BLOCK_N: tl.constexpr):
+def _one_block_columns(step, group, block_k, index_ptr, stride_ig, stride_ik, Rows,
+                       WINDOWS: tl.constexpr, BLOCK_N: tl.constexpr):
     """``ALIGNED`` key step where ``BLOCK_N`` also divides ``block_k``: the step reads
     ``BLOCK_N`` consecutive keys of one routed block, named by one scalar index load; their
     memory rows and a score bias per column (all -inf for a -1 slot)."""
     first = step * BLOCK_N
     block = tl.load(index_ptr + group * stride_ig + (first // block_k) * stride_ik).to(tl.int32)
     within = first % block_k + tl.arange(0, BLOCK_N)
-    key = _token_row(tl.maximum(block, 0), within, block_k, Rows, win_w, wins_per_row,
-                     within >= 0, WINDOWS)
+    key = _token_row(tl.maximum(block, 0), within, block_k, Rows, within >= 0, WINDOWS)
     return key, tl.full([BLOCK_N], 0.0, tl.float32) + tl.where(block >= 0, 0.0, float('-inf'))
 
 
 @triton.jit
-def _query_tile(tile, block_q, groups, GPT, TPG, RPG, QRows, q_win_w, q_wins_per_row,
-                WINDOWS: tl.constexpr, ALIGNED: tl.constexpr, BLOCK_M: tl.constexpr):
+def _query_tile(tile, block_q, groups, GPT, TPG, RPG, QRows, WINDOWS: tl.constexpr,
+                ALIGNED: tl.constexpr, BLOCK_M: tl.constexpr):
     """:func:`_tile_rows` of a query tile, or its ``ALIGNED`` form (packed-group slot 0, the
     tile's group as its group tile)."""
     if ALIGNED:
-        q_pos, group_tile = _aligned_rows(tile, block_q, TPG, QRows, q_win_w, q_wins_per_row,
-                                          WINDOWS, BLOCK_M)
+        q_pos, group_tile = _aligned_rows(tile, block_q, TPG, QRows, WINDOWS, BLOCK_M)
         row_group = tl.zeros_like(q_pos)
         row_valid = q_pos >= 0
     else:
         q_pos, row_group, row_valid, group_tile = _tile_rows(tile, block_q, groups, GPT, TPG,
-                                                             RPG, QRows, q_win_w,
-                                                             q_wins_per_row, WINDOWS, BLOCK_M)
+                                                             RPG, QRows, WINDOWS, BLOCK_M)
     return q_pos, row_group, row_valid, group_tile
 
 
 @triton.jit
 def _step_logits(q, K, V, step, group_tile, row_group, d, d_valid, block_k, groups, slot_keys,
                  GPT, CPG, Index, stride_ig, stride_ik, stride_kn, stride_kd, stride_vn,
-                 stride_vd, Mask, stride_mn, KRows, k_win_w, k_wins_per_row, scale_log2,
-                 HAS_MASK: tl.constexpr, WINDOWS: tl.constexpr, ALIGNED: tl.constexpr,
-                 ONE_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+                 stride_vd, Mask, stride_mn, KRows, scale_log2, HAS_MASK: tl.constexpr,
+                 WINDOWS: tl.constexpr, ALIGNED: tl.constexpr, ONE_BLOCK: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
     """One key step of a query tile: the base-2 logits ``q k^T * scale_log2`` (-inf where a
     pair is not admissible) and the routed keys and values it read. ``ONE_BLOCK`` (with
     ``ALIGNED``): the step lies in one routed block (:func:`_one_block_columns`)."""
     if ALIGNED:
         if ONE_BLOCK:
             key, bias = _one_block_columns(step, group_tile, block_k, Index, stride_ig,
-                                           stride_ik, KRows, k_win_w, k_wins_per_row, WINDOWS,
-                                           BLOCK_N)
+                                           stride_ik, KRows, WINDOWS, BLOCK_N)
         else:
             key, bias = _aligned_columns(step, group_tile, block_k, Index, stride_ig, stride_ik,
-                                         KRows, k_win_w, k_wins_per_row, WINDOWS, BLOCK_N)
+                                         KRows, WINDOWS, BLOCK_N)
         kv_mask = d_valid[None, :]
     else:
         key, col_group, col_valid = _step_columns(step, group_tile, block_k, groups, slot_keys,
                                                   GPT, CPG, Index, stride_ig, stride_ik, Mask,
-                                                  stride_mn, KRows, k_win_w, k_wins_per_row,
-                                                  HAS_MASK, WINDOWS, BLOCK_N)
+                                                  stride_mn, KRows, HAS_MASK, WINDOWS,
+                                                  BLOCK_N)
         kv_mask = col_valid[:, None] & d_valid[None, :]
     k = tl.load(K + key[:, None] * stride_kn + d[None, :] * stride_kd, mask=kv_mask, other=0.0)
     v = tl.load(V + key[:, None] * stride_vn + d[None, :] * stride_vd, mask=kv_mask, other=0.0)
@@ -356,9 +320,9 @@ def _fwd_kernel(Q, K, V, Index, Mask, Out, Lse,
                 stride_mb, stride_mn,
                 num_tiles, heads, num_q, head_dim, groups, block_q, block_k, slot_keys,
                 num_steps, GPT, TPG, RPG, CPG, scale_log2,
-                QRows, q_win_w, q_wins_per_row, KRows, k_win_w, k_wins_per_row,
+                QRows, KRows,
                 HAS_MASK: tl.constexpr, WINDOWS: tl.constexpr, ALIGNED: tl.constexpr,
-                ONE_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_EXP: tl.constexpr,
+                ONE_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Out and Lse; ``ALIGNED`` (see :func:`_query_plan`): every row and column of every
     step is in range, so scores take no per-element admissibility mask; ``ONE_BLOCK``: each
@@ -368,8 +332,7 @@ def _fwd_kernel(Q, K, V, Index, Mask, Out, Lse,
     bh = program // num_tiles
     b, h = bh // heads, bh % heads
     q_pos, row_group, row_valid, group_tile = _query_tile(tile, block_q, groups, GPT, TPG, RPG,
-                                                          QRows, q_win_w, q_wins_per_row,
-                                                          WINDOWS, ALIGNED, BLOCK_M)
+                                                          QRows, WINDOWS, ALIGNED, BLOCK_M)
     d = tl.arange(0, BLOCK_D)
     d_valid = d < head_dim
     q = tl.load(Q + b * stride_qb + h * stride_qh + q_pos[:, None] * stride_qn
@@ -385,12 +348,11 @@ def _fwd_kernel(Q, K, V, Index, Mask, Out, Lse,
         scores, k, v = _step_logits(q, K, V, step, group_tile, row_group, d, d_valid, block_k,
                                     groups, slot_keys, GPT, CPG, Index, stride_ig, stride_ik,
                                     stride_kn, stride_kd, stride_vn, stride_vd, Mask,
-                                    stride_mn, KRows, k_win_w, k_wins_per_row, scale_log2,
-                                    HAS_MASK, WINDOWS, ALIGNED, ONE_BLOCK, DOT_PRECISION,
-                                    BLOCK_N)
+                                    stride_mn, KRows, scale_log2, HAS_MASK, WINDOWS, ALIGNED,
+                                    ONE_BLOCK, DOT_PRECISION, BLOCK_N)
         m_new = tl.maximum(m_i, tl.max(scores, 1))
         m_safe = tl.where(m_new == float('-inf'), 0.0, m_new)
-        p = _exp2(scores - m_safe[:, None], FAST_EXP)
+        p = tl.exp2(scores - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
@@ -416,12 +378,11 @@ def _bwd_dq_kernel(Q, K, V, Out, GradOut, Lse, Index, Mask, GradQ, Delta, Order,
                    stride_mb, stride_mn,
                    num_tiles, heads, num_q, head_dim, groups, block_q, block_k, slot_keys,
                    num_steps, GPT, TPG, RPG, CPG, scale, scale_log2,
-                   QRows, q_win_w, q_wins_per_row, KRows, k_win_w, k_wins_per_row,
+                   QRows, KRows,
                    index_heads, slots, list_len, blocks, num_chunks, transpose_programs,
                    HAS_MASK: tl.constexpr, WINDOWS: tl.constexpr, ALIGNED: tl.constexpr,
                    ONE_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                   FAST_EXP: tl.constexpr, TRANSPOSE: tl.constexpr, BLOCK_B: tl.constexpr,
-                   BLOCK_E: tl.constexpr,
+                   TRANSPOSE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_E: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """GradQ ((B, H, Nq, D) at strides ``stride_dq*``, unit head-dim stride, q's dtype) and
     Delta = rowsum(dO * O) (B, H, Nq) fp32. ``ALIGNED``, ``ONE_BLOCK`` as in ``_fwd_kernel``.
@@ -441,8 +402,7 @@ def _bwd_dq_kernel(Q, K, V, Out, GradOut, Lse, Index, Mask, GradQ, Delta, Order,
     bh = program // num_tiles
     b, h = bh // heads, bh % heads
     q_pos, row_group, row_valid, group_tile = _query_tile(tile, block_q, groups, GPT, TPG, RPG,
-                                                          QRows, q_win_w, q_wins_per_row,
-                                                          WINDOWS, ALIGNED, BLOCK_M)
+                                                          QRows, WINDOWS, ALIGNED, BLOCK_M)
     d = tl.arange(0, BLOCK_D)
     d_valid = d < head_dim
     row_mask = row_valid[:, None] & d_valid[None, :]
@@ -464,10 +424,9 @@ def _bwd_dq_kernel(Q, K, V, Out, GradOut, Lse, Index, Mask, GradQ, Delta, Order,
         logits, k, v = _step_logits(q, K, V, step, group_tile, row_group, d, d_valid, block_k,
                                     groups, slot_keys, GPT, CPG, Index, stride_ig, stride_ik,
                                     stride_kn, stride_kd, stride_vn, stride_vd, Mask,
-                                    stride_mn, KRows, k_win_w, k_wins_per_row, scale_log2,
-                                    HAS_MASK, WINDOWS, ALIGNED, ONE_BLOCK, DOT_PRECISION,
-                                    BLOCK_N)
-        p = _exp2(logits - lse[:, None], FAST_EXP)
+                                    stride_mn, KRows, scale_log2, HAS_MASK, WINDOWS, ALIGNED,
+                                    ONE_BLOCK, DOT_PRECISION, BLOCK_N)
+        p = tl.exp2(logits - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
@@ -487,11 +446,10 @@ def _bwd_dkdv_kernel(Q, K, V, Out, GradOut, Lse, Delta, Order, Offsets, Mask, Gr
                      stride_mb, stride_mn,
                      num_tiles, heads, num_k, head_dim, blocks, block_k, num_q, block_q,
                      list_len, csr_row_b, csr_row_h, BPT, TPB, RPB, QPB, scale, scale_log2,
-                     QRows, q_win_w, q_wins_per_row, KRows, k_win_w, k_wins_per_row,
+                     QRows, KRows,
                      HAS_MASK: tl.constexpr, DQ_MODE: tl.constexpr, WINDOWS: tl.constexpr,
                      ALIGNED: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                     FAST_EXP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_D: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """GradK, GradV ((B, H, Nk, D) at strides ``stride_dk*``, unit head-dim stride, k's
     dtype), FlashAttention-2 style per key tile.
 
@@ -513,13 +471,11 @@ def _bwd_dkdv_kernel(Q, K, V, Out, GradOut, Lse, Delta, Order, Offsets, Mask, Gr
     bh = program // num_tiles
     b, h = bh // heads, bh % heads
     if ALIGNED:
-        key_pos, key_block = _aligned_rows(tile, block_k, TPB, KRows, k_win_w, k_wins_per_row,
-                                           WINDOWS, BLOCK_N)
+        key_pos, key_block = _aligned_rows(tile, block_k, TPB, KRows, WINDOWS, BLOCK_N)
         row_valid = key_pos >= 0
     else:
         key_pos, row_block, row_valid, block_tile = _tile_rows(tile, block_k, blocks, BPT, TPB,
-                                                               RPB, KRows, k_win_w,
-                                                               k_wins_per_row, WINDOWS, BLOCK_N)
+                                                               RPB, KRows, WINDOWS, BLOCK_N)
     d = tl.arange(0, BLOCK_D)
     d_valid = d < head_dim
     row_mask = row_valid[:, None] & d_valid[None, :]
@@ -563,8 +519,7 @@ def _bwd_dkdv_kernel(Q, K, V, Out, GradOut, Lse, Delta, Order, Offsets, Mask, Gr
             col_valid = col_in_tile & (j < rows_routed)
             group = tl.load(Order + start + j // block_q, mask=col_valid, other=0)
             within = j % block_q
-        q_pos = _token_row(group, within, block_q, QRows, q_win_w, q_wins_per_row, col_valid,
-                           WINDOWS)
+        q_pos = _token_row(group, within, block_q, QRows, col_valid, WINDOWS)
         col_mask = col_valid[:, None] & d_valid[None, :]
         q = tl.load(Q + q_pos[:, None] * stride_qn + d[None, :] * stride_qd, mask=col_mask,
                     other=0.0)
@@ -579,13 +534,13 @@ def _bwd_dkdv_kernel(Q, K, V, Out, GradOut, Lse, Delta, Order, Offsets, Mask, Gr
             delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
         scores = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * scale_log2
         if ALIGNED:
-            p = _exp2(scores - lse[None, :], FAST_EXP)
+            p = tl.exp2(scores - lse[None, :])
             if HAS_MASK:
                 p = tl.where(row_live[:, None], p, 0.0)
         else:
             admissible = (row_block[:, None] == col_block[None, :]) & col_valid[None, :] \
                 & row_live[:, None]
-            p = tl.where(admissible, _exp2(scores - lse[None, :], FAST_EXP), 0.0)
+            p = tl.where(admissible, tl.exp2(scores - lse[None, :]), 0.0)
         dv += tl.dot(p.to(do.dtype), do, input_precision=DOT_PRECISION)
         dp = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[None, :])
@@ -708,25 +663,6 @@ def set_aligned_tiles(enabled: bool) -> None:
     _key_plan.cache_clear()
 
 
-_fast_exp = True
-INTERPRETING = os.environ.get('TRITON_INTERPRET') == '1'  # read at import, as Triton does
-
-
-def set_fast_exp(enabled: bool) -> None:
-    """Let fp16 and bf16 kernels take their probabilities' exponentials two to an instruction
-    (``_exp2``'s ``FAST_EXP``; default on; benchmarks turn it off to compare)."""
-    global _fast_exp
-    _fast_exp = bool(enabled)
-    _query_plan.cache_clear()
-    _key_plan.cache_clear()
-
-
-def fast_exp_applies(fp32: bool) -> bool:
-    """Whether a kernel takes the packed half-precision exponential: fp16 and bf16 inputs, on
-    by :func:`set_fast_exp`, and not in the Triton interpreter (it runs no inline PTX)."""
-    return _fast_exp and not fp32 and not INTERPRETING
-
-
 @functools.lru_cache(maxsize=1024)
 def _query_plan(kind: str, batch: int, heads: int, num_q: int, head_dim: int, block_q: int,
                 block_k: int, slots: int, fp32: bool, config: Optional[tuple]):
@@ -756,8 +692,7 @@ def _query_plan(kind: str, batch: int, heads: int, num_q: int, head_dim: int, bl
                cols_per_group)
     aligned = _aligned_tiles and block_q % block_m == 0 and slot_keys % block_n == 0
     meta = dict(ALIGNED=aligned, ONE_BLOCK=aligned and block_k % block_n == 0,
-                DOT_PRECISION='ieee' if fp32 else 'tf32', FAST_EXP=fast_exp_applies(fp32),
-                BLOCK_M=block_m,
+                DOT_PRECISION='ieee' if fp32 else 'tf32', BLOCK_M=block_m,
                 BLOCK_N=block_n, BLOCK_D=_block_d(head_dim), num_warps=num_warps,
                 num_stages=num_stages, maxnreg=max_registers or None)
     return (num_tiles * batch * heads,), scalars, meta
@@ -782,8 +717,7 @@ def _key_plan(kind: str, batch: int, heads: int, num_k: int, head_dim: int, bloc
     scalars = (num_tiles, heads, num_k, head_dim, blocks, block_k)
     tiling = (blocks_per_tile, tiles_per_block, min(block_k, block_n), rows_per_block)
     aligned = _aligned_tiles and block_k % block_n == 0 and block_q % block_m == 0
-    meta = dict(ALIGNED=aligned, DOT_PRECISION='ieee' if fp32 else 'tf32',
-                FAST_EXP=fast_exp_applies(fp32), BLOCK_M=block_m,
+    meta = dict(ALIGNED=aligned, DOT_PRECISION='ieee' if fp32 else 'tf32', BLOCK_M=block_m,
                 BLOCK_N=block_n, BLOCK_D=_block_d(head_dim), num_warps=num_warps,
                 num_stages=num_stages, maxnreg=max_registers or None)
     return (num_tiles * batch * heads,), scalars, tiling, meta
@@ -814,21 +748,20 @@ def _uncached_window_rows():
         _uncached.active = outer
 
 
-def window_rows(window: Tuple[int, int], map_width: int, device: torch.device) -> Tensor:
-    """int32 (h * w,): the memory row, in a row-major map ``map_width`` wide, of each token of
-    window 0 (``window = (h, w)``, tokens row-major in the window), i.e. each token's offset
-    from its window's origin (``_token_row`` adds the origin). Cached per geometry, except
-    while a CUDA graph is being captured and inside :func:`_uncached_window_rows`: a tensor
-    made then holds its values only in replays, and a cached one read then would be baked
-    into the graph, which may outlive the cache's entry."""
+def window_rows(num_tokens: int, window: Tuple[int, int], map_width: int,
+                device: torch.device) -> Tensor:
+    """int32 (num_tokens,): the memory row, in a row-major map ``map_width`` wide, of each
+    position in window-major order (``window = (h, w)``; :func:`to_window_major` of the row
+    numbers). Cached per geometry, except while a CUDA graph is being captured and inside
+    :func:`_uncached_window_rows`: a tensor made then holds its values only in replays, and a
+    cached one read then would be baked into the graph, which may outlive the cache's entry."""
     uncached = getattr(_uncached, 'active', False) or (
         device.type == 'cuda' and torch.cuda.is_current_stream_capturing())
-    key = (window, map_width, device)
+    key = (num_tokens, window, map_width, device)
     rows = None if uncached else _WINDOW_ROWS_CACHE.get(key)
     if rows is None:
-        height, width = window
-        within = torch.arange(height * width, dtype=torch.int32, device=device)
-        rows = within // width * map_width + within % width
+        rows = to_window_major(torch.arange(num_tokens, dtype=torch.int32, device=device),
+                               window, map_width, 0)
         if not uncached:
             if len(_WINDOW_ROWS_CACHE) >= _WINDOW_ROWS_CACHE_SIZE:
                 _WINDOW_ROWS_CACHE.clear()
@@ -838,17 +771,14 @@ def window_rows(window: Tuple[int, int], map_width: int, device: torch.device) -
 
 def _layout_args(layout: Optional[Sequence[int]], q: Tensor, k: Tensor, block_q: int,
                  block_k: int):
-    """Kernel arguments of the token layout, ((QRows, q_win_w, q_wins_per_row, KRows, k_win_w,
-    k_wins_per_row), WINDOWS): ``layout`` None (block-major tokens; the arguments are unused)
-    or ``(q_window_width, k_window_width, map_width)`` (windows of row-major maps: window 0's
-    rows from :func:`window_rows`, the window width and the windows per map row)."""
+    """Kernel arguments of the token layout, ((QRows, KRows), WINDOWS): ``layout`` None
+    (block-major tokens; the row pointers are unused) or ``(q_window_width, k_window_width,
+    map_width)`` (windows of row-major maps, rows from :func:`window_rows`)."""
     if layout is None:
-        return (q, 1, 1, k, 1, 1), False
+        return (q, k), False
     q_win_w, k_win_w, map_width = layout
-    return ((window_rows((block_q // q_win_w, q_win_w), map_width, q.device), q_win_w,
-             map_width // q_win_w,
-             window_rows((block_k // k_win_w, k_win_w), map_width, k.device), k_win_w,
-             map_width // k_win_w),
+    return ((window_rows(q.shape[2], (block_q // q_win_w, q_win_w), map_width, q.device),
+             window_rows(k.shape[2], (block_k // k_win_w, k_win_w), map_width, k.device)),
             True)
 
 

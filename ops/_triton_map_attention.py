@@ -23,8 +23,7 @@ from torch import Tensor
 
 from ops._launch import fast_launcher, launch_fitting
 from ops._sizes import cdiv, next_power_of_2
-from ops._triton_gather_attention import (LOG2E, _block_d, _exp2, _index_strides,
-                                          fast_exp_applies)
+from ops._triton_gather_attention import LOG2E, _block_d, _index_strides
 
 MAX_KEYS = 256       # keys of a (batch, head) that one tile holds
 MAX_HEAD_DIM = 64
@@ -176,7 +175,7 @@ def _map_bwd_kernel(Q, K, V, Out, GradOut, Lse, Counts, Mask, GradQ, GradK, Grad
                     q_map_w, q_win_h, q_win_w, q_blocks_w,
                     k_map_w, k_win_h, k_win_w, k_blocks_w, scale, scale_log2,
                     HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                    FAST_EXP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
                     BLOCK_B: tl.constexpr):
     """dQ, dK and dV of one (batch, head): its query tiles in turn, dK/dV kept in registers.
 
@@ -216,7 +215,7 @@ def _map_bwd_kernel(Q, K, V, Out, GradOut, Lse, Counts, Mask, GradQ, GradK, Grad
         weights = tl.dot(tl.trans(one_hot), counts.to(one_hot.dtype),
                          input_precision=DOT_PRECISION)
         scores = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * scale_log2
-        p = tl.where(weights > 0, _exp2(scores - lse[None, :], FAST_EXP) * weights, 0.0)
+        p = tl.where(weights > 0, tl.exp2(scores - lse[None, :]) * weights, 0.0)
         grad_v += tl.dot(p.to(do.dtype), do, input_precision=DOT_PRECISION)
         dp = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         ds = (p * (dp - delta[None, :])).to(q.dtype)
@@ -268,8 +267,7 @@ def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
             *grad_k.stride()[:3], counts.stride(0), counts.stride(1) if counts.shape[1] > 1
             else 0, stride_mb, stride_mn, heads, num_q, k.shape[2], head_dim, counts.shape[-1],
             *_geometries(block_q, block_k, layout), scale, scale * LOG2E, HAS_MASK=has_mask,
-            DOT_PRECISION='ieee' if q.dtype == torch.float32 else 'tf32',
-            FAST_EXP=fast_exp_applies(q.dtype == torch.float32), BLOCK_M=block_m,
+            DOT_PRECISION='ieee' if q.dtype == torch.float32 else 'tf32', BLOCK_M=block_m,
             BLOCK_T=max(16, next_power_of_2(k.shape[2])), BLOCK_D=_block_d(head_dim),
             BLOCK_B=max(16, next_power_of_2(counts.shape[-1])), num_warps=num_warps,
             num_stages=num_stages)

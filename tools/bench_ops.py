@@ -30,8 +30,6 @@ Peers:
   ``ops._triton_gather_attention.set_backward_mode``.
 * ``ours_general``: ours with the kernels' ``ALIGNED`` form off (per-element masks at every
   shape): see ``ops._triton_gather_attention.set_aligned_tiles``.
-* ``ours_exact_exp``: ours with fp32 exponentials for the probabilities instead of two fp16
-  ones an instruction: see ``ops._triton_gather_attention.set_fast_exp``.
 * ``ours_gathered``: ours with the whole-map backward off (the gathered kernels at every
   shape): see ``ops._triton_map_attention.set_map_backward``; "n/a" where ours runs them.
 * ``ours_map``: ours in the window layout BiFormer uses (``block_q=(h, w)``, ``map_width``):
@@ -71,8 +69,8 @@ from ops.gather_attention import gather_attention_reference  # noqa: E402
 from bench_timing import (compile_in_workers, copy_bandwidth, fwd_and_fwd_bwd_ms,  # noqa: E402
                           least_slowdown, peak_extra_mib, time_ms)
 
-PEERS = ('ours', 'ours_split', 'ours_fused', 'ours_general', 'ours_exact_exp', 'ours_gathered',
-         'ours_map', 'official', 'gather_sdpa', 'flex', 'dense_sdpa')
+PEERS = ('ours', 'ours_split', 'ours_fused', 'ours_general', 'ours_gathered', 'ours_map',
+         'official', 'gather_sdpa', 'flex', 'dense_sdpa')
 BACKWARD_MODE_OF_PEER = {'ours_split': 'split', 'ours_fused': 'fused'}
 
 
@@ -346,7 +344,7 @@ def run_peer(peer, shape, dtype, reps_ms):
     q, k, v, index, mask = make_problem(shape, dtype)
     fn = {'ours': ours, 'ours_map': ours_map, 'official': official_gather,
           'gather_sdpa': gather_sdpa, 'dense_sdpa': dense_sdpa,
-          'ours_general': ours, 'ours_exact_exp': ours, 'ours_gathered': ours,
+          'ours_general': ours, 'ours_gathered': ours,
           **{p: ours for p in BACKWARD_MODE_OF_PEER}}.get(peer)
     if peer == 'ours_map' and map_windows(shape) is None:
         return dict(error='n/a: not square windows of a square map')
@@ -358,7 +356,6 @@ def run_peer(peer, shape, dtype, reps_ms):
         fn = FlexPeer(shape, index, mask)
     kernels.set_backward_mode(BACKWARD_MODE_OF_PEER.get(peer, 'auto'))
     kernels.set_aligned_tiles(peer != 'ours_general')
-    kernels.set_fast_exp(peer != 'ours_exact_exp')
     whole_map.set_map_backward('off' if peer == 'ours_gathered' else 'auto')
     try:
         return measure(fn, q, k, v, index, mask, shape, reps_ms)
@@ -368,7 +365,6 @@ def run_peer(peer, shape, dtype, reps_ms):
     finally:
         kernels.set_backward_mode('auto')
         kernels.set_aligned_tiles(True)
-        kernels.set_fast_exp(True)
         whole_map.set_map_backward('auto')
         del q, k, v
         torch.cuda.empty_cache()

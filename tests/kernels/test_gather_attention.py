@@ -671,7 +671,7 @@ def test_custom_ops_do_not_cache_window_rows():
     with kernels._uncached_window_rows():
         with kernels._uncached_window_rows():  # nested: the outer context stays uncached
             pass
-        kernels.window_rows((2, 2), 4, q.device)
+        kernels.window_rows(16, (2, 2), 4, q.device)
     assert not kernels._WINDOW_ROWS_CACHE
 
 
@@ -681,12 +681,12 @@ def test_window_rows_under_capture_neither_cached_nor_read_from_the_cache():
     baked into the graph and outlive the cache's entry."""
     device = torch.device('cuda')
     kernels._WINDOW_ROWS_CACHE.clear()
-    cached = kernels.window_rows((2, 2), 4, device)
+    cached = kernels.window_rows(16, (2, 2), 4, device)
     graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
     with torch.cuda.stream(stream):
         graph.capture_begin()
         try:
-            captured = kernels.window_rows((2, 2), 4, device)
+            captured = kernels.window_rows(16, (2, 2), 4, device)
         finally:
             graph.capture_end()
     graph.replay()
@@ -901,47 +901,3 @@ def test_register_capped_configs_that_ptxas_cannot_compile_run_uncapped(monkeypa
     assert all(g.isfinite().all() for g in grads)
     assert launched == [None, None]  # forward and dQ kernels, uncapped
     assert set(kernels._FITTED.values()) == {(16, 32, 2, 1, 0)}
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16], ids=['fp16', 'bf16'])
-@pytest.mark.parametrize('case', ['biformer_t224_s2', 'biformer_t224_s3', 'biformer_b1024_s2'])
-def test_fast_exp_matches_fp64_on_gpu(case, dtype):
-    """fp16 and bf16 kernels take the packed fp16 exponential (the bf16 cases above do too);
-    the forward and the three gradients stay within the same-dtype reference's error."""
-    batch, heads, groups, block_q, blocks, block_k, slots, head_dim, masked = GPU_SHAPES[case]
-    plan = kernels._query_plan('fwd', batch, heads, groups * block_q, head_dim, block_q,
-                               block_k, slots, False, None)[2]
-    assert plan['FAST_EXP']
-    q, k, v, index, mask = make_inputs(batch, heads, groups, block_q, blocks, block_k, slots,
-                                       head_dim, dtype=dtype, masked_fraction=masked,
-                                       empty_fraction=0.0)
-    compare_to_fp64(q, k, v, index, mask, block_q, block_k)
-
-
-def test_fast_exp_only_for_half_precision_outside_the_interpreter(monkeypatch):
-    """The packed fp16 exponential is inline PTX: never taken for fp32 kernels, in the Triton
-    interpreter, or when turned off."""
-    def plans(fp32):
-        return (kernels._query_plan('fwd', 1, 1, 64, 32, 16, 16, 2, fp32, None)[2]['FAST_EXP'],
-                kernels._key_plan('dkdv', 1, 1, 64, 32, 16, 16, fp32, None)[3]['FAST_EXP'])
-    monkeypatch.setattr(kernels, 'INTERPRETING', False)
-    kernels.set_fast_exp(True)
-    try:
-        assert plans(fp32=False) == (True, True) and plans(fp32=True) == (False, False)
-        kernels.set_fast_exp(False)
-        assert plans(fp32=False) == (False, False)
-        kernels.set_fast_exp(True)
-        monkeypatch.setattr(kernels, 'INTERPRETING', True)
-        kernels._query_plan.cache_clear()
-        kernels._key_plan.cache_clear()
-        assert plans(fp32=False) == (False, False)
-    finally:
-        kernels.set_fast_exp(True)  # also clears the plans made with the patched flag
-
-
-def test_window_rows_are_the_offsets_of_window_zero():
-    """The table holds each token's row offset from its window's origin (window 0's rows); the
-    kernels add the origin, computed from the window's number."""
-    rows = kernels.window_rows((2, 3), 9, torch.device('cpu'))
-    assert rows.dtype == torch.int32 and rows.tolist() == [0, 1, 2, 9, 10, 11]
