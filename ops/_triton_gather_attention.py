@@ -236,24 +236,35 @@ def _aligned_rows(tile, block_size, TPG, Rows, WINDOWS: tl.constexpr, BLOCK: tl.
 
 @triton.jit
 def _aligned_columns(step, group, block_k, index_ptr, stride_ig, stride_ik, Rows,
-                     WINDOWS: tl.constexpr, BLOCK_N: tl.constexpr):
+                     WINDOWS: tl.constexpr, BLOCKS_PER_STEP: tl.constexpr,
+                     BLOCK_N: tl.constexpr):
     """``ALIGNED`` key step, where ``BLOCK_N`` divides the group's routed keys: the key rows
-    of step ``step`` (all in range) and a score bias per column, -inf for a -1 slot."""
+    of step ``step`` (all in range) and a score bias per column, -inf for a -1 slot.
+    ``BLOCKS_PER_STEP`` > 0: a step holds that many whole blocks, so ``block_k`` is known at
+    compile time and the slot and offset of each key are a shift and a mask, not divisions."""
     j = step * BLOCK_N + tl.arange(0, BLOCK_N)
-    block = tl.load(index_ptr + group * stride_ig + (j // block_k) * stride_ik).to(tl.int32)
-    key = _token_row(tl.maximum(block, 0), j % block_k, block_k, Rows, j >= 0, WINDOWS)
+    if BLOCKS_PER_STEP > 0:
+        slot = j // (BLOCK_N // BLOCKS_PER_STEP)
+        within = j % (BLOCK_N // BLOCKS_PER_STEP)
+    else:
+        slot = j // block_k
+        within = j % block_k
+    block = tl.load(index_ptr + group * stride_ig + slot * stride_ik).to(tl.int32)
+    key = _token_row(tl.maximum(block, 0), within, block_k, Rows, j >= 0, WINDOWS)
     return key, tl.where(block >= 0, 0.0, float('-inf'))
 
 
 @triton.jit
 def _one_block_columns(step, group, block_k, index_ptr, stride_ig, stride_ik, Rows,
-                       WINDOWS: tl.constexpr, BLOCK_N: tl.constexpr):
-    """``ALIGNED`` key step where ``BLOCK_N`` also divides ``block_k``: the step reads
-    ``BLOCK_N`` consecutive keys of one routed block, named by one scalar index load; their
-    memory rows and a score bias per column (all -inf for a -1 slot)."""
-    first = step * BLOCK_N
-    block = tl.load(index_ptr + group * stride_ig + (first // block_k) * stride_ik).to(tl.int32)
-    within = first % block_k + tl.arange(0, BLOCK_N)
+                       WINDOWS: tl.constexpr, STEPS_PER_BLOCK: tl.constexpr,
+                       BLOCK_N: tl.constexpr):
+    """``ALIGNED`` key step where ``BLOCK_N`` also divides ``block_k`` (``STEPS_PER_BLOCK =
+    block_k // BLOCK_N`` steps a block, a compile-time divisor): the step reads ``BLOCK_N``
+    consecutive keys of one routed block, named by one scalar index load; their memory rows
+    and a score bias per column (all -inf for a -1 slot)."""
+    slot = step // STEPS_PER_BLOCK
+    block = tl.load(index_ptr + group * stride_ig + slot * stride_ik).to(tl.int32)
+    within = (step % STEPS_PER_BLOCK) * BLOCK_N + tl.arange(0, BLOCK_N)
     key = _token_row(tl.maximum(block, 0), within, block_k, Rows, within >= 0, WINDOWS)
     return key, tl.full([BLOCK_N], 0.0, tl.float32) + tl.where(block >= 0, 0.0, float('-inf'))
 
@@ -277,18 +288,20 @@ def _query_tile(tile, block_q, groups, GPT, TPG, RPG, QRows, WINDOWS: tl.constex
 def _step_logits(q, K, V, step, group_tile, row_group, d, d_valid, block_k, groups, slot_keys,
                  GPT, CPG, Index, stride_ig, stride_ik, stride_kn, stride_kd, stride_vn,
                  stride_vd, Mask, stride_mn, KRows, scale_log2, HAS_MASK: tl.constexpr,
-                 WINDOWS: tl.constexpr, ALIGNED: tl.constexpr, ONE_BLOCK: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+                 WINDOWS: tl.constexpr, ALIGNED: tl.constexpr, STEPS_PER_BLOCK: tl.constexpr,
+                 BLOCKS_PER_STEP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
     """One key step of a query tile: the base-2 logits ``q k^T * scale_log2`` (-inf where a
-    pair is not admissible) and the routed keys and values it read. ``ONE_BLOCK`` (with
-    ``ALIGNED``): the step lies in one routed block (:func:`_one_block_columns`)."""
+    pair is not admissible) and the routed keys and values it read. With ``ALIGNED``:
+    ``STEPS_PER_BLOCK`` > 0, the step lies in one routed block (:func:`_one_block_columns`);
+    else ``BLOCKS_PER_STEP`` as :func:`_aligned_columns`."""
     if ALIGNED:
-        if ONE_BLOCK:
+        if STEPS_PER_BLOCK > 0:
             key, bias = _one_block_columns(step, group_tile, block_k, Index, stride_ig,
-                                           stride_ik, KRows, WINDOWS, BLOCK_N)
+                                           stride_ik, KRows, WINDOWS, STEPS_PER_BLOCK, BLOCK_N)
         else:
             key, bias = _aligned_columns(step, group_tile, block_k, Index, stride_ig, stride_ik,
-                                         KRows, WINDOWS, BLOCK_N)
+                                         KRows, WINDOWS, BLOCKS_PER_STEP, BLOCK_N)
         kv_mask = d_valid[None, :]
     else:
         key, col_group, col_valid = _step_columns(step, group_tile, block_k, groups, slot_keys,
@@ -322,11 +335,13 @@ def _fwd_kernel(Q, K, V, Index, Mask, Out, Lse,
                 num_steps, GPT, TPG, RPG, CPG, scale_log2,
                 QRows, KRows,
                 HAS_MASK: tl.constexpr, WINDOWS: tl.constexpr, ALIGNED: tl.constexpr,
-                ONE_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                STEPS_PER_BLOCK: tl.constexpr, BLOCKS_PER_STEP: tl.constexpr,
+                DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_D: tl.constexpr):
     """Out and Lse; ``ALIGNED`` (see :func:`_query_plan`): every row and column of every
-    step is in range, so scores take no per-element admissibility mask; ``ONE_BLOCK``: each
-    step also lies in one routed block."""
+    step is in range, so scores take no per-element admissibility mask; ``STEPS_PER_BLOCK``
+    > 0: each step also lies in one routed block; ``BLOCKS_PER_STEP`` > 0: each step holds
+    whole routed blocks (:func:`_step_logits`)."""
     program = tl.program_id(0).to(tl.int64)  # one flat grid: B*H may exceed grid dim 1
     tile = (program % num_tiles).to(tl.int32)
     bh = program // num_tiles
@@ -349,7 +364,7 @@ def _fwd_kernel(Q, K, V, Index, Mask, Out, Lse,
                                     groups, slot_keys, GPT, CPG, Index, stride_ig, stride_ik,
                                     stride_kn, stride_kd, stride_vn, stride_vd, Mask,
                                     stride_mn, KRows, scale_log2, HAS_MASK, WINDOWS, ALIGNED,
-                                    ONE_BLOCK, DOT_PRECISION, BLOCK_N)
+                                    STEPS_PER_BLOCK, BLOCKS_PER_STEP, DOT_PRECISION, BLOCK_N)
         m_new = tl.maximum(m_i, tl.max(scores, 1))
         m_safe = tl.where(m_new == float('-inf'), 0.0, m_new)
         p = tl.exp2(scores - m_safe[:, None])
@@ -381,11 +396,13 @@ def _bwd_dq_kernel(Q, K, V, Out, GradOut, Lse, Index, Mask, GradQ, Delta, Order,
                    QRows, KRows,
                    index_heads, slots, list_len, blocks, num_chunks, transpose_programs,
                    HAS_MASK: tl.constexpr, WINDOWS: tl.constexpr, ALIGNED: tl.constexpr,
-                   ONE_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                   STEPS_PER_BLOCK: tl.constexpr, BLOCKS_PER_STEP: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr,
                    TRANSPOSE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_E: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """GradQ ((B, H, Nq, D) at strides ``stride_dq*``, unit head-dim stride, q's dtype) and
-    Delta = rowsum(dO * O) (B, H, Nq) fp32. ``ALIGNED``, ``ONE_BLOCK`` as in ``_fwd_kernel``.
+    Delta = rowsum(dO * O) (B, H, Nq) fp32. ``ALIGNED``, ``STEPS_PER_BLOCK``,
+    ``BLOCKS_PER_STEP`` as in ``_fwd_kernel``.
 
     ``TRANSPOSE``: the first ``transpose_programs`` programs build the transposed index (Order,
     Offsets) for the dK/dV kernel instead (:func:`_transpose_index_program`), beside the dQ
@@ -425,7 +442,7 @@ def _bwd_dq_kernel(Q, K, V, Out, GradOut, Lse, Index, Mask, GradQ, Delta, Order,
                                     groups, slot_keys, GPT, CPG, Index, stride_ig, stride_ik,
                                     stride_kn, stride_kd, stride_vn, stride_vd, Mask,
                                     stride_mn, KRows, scale_log2, HAS_MASK, WINDOWS, ALIGNED,
-                                    ONE_BLOCK, DOT_PRECISION, BLOCK_N)
+                                    STEPS_PER_BLOCK, BLOCKS_PER_STEP, DOT_PRECISION, BLOCK_N)
         p = tl.exp2(logits - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
@@ -448,8 +465,9 @@ def _bwd_dkdv_kernel(Q, K, V, Out, GradOut, Lse, Delta, Order, Offsets, Mask, Gr
                      list_len, csr_row_b, csr_row_h, BPT, TPB, RPB, QPB, scale, scale_log2,
                      QRows, KRows,
                      HAS_MASK: tl.constexpr, DQ_MODE: tl.constexpr, WINDOWS: tl.constexpr,
-                     ALIGNED: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                     ALIGNED: tl.constexpr, GROUP_STEPS: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_D: tl.constexpr):
     """GradK, GradV ((B, H, Nk, D) at strides ``stride_dk*``, unit head-dim stride, k's
     dtype), FlashAttention-2 style per key tile.
 
@@ -464,7 +482,8 @@ def _bwd_dkdv_kernel(Q, K, V, Out, GradOut, Lse, Delta, Order, Offsets, Mask, Gr
     per tile) or adds to an fp32 GradQ with atomics (``DQ_MODE`` 2).
 
     ``ALIGNED`` (see :func:`_key_plan`): the tile is part of one key block and every step's
-    query rows lie in one routed group, so probabilities take no per-element mask.
+    query rows lie in one routed group (``GROUP_STEPS = block_q // BLOCK_M`` steps a group, a
+    compile-time divisor), so probabilities take no per-element mask.
     """
     program = tl.program_id(0).to(tl.int64)  # one flat grid: B*H may exceed grid dim 1
     tile = (program % num_tiles).to(tl.int32)
@@ -493,7 +512,7 @@ def _bwd_dkdv_kernel(Q, K, V, Out, GradOut, Lse, Delta, Order, Offsets, Mask, Gr
     cols = tl.arange(0, BLOCK_M)
     if ALIGNED:
         start = tl.load(Offsets + key_block)
-        num_steps = (tl.load(Offsets + key_block + 1) - start) * (block_q // BLOCK_M)
+        num_steps = (tl.load(Offsets + key_block + 1) - start) * GROUP_STEPS
     else:
         col_block = cols // QPB
         block = block_tile * BPT + col_block
@@ -510,9 +529,8 @@ def _bwd_dkdv_kernel(Q, K, V, Out, GradOut, Lse, Delta, Order, Offsets, Mask, Gr
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for step in range(num_steps):
         if ALIGNED:  # the step's BLOCK_M query rows lie in one group: one scalar load
-            first = step * BLOCK_M
-            group = tl.load(Order + start + first // block_q)
-            within = first % block_q + cols
+            group = tl.load(Order + start + step // GROUP_STEPS)
+            within = (step % GROUP_STEPS) * BLOCK_M + cols
             col_valid = within >= 0
         else:
             j = step * QPB + cols % QPB
@@ -671,8 +689,11 @@ def _query_plan(kind: str, batch: int, heads: int, num_q: int, head_dim: int, bl
     ``config`` overrides the ``_CONFIGS`` row (tuning). The key tile is capped at the next
     power of two of the routed keys a tile needs, so short rows are not padded far. The tiling
     is ``ALIGNED`` (no per-element masks) when BLOCK_M divides ``block_q`` and BLOCK_N the
-    routed keys of a group, and :func:`set_aligned_tiles` has not turned it off; ``ONE_BLOCK``
-    when BLOCK_N also divides ``block_k`` (each key step reads part of one routed block).
+    routed keys of a group, and :func:`set_aligned_tiles` has not turned it off. In that form
+    the key steps' arithmetic takes compile-time divisors: ``STEPS_PER_BLOCK = block_k //
+    BLOCK_N`` when BLOCK_N divides ``block_k`` (each key step reads part of one routed block),
+    else ``BLOCKS_PER_STEP = BLOCK_N // block_k`` when ``block_k`` divides BLOCK_N; 0 for
+    neither (a runtime division by ``block_k``).
     """
     groups = num_q // block_q
     slot_keys = slots * block_k
@@ -691,9 +712,12 @@ def _query_plan(kind: str, batch: int, heads: int, num_q: int, head_dim: int, bl
                num_steps, groups_per_tile, tiles_per_group, min(block_q, block_m),
                cols_per_group)
     aligned = _aligned_tiles and block_q % block_m == 0 and slot_keys % block_n == 0
-    meta = dict(ALIGNED=aligned, ONE_BLOCK=aligned and block_k % block_n == 0,
-                DOT_PRECISION='ieee' if fp32 else 'tf32', BLOCK_M=block_m,
-                BLOCK_N=block_n, BLOCK_D=_block_d(head_dim), num_warps=num_warps,
+    steps_per_block = block_k // block_n if aligned and block_k % block_n == 0 else 0
+    blocks_per_step = (block_n // block_k if aligned and not steps_per_block
+                       and block_n % block_k == 0 else 0)
+    meta = dict(ALIGNED=aligned, STEPS_PER_BLOCK=steps_per_block,
+                BLOCKS_PER_STEP=blocks_per_step, DOT_PRECISION='ieee' if fp32 else 'tf32',
+                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_d(head_dim), num_warps=num_warps,
                 num_stages=num_stages, maxnreg=max_registers or None)
     return (num_tiles * batch * heads,), scalars, meta
 
@@ -703,7 +727,8 @@ def _key_plan(kind: str, batch: int, heads: int, num_k: int, head_dim: int, bloc
               block_q: int, fp32: bool, config: Optional[tuple]):
     """Grid, scalar arguments and meta-parameters of the dK/dV kernel (tiles key rows), with
     the tile config of ``kind`` ('dkdv' or 'bwd'). ``ALIGNED`` when BLOCK_N divides
-    ``block_k`` and BLOCK_M ``block_q`` (unless :func:`set_aligned_tiles` turned it off)."""
+    ``block_k`` and BLOCK_M ``block_q`` (unless :func:`set_aligned_tiles` turned it off), with
+    ``GROUP_STEPS = block_q // BLOCK_M`` query steps per routed group."""
     blocks = num_k // block_k
     block_m, block_n, num_warps, num_stages, max_registers = \
         config or tile_config(kind, block_k, head_dim)
@@ -717,7 +742,8 @@ def _key_plan(kind: str, batch: int, heads: int, num_k: int, head_dim: int, bloc
     scalars = (num_tiles, heads, num_k, head_dim, blocks, block_k)
     tiling = (blocks_per_tile, tiles_per_block, min(block_k, block_n), rows_per_block)
     aligned = _aligned_tiles and block_k % block_n == 0 and block_q % block_m == 0
-    meta = dict(ALIGNED=aligned, DOT_PRECISION='ieee' if fp32 else 'tf32', BLOCK_M=block_m,
+    meta = dict(ALIGNED=aligned, GROUP_STEPS=block_q // block_m if aligned else 1,
+                DOT_PRECISION='ieee' if fp32 else 'tf32', BLOCK_M=block_m,
                 BLOCK_N=block_n, BLOCK_D=_block_d(head_dim), num_warps=num_warps,
                 num_stages=num_stages, maxnreg=max_registers or None)
     return (num_tiles * batch * heads,), scalars, tiling, meta

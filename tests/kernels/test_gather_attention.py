@@ -272,21 +272,36 @@ def tile_rows():
     kernels.set_tile_configs(saved)
 
 
-@pytest.mark.parametrize('block_n', [16, 64], ids=['one_block_steps', 'several_blocks_a_step'])
-@pytest.mark.parametrize('width', [None, 16], ids=['block_major', 'windows'])
-def test_aligned_key_steps_within_and_across_blocks_match_fp64(block_n, width, tile_rows):
-    """ALIGNED forward and dQ steps of 16 keys (each inside one 32-key block: the scalar index
-    load) and of 64 (two blocks a step), with -1 slots, padding and a per-head index."""
+KEY_STEP_CASES = {
+    # name: (block_q, q_window, block_k, k_window, map_width, BLOCK_N, (STEPS_PER_BLOCK,
+    #        BLOCKS_PER_STEP)): 16-key steps inside 32-key blocks (one scalar index load a
+    #        step), 64-key steps of two whole blocks, and 16-key steps across 24-key blocks'
+    #        edges (runtime divisions)
+    'one_block_steps': (32, (4, 8), 32, (4, 8), 16, 16, (2, 0)),
+    'several_blocks_a_step': (32, (4, 8), 32, (4, 8), 16, 64, (0, 2)),
+    'steps_across_block_edges': (48, (4, 12), 24, (4, 6), 12, 16, (0, 0)),
+}
+
+
+@pytest.mark.parametrize('case', list(KEY_STEP_CASES), ids=list(KEY_STEP_CASES))
+@pytest.mark.parametrize('width', [False, True], ids=['block_major', 'windows'])
+def test_aligned_key_steps_within_and_across_blocks_match_fp64(case, width, tile_rows):
+    """ALIGNED forward and dQ key steps of each kind, with -1 slots, padding and a per-head
+    index; the plans give the compile-time step divisors."""
+    block_q, q_window, block_k, k_window, map_width, block_n, divisors = KEY_STEP_CASES[case]
     tile_rows({kind: {32: [(None, (16, block_n, 2, 1, 0))]} for kind in ('fwd', 'dq')})
-    q, k, v, index, mask = make_inputs(1, 2, 4, 32, 8, 32, 2, 16, per_head=True,
-                                       masked_fraction=0.2)
+    groups, blocks = 192 // block_q, 192 // block_k
+    q, k, v, index, mask = make_inputs(1, 2, groups, block_q, blocks, block_k, 2, 16,
+                                       per_head=True, masked_fraction=0.2)
     index[0, 1, 0, :] = -1
-    plans = [kernels._query_plan(kind, 1, 2, 128, 16, 32, 32, 2, True, None)[2]
+    plans = [kernels._query_plan(kind, 1, 2, 192, 16, block_q, block_k, 2, True, None)[2]
              for kind in ('fwd', 'dq')]
-    assert [(plan['ALIGNED'], plan['ONE_BLOCK']) for plan in plans] == \
-        [(True, block_n == 16)] * 2
-    window = None if width is None else (4, 8)
-    compare_to_fp64(q, k, v, index, mask, window or 32, window or 32, map_width=width)
+    assert [(plan['ALIGNED'], plan['STEPS_PER_BLOCK'], plan['BLOCKS_PER_STEP'])
+            for plan in plans] == [(True, *divisors)] * 2
+    if width:
+        compare_to_fp64(q, k, v, index, mask, q_window, k_window, map_width=map_width)
+    else:
+        compare_to_fp64(q, k, v, index, mask, block_q, block_k)
 
 
 def test_backward_mode_choice():
