@@ -261,12 +261,12 @@ def _one_block_columns(step, group, block_k, index_ptr, stride_ig, stride_ik, Ro
     """``ALIGNED`` key step where ``BLOCK_N`` also divides ``block_k`` (``STEPS_PER_BLOCK =
     block_k // BLOCK_N`` steps a block, a compile-time divisor): the step reads ``BLOCK_N``
     consecutive keys of one routed block, named by one scalar index load; their memory rows
-    and a score bias per column (all -inf for a -1 slot)."""
+    and the step's score bias (a scalar: -inf for a -1 slot)."""
     slot = step // STEPS_PER_BLOCK
     block = tl.load(index_ptr + group * stride_ig + slot * stride_ik).to(tl.int32)
     within = (step % STEPS_PER_BLOCK) * BLOCK_N + tl.arange(0, BLOCK_N)
     key = _token_row(tl.maximum(block, 0), within, block_k, Rows, within >= 0, WINDOWS)
-    return key, tl.full([BLOCK_N], 0.0, tl.float32) + tl.where(block >= 0, 0.0, float('-inf'))
+    return key, tl.where(block >= 0, 0.0, float('-inf'))
 
 
 @triton.jit
@@ -289,12 +289,16 @@ def _step_logits(q, K, V, step, group_tile, row_group, d, d_valid, block_k, grou
                  GPT, CPG, Index, stride_ig, stride_ik, stride_kn, stride_kd, stride_vn,
                  stride_vd, Mask, stride_mn, KRows, scale_log2, HAS_MASK: tl.constexpr,
                  WINDOWS: tl.constexpr, ALIGNED: tl.constexpr, STEPS_PER_BLOCK: tl.constexpr,
-                 BLOCKS_PER_STEP: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                 BLOCK_N: tl.constexpr):
-    """One key step of a query tile: the base-2 logits ``q k^T * scale_log2`` (-inf where a
-    pair is not admissible) and the routed keys and values it read. With ``ALIGNED``:
-    ``STEPS_PER_BLOCK`` > 0, the step lies in one routed block (:func:`_one_block_columns`);
-    else ``BLOCKS_PER_STEP`` as :func:`_aligned_columns`."""
+                 BLOCKS_PER_STEP: tl.constexpr, UNSCALED: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One key step of a query tile: (logits, shift, k, v), the base-2 logits ``q k^T *
+    scale_log2`` (-inf where a pair is not admissible), 0, and the routed keys and values it
+    read. With ``ALIGNED``: ``STEPS_PER_BLOCK`` > 0, the step lies in one routed block
+    (:func:`_one_block_columns`); else ``BLOCKS_PER_STEP`` as :func:`_aligned_columns`.
+
+    ``UNSCALED`` (one-block steps, ``scale_log2 > 0``): the logits are ``q k^T`` (-inf where a
+    key is padding) and the shift is the step's bias, so that the caller takes ``logits *
+    scale_log2 + shift - m`` as one multiply-add per score instead of two operations."""
     if ALIGNED:
         if STEPS_PER_BLOCK > 0:
             key, bias = _one_block_columns(step, group_tile, block_k, Index, stride_ig,
@@ -311,16 +315,25 @@ def _step_logits(q, K, V, step, group_tile, row_group, d, d_valid, block_k, grou
         kv_mask = col_valid[:, None] & d_valid[None, :]
     k = tl.load(K + key[:, None] * stride_kn + d[None, :] * stride_kd, mask=kv_mask, other=0.0)
     v = tl.load(V + key[:, None] * stride_vn + d[None, :] * stride_vd, mask=kv_mask, other=0.0)
-    logits = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+    logits = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    shift = 0.0
+    if UNSCALED:
+        shift = bias
+    else:
+        logits = logits * scale_log2
+        if ALIGNED:
+            if STEPS_PER_BLOCK > 0:
+                logits += bias
+            else:
+                logits += bias[None, :]
     if ALIGNED:
-        logits += bias[None, :]
         if HAS_MASK:
             padded = tl.load(Mask + key * stride_mn)
             logits = tl.where(padded[None, :] == 0, logits, float('-inf'))
     else:
         admissible = (row_group[:, None] == col_group[None, :]) & col_valid[None, :]
         logits = tl.where(admissible, logits, float('-inf'))
-    return logits, k, v
+    return logits, shift, k, v
 
 
 @triton.jit
@@ -336,12 +349,13 @@ def _fwd_kernel(Q, K, V, Index, Mask, Out, Lse,
                 QRows, KRows,
                 HAS_MASK: tl.constexpr, WINDOWS: tl.constexpr, ALIGNED: tl.constexpr,
                 STEPS_PER_BLOCK: tl.constexpr, BLOCKS_PER_STEP: tl.constexpr,
-                DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_D: tl.constexpr):
+                UNSCALED: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Out and Lse; ``ALIGNED`` (see :func:`_query_plan`): every row and column of every
     step is in range, so scores take no per-element admissibility mask; ``STEPS_PER_BLOCK``
     > 0: each step also lies in one routed block; ``BLOCKS_PER_STEP`` > 0: each step holds
-    whole routed blocks (:func:`_step_logits`)."""
+    whole routed blocks; ``UNSCALED``: the row maximum is taken over unscaled scores
+    (:func:`_step_logits`)."""
     program = tl.program_id(0).to(tl.int64)  # one flat grid: B*H may exceed grid dim 1
     tile = (program % num_tiles).to(tl.int32)
     bh = program // num_tiles
@@ -360,14 +374,21 @@ def _fwd_kernel(Q, K, V, Index, Mask, Out, Lse,
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for step in range(num_steps):
-        scores, k, v = _step_logits(q, K, V, step, group_tile, row_group, d, d_valid, block_k,
-                                    groups, slot_keys, GPT, CPG, Index, stride_ig, stride_ik,
-                                    stride_kn, stride_kd, stride_vn, stride_vd, Mask,
-                                    stride_mn, KRows, scale_log2, HAS_MASK, WINDOWS, ALIGNED,
-                                    STEPS_PER_BLOCK, BLOCKS_PER_STEP, DOT_PRECISION, BLOCK_N)
-        m_new = tl.maximum(m_i, tl.max(scores, 1))
-        m_safe = tl.where(m_new == float('-inf'), 0.0, m_new)
-        p = tl.exp2(scores - m_safe[:, None])
+        scores, shift, k, v = _step_logits(q, K, V, step, group_tile, row_group, d, d_valid,
+                                           block_k, groups, slot_keys, GPT, CPG, Index,
+                                           stride_ig, stride_ik, stride_kn, stride_kd,
+                                           stride_vn, stride_vd, Mask, stride_mn, KRows,
+                                           scale_log2, HAS_MASK, WINDOWS, ALIGNED,
+                                           STEPS_PER_BLOCK, BLOCKS_PER_STEP, UNSCALED,
+                                           DOT_PRECISION, BLOCK_N)
+        if UNSCALED:
+            m_new = tl.maximum(m_i, tl.max(scores, 1) * scale_log2 + shift)
+            m_safe = tl.where(m_new == float('-inf'), 0.0, m_new)
+            p = tl.exp2(scores * scale_log2 - (m_safe - shift)[:, None])
+        else:
+            m_new = tl.maximum(m_i, tl.max(scores, 1))
+            m_safe = tl.where(m_new == float('-inf'), 0.0, m_new)
+            p = tl.exp2(scores - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
@@ -397,12 +418,12 @@ def _bwd_dq_kernel(Q, K, V, Out, GradOut, Lse, Index, Mask, GradQ, Delta, Order,
                    index_heads, slots, list_len, blocks, num_chunks, transpose_programs,
                    HAS_MASK: tl.constexpr, WINDOWS: tl.constexpr, ALIGNED: tl.constexpr,
                    STEPS_PER_BLOCK: tl.constexpr, BLOCKS_PER_STEP: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr,
+                   UNSCALED: tl.constexpr, DOT_PRECISION: tl.constexpr,
                    TRANSPOSE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_E: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """GradQ ((B, H, Nq, D) at strides ``stride_dq*``, unit head-dim stride, q's dtype) and
     Delta = rowsum(dO * O) (B, H, Nq) fp32. ``ALIGNED``, ``STEPS_PER_BLOCK``,
-    ``BLOCKS_PER_STEP`` as in ``_fwd_kernel``.
+    ``BLOCKS_PER_STEP``, ``UNSCALED`` as in ``_fwd_kernel``.
 
     ``TRANSPOSE``: the first ``transpose_programs`` programs build the transposed index (Order,
     Offsets) for the dK/dV kernel instead (:func:`_transpose_index_program`), beside the dQ
@@ -438,12 +459,17 @@ def _bwd_dq_kernel(Q, K, V, Out, GradOut, Lse, Index, Mask, GradQ, Delta, Order,
     Mask += b * stride_mb
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for step in range(num_steps):
-        logits, k, v = _step_logits(q, K, V, step, group_tile, row_group, d, d_valid, block_k,
-                                    groups, slot_keys, GPT, CPG, Index, stride_ig, stride_ik,
-                                    stride_kn, stride_kd, stride_vn, stride_vd, Mask,
-                                    stride_mn, KRows, scale_log2, HAS_MASK, WINDOWS, ALIGNED,
-                                    STEPS_PER_BLOCK, BLOCKS_PER_STEP, DOT_PRECISION, BLOCK_N)
-        p = tl.exp2(logits - lse[:, None])
+        logits, shift, k, v = _step_logits(q, K, V, step, group_tile, row_group, d, d_valid,
+                                           block_k, groups, slot_keys, GPT, CPG, Index,
+                                           stride_ig, stride_ik, stride_kn, stride_kd,
+                                           stride_vn, stride_vd, Mask, stride_mn, KRows,
+                                           scale_log2, HAS_MASK, WINDOWS, ALIGNED,
+                                           STEPS_PER_BLOCK, BLOCKS_PER_STEP, UNSCALED,
+                                           DOT_PRECISION, BLOCK_N)
+        if UNSCALED:
+            p = tl.exp2(logits * scale_log2 + (shift - lse)[:, None])
+        else:
+            p = tl.exp2(logits - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
@@ -683,7 +709,8 @@ def set_aligned_tiles(enabled: bool) -> None:
 
 @functools.lru_cache(maxsize=1024)
 def _query_plan(kind: str, batch: int, heads: int, num_q: int, head_dim: int, block_q: int,
-                block_k: int, slots: int, fp32: bool, config: Optional[tuple]):
+                block_k: int, slots: int, fp32: bool, config: Optional[tuple],
+                positive_scale: bool = True):
     """Grid, scalar arguments and meta-parameters of a kernel that tiles query rows.
 
     ``config`` overrides the ``_CONFIGS`` row (tuning). The key tile is capped at the next
@@ -693,7 +720,8 @@ def _query_plan(kind: str, batch: int, heads: int, num_q: int, head_dim: int, bl
     the key steps' arithmetic takes compile-time divisors: ``STEPS_PER_BLOCK = block_k //
     BLOCK_N`` when BLOCK_N divides ``block_k`` (each key step reads part of one routed block),
     else ``BLOCKS_PER_STEP = BLOCK_N // block_k`` when ``block_k`` divides BLOCK_N; 0 for
-    neither (a runtime division by ``block_k``).
+    neither (a runtime division by ``block_k``). One-block steps with ``positive_scale`` (the
+    scale > 0, so a row's largest score is its largest ``q k^T``) are ``UNSCALED``.
     """
     groups = num_q // block_q
     slot_keys = slots * block_k
@@ -716,9 +744,11 @@ def _query_plan(kind: str, batch: int, heads: int, num_q: int, head_dim: int, bl
     blocks_per_step = (block_n // block_k if aligned and not steps_per_block
                        and block_n % block_k == 0 else 0)
     meta = dict(ALIGNED=aligned, STEPS_PER_BLOCK=steps_per_block,
-                BLOCKS_PER_STEP=blocks_per_step, DOT_PRECISION='ieee' if fp32 else 'tf32',
-                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_d(head_dim), num_warps=num_warps,
-                num_stages=num_stages, maxnreg=max_registers or None)
+                BLOCKS_PER_STEP=blocks_per_step,
+                UNSCALED=steps_per_block > 0 and positive_scale,
+                DOT_PRECISION='ieee' if fp32 else 'tf32', BLOCK_M=block_m, BLOCK_N=block_n,
+                BLOCK_D=_block_d(head_dim), num_warps=num_warps, num_stages=num_stages,
+                maxnreg=max_registers or None)
     return (num_tiles * batch * heads,), scalars, meta
 
 
@@ -847,7 +877,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, index: Tensor, key_padding_mask: Op
     def launch(tiles):
         grid, scalars, meta = _query_plan('fwd', batch, heads, num_q, head_dim, block_q,
                                           block_k, index.shape[-1], q.dtype == torch.float32,
-                                          tiles)
+                                          tiles, scale > 0)
         fast_launcher(_fwd_kernel)[grid](
             q, k, v, index, mask, out, lse,
             *q.stride(), *k.stride(), *v.stride(), *_row_strides(out), *_index_strides(index),
@@ -878,7 +908,7 @@ def backward_dq(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, 
     def launch(tiles):
         grid, scalars, meta = _query_plan('dq', batch, heads, num_q, head_dim, block_q,
                                           block_k, index.shape[-1], q.dtype == torch.float32,
-                                          tiles)
+                                          tiles, scale > 0)
         fast_launcher(_bwd_dq_kernel)[(grid[0] + transpose_programs,)](
             q, k, v, out, grad_out, lse, index, mask, grad_q, delta, order, offsets,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(),

@@ -916,3 +916,17 @@ def test_register_capped_configs_that_ptxas_cannot_compile_run_uncapped(monkeypa
     assert all(g.isfinite().all() for g in grads)
     assert launched == [None, None]  # forward and dQ kernels, uncapped
     assert set(kernels._FITTED.values()) == {(16, 32, 2, 1, 0)}
+
+
+@pytest.mark.parametrize('scale', [0.3, -0.3, 0.0], ids=['positive', 'negative', 'zero'])
+def test_one_block_steps_take_unscaled_logits_only_for_positive_scales(scale, tile_rows):
+    """One-block key steps fold the scale and the step's bias into one multiply-add when the
+    scale is positive (the row maximum is then the scaled maximum of q k^T); negative and zero
+    scales keep the scaled logits. Both match fp64, with -1 slots and key padding."""
+    tile_rows({kind: {32: [(None, (16, 16, 2, 1, 0))]} for kind in ('fwd', 'dq')})
+    q, k, v, index, mask = make_inputs(1, 2, 4, 32, 8, 32, 2, 16, masked_fraction=0.2)
+    index[0, 1, :] = -1
+    plans = [kernels._query_plan(kind, 1, 2, 128, 16, 32, 32, 2, True, None, scale > 0)[2]
+             for kind in ('fwd', 'dq')]
+    assert [plan['UNSCALED'] for plan in plans] == [scale > 0] * 2
+    compare_to_fp64(q, k, v, index, mask, 32, 32, scale=scale)
