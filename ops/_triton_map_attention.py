@@ -172,11 +172,12 @@ def _map_bwd_kernel(Q, K, V, Out, GradOut, Lse, Counts, Mask, GradQ, GradK, Grad
                     stride_dkb, stride_dkh, stride_dkn,
                     stride_cb, stride_ch, stride_mb, stride_mn,
                     heads, num_q, num_k, head_dim, blocks,
-                    q_map_w, q_win_h, q_win_w, q_blocks_w,
-                    k_map_w, k_win_h, k_win_w, k_blocks_w, scale, scale_log2,
-                    HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-                    BLOCK_B: tl.constexpr):
+                    scale, scale_log2,
+                    Q_MAP_W: tl.constexpr, Q_WIN_H: tl.constexpr, Q_WIN_W: tl.constexpr,
+                    Q_BLOCKS_W: tl.constexpr, K_MAP_W: tl.constexpr, K_WIN_H: tl.constexpr,
+                    K_WIN_W: tl.constexpr, K_BLOCKS_W: tl.constexpr, HAS_MASK: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr,
+                    BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr):
     """dQ, dK and dV of one (batch, head): its query tiles in turn, dK/dV kept in registers.
 
     Every product is taken transposed, (keys, query rows), so the BLOCK_T keys are its M. A
@@ -188,7 +189,7 @@ def _map_bwd_kernel(Q, K, V, Out, GradOut, Lse, Counts, Mask, GradQ, GradK, Grad
     d = tl.arange(0, BLOCK_D)
     d_valid = d < head_dim
     cols, col_valid = _key_columns(Mask, stride_mb, stride_mn, b, num_k, HAS_MASK, BLOCK_T)
-    col_blocks = _block_of(cols, k_map_w, k_win_h, k_win_w, k_blocks_w)
+    col_blocks = _block_of(cols, K_MAP_W, K_WIN_H, K_WIN_W, K_BLOCKS_W)
     k = _rows_tile(K, b * stride_kb + h * stride_kh, cols, cols < num_k, stride_kn, d, d_valid,
                    stride_kd)
     v = _rows_tile(V, b * stride_vb + h * stride_vh, cols, cols < num_k, stride_vn, d, d_valid,
@@ -209,7 +210,7 @@ def _map_bwd_kernel(Q, K, V, Out, GradOut, Lse, Counts, Mask, GradQ, GradK, Grad
                        d_valid, stride_od)
         delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
         lse = tl.load(Lse + bh * num_q + rows, mask=row_valid, other=float('inf'))
-        row_groups = _block_of(rows, q_map_w, q_win_h, q_win_w, q_blocks_w)
+        row_groups = _block_of(rows, Q_MAP_W, Q_WIN_H, Q_WIN_W, Q_BLOCKS_W)
         counts = tl.load(Counts + row_groups[None, :] * blocks + m[:, None],
                          mask=row_valid[None, :] & (m < blocks)[:, None], other=0)
         weights = tl.dot(tl.trans(one_hot), counts.to(one_hot.dtype),
@@ -240,11 +241,17 @@ def _smaller_row(row: tuple) -> Optional[tuple]:
     return (row[0] // 2, *row[1:]) if row[0] > 16 else None
 
 
-def _geometries(block_q: int, block_k: int, layout: Optional[Sequence[int]]):
+def _geometries(block_q: int, block_k: int, layout: Optional[Sequence[int]]) -> dict:
+    """The kernel's geometry constants (compile-time, so that the per-row block arithmetic in
+    its query loop is shifts and multiplies, not runtime divisions)."""
     if layout is None:
-        return _geometry(block_q, None, None) + _geometry(block_k, None, None)
-    q_win_w, k_win_w, map_width = layout
-    return _geometry(block_q, q_win_w, map_width) + _geometry(block_k, k_win_w, map_width)
+        values = _geometry(block_q, None, None) + _geometry(block_k, None, None)
+    else:
+        q_win_w, k_win_w, map_width = layout
+        values = _geometry(block_q, q_win_w, map_width) + _geometry(block_k, k_win_w, map_width)
+    names = ('Q_MAP_W', 'Q_WIN_H', 'Q_WIN_W', 'Q_BLOCKS_W', 'K_MAP_W', 'K_WIN_H', 'K_WIN_W',
+             'K_BLOCKS_W')
+    return dict(zip(names, values))
 
 
 def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
@@ -266,7 +273,7 @@ def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
             *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(), *grad_q.stride()[:3],
             *grad_k.stride()[:3], counts.stride(0), counts.stride(1) if counts.shape[1] > 1
             else 0, stride_mb, stride_mn, heads, num_q, k.shape[2], head_dim, counts.shape[-1],
-            *_geometries(block_q, block_k, layout), scale, scale * LOG2E, HAS_MASK=has_mask,
+            scale, scale * LOG2E, **_geometries(block_q, block_k, layout), HAS_MASK=has_mask,
             DOT_PRECISION='ieee' if q.dtype == torch.float32 else 'tf32', BLOCK_M=block_m,
             BLOCK_T=max(16, next_power_of_2(k.shape[2])), BLOCK_D=_block_d(head_dim),
             BLOCK_B=max(16, next_power_of_2(counts.shape[-1])), num_warps=num_warps,

@@ -211,22 +211,24 @@ def test_ops_tuning_times_the_window_layout_too(monkeypatch):
 def test_kernel_sass_loops_divide_by_constants_only():
     """tools/kernel_sass.py compiles the kernels of one fwd+bwd for sm_90 on the CPU (in a
     subprocess: the tests run the Triton interpreter). The score loops (those with tensor-core
-    products) of the ALIGNED forward, dQ and dK/dV kernels at b1024_s2 hold no runtime integer
-    division (I2F), which the compile-time step divisors removed (docs/ops.md, "Kernels")."""
+    products) of the ALIGNED forward, dQ and dK/dV kernels at b1024_s2, and of the whole-map
+    backward at t224_s3, hold no runtime integer division (``I2F.RP``, the reciprocal step of
+    one), which the compile-time step divisors and geometry removed (docs/ops.md)."""
     import json
     import subprocess
     tools = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tools')
     script = ("import json, kernel_sass as ks\n"
               "from bench_ops import SHAPES_BY_NAME\n"
-              "print(json.dumps({kernel.__name__: [dict(ops) for _, ops in ks.loops("
-              "ks.compile_sass(kernel, args, kwargs))] for kernel, args, kwargs in "
-              "ks.record_launches(SHAPES_BY_NAME['b1024_s2'])}))")
+              "print(json.dumps({shape + ' ' + kernel.__name__:\n"
+              "    [dict(ops) for _, ops in ks.loops(ks.compile_sass(kernel, args, kwargs))]\n"
+              "    for shape in ('b1024_s2', 't224_s3')\n"
+              "    for kernel, args, kwargs in ks.record_launches(SHAPES_BY_NAME[shape])}))")
     env = {key: value for key, value in os.environ.items() if key != 'TRITON_INTERPRET'}
     out = subprocess.run([sys.executable, '-c', script], cwd=tools, env=env,
                          capture_output=True, text=True, timeout=300, check=True).stdout
     loops = json.loads(out.strip().splitlines()[-1])
-    assert set(loops) == {'_fwd_kernel', '_bwd_dq_kernel', '_bwd_dkdv_kernel'}
-    for name, kernel_loops in loops.items():
-        score_loops = [ops for ops in kernel_loops if ops.get('HGMMA') or ops.get('HMMA')]
+    for name in ('b1024_s2 _fwd_kernel', 'b1024_s2 _bwd_dq_kernel', 'b1024_s2 _bwd_dkdv_kernel',
+                 't224_s3 _map_bwd_kernel'):
+        score_loops = [ops for ops in loops[name] if ops.get('HGMMA') or ops.get('HMMA')]
         assert score_loops, name
-        assert not any(ops.get('I2F') for ops in score_loops), name
+        assert not any(ops.get('I2F.RP') for ops in score_loops), name

@@ -129,16 +129,18 @@ def compile_sass(kernel, args, kwargs, arch: int = 90) -> str:
 
 
 def _opcode(line: str) -> str:
-    """The opcode of one SASS instruction line (predicate and modifiers dropped)."""
+    """The opcode of one SASS instruction line: predicate and modifiers dropped, except for
+    I2F, whose ``I2F.RP`` is the reciprocal step of an integer division by a value unknown at
+    compile time and whose other forms are conversions."""
     words = line.split('\t', 1)[1].split()
     word = words[1] if words[0].startswith('@') else words[0]
-    return word.rstrip(';').split('.')[0]
+    word = word.rstrip(';')
+    return word if word.startswith('I2F.') else word.split('.')[0]
 
 
 def loops(sass: str) -> List[Tuple[int, collections.Counter]]:
     """Each loop of a SASS listing (a branch back to a label above it): its instruction count
-    and opcode histogram, in listing order. An integer division by a value unknown at compile
-    time shows as I2F (with a MUFU reciprocal and IMAD.HI)."""
+    and opcode histogram, in listing order (see :func:`_opcode`)."""
     lines = sass.splitlines()
     labels: Dict[str, int] = {}
     found = []
