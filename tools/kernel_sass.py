@@ -40,20 +40,15 @@ TRITON_TYPES = {torch.bfloat16: 'bf16', torch.float16: 'fp16', torch.float32: 'f
 OPTIONS = ('num_warps', 'num_stages', 'maxnreg')
 
 
-class Recorder:
-    """Stands in for ``fast_launcher``: ``Recorder(log)(kernel)[grid](*args, **kwargs)`` appends
-    (kernel, args, kwargs) to ``log`` and runs nothing."""
+class RecordedLaunch:
+    """Stands in for ``fast_launcher(kernel)``: ``[grid](*args, **kwargs)`` appends (kernel,
+    args, kwargs) to ``log`` and runs nothing."""
 
-    def __init__(self, log: list):
-        self.log = log
+    def __init__(self, kernel, log: list):
+        self.kernel, self.log = kernel, log
 
-    def __call__(self, kernel):
-        log = self.log
-
-        class Grid:
-            def __getitem__(self, grid):
-                return lambda *args, **kwargs: log.append((kernel, args, kwargs))
-        return Grid()
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.log.append((self.kernel, args, kwargs))
 
 
 def record_launches(shape, dtype=torch.bfloat16, windows=False) -> list:
@@ -78,7 +73,8 @@ def record_launches(shape, dtype=torch.bfloat16, windows=False) -> list:
     scale = shape.head_dim ** -0.5
     log = []
     saved = kernels.fast_launcher, whole_map.fast_launcher
-    kernels.fast_launcher = whole_map.fast_launcher = Recorder(log)
+    kernels.fast_launcher = whole_map.fast_launcher = \
+        lambda kernel: RecordedLaunch(kernel, log)
     try:
         out, lse = kernels.forward(q, k, v, index, mask, block_q, block_k, scale, layout=layout)
         kernels.backward(grad_out, q, k, v, out, lse, index, mask, block_q, block_k, scale,
@@ -149,8 +145,7 @@ def loops(sass: str) -> List[Tuple[int, collections.Counter]]:
         if label:
             labels[label.group(1)] = number
             continue
-        branch = re.search(r'\tBRA\s+(\.?L\w+)', line) or re.search(
-            r'\t@!?U?P\w+\s+BRA\s+(\.?L\w+)', line)
+        branch = re.search(r'\t(?:@!?U?P\w+\s+)?BRA\s+(\.?L\w+)', line)
         if branch and branch.group(1) in labels and labels[branch.group(1)] < number:
             body = [body_line for body_line in lines[labels[branch.group(1)] + 1:number + 1]
                     if '\t' in body_line]
