@@ -55,12 +55,14 @@ LOG2E = 1.4426950408889634
 # and so does 'bwd', the dK/dV kernel when it also computes dQ (the one-kernel backward).
 # D <= 32 and D = 64 come from the CUDA-graph-timed sweep `tools/benchmark.py ops --tune fwd dq
 # dkdv bwd` on an H200 (2026-12-02, tiles and then register caps; docs/ops.md "Tile configs"
-# names the shapes behind each row); D > 64 keeps the untuned defaults.
+# names the shapes behind each row), except the D <= 32 'fwd' and 'dq' rows of blocks up to 16
+# tokens: one-warp tiles from `... ops --tune fwd dq --shapes t224_s3 t224_s2 t512_s3` on an
+# H100 (2026-12-07); D > 64 keeps the untuned defaults.
 SIZE_LIMITS = (8, 16, 32, 64, 128, 256, None)
 HEAD_DIM_CLASSES = (32, 64, 256)
 _TILES = {  # kind: {max_block_d: one config per SIZE_LIMITS class}
     'fwd': {
-        32: ((16, 64, 2, 2, 80), (16, 64, 2, 2, 0), (64, 128, 4, 2, 128), (64, 64, 4, 3, 80),
+        32: ((16, 32, 1, 2, 0), (16, 32, 1, 2, 80), (64, 128, 4, 2, 128), (64, 64, 4, 3, 80),
              (64, 128, 4, 2, 128), (128, 64, 4, 2, 128), (64, 128, 4, 2, 128)),
         64: ((16, 128, 4, 2, 0), (16, 64, 2, 2, 0), (16, 128, 4, 2, 0), (64, 64, 4, 2, 96),
              (64, 128, 4, 2, 96), (64, 128, 4, 2, 0), (64, 128, 4, 2, 0)),
@@ -68,7 +70,7 @@ _TILES = {  # kind: {max_block_d: one config per SIZE_LIMITS class}
               (64, 128, 4, 2, 0), (64, 128, 4, 2, 0), (64, 128, 4, 2, 0)),
     },
     'dq': {
-        32: ((16, 64, 2, 2, 80), (16, 64, 2, 2, 80), (64, 128, 4, 2, 128), (64, 64, 4, 3, 96),
+        32: ((16, 32, 1, 2, 0), (16, 32, 1, 2, 96), (64, 128, 4, 2, 128), (64, 64, 4, 3, 96),
              (16, 64, 2, 2, 96), (64, 64, 4, 2, 96), (64, 128, 4, 2, 0)),
         64: ((16, 64, 2, 2, 0), (16, 64, 2, 2, 0), (16, 64, 2, 2, 0), (64, 64, 4, 3, 128),
              (64, 128, 4, 2, 128), (64, 64, 4, 2, 0), (64, 64, 4, 2, 0)),
