@@ -272,6 +272,16 @@ def _one_block_columns(step, group, block_k, index_ptr, stride_ig, stride_ik, Ro
 
 
 @triton.jit
+def _packed_geometry(PACKED: tl.constexpr, PACKED_BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr):
+    """Compile-time (block_q, block_k, GPT, TPG, RPG, CPG) of a tile that packs ``PACKED``
+    whole groups of ``BLOCK_M // PACKED`` queries, each reading whole key blocks of
+    ``PACKED_BLOCK_K`` tokens in ``BLOCK_N // PACKED`` columns a step: the packed tiling's
+    row and column arithmetic then divides by constants."""
+    return (BLOCK_M // PACKED, PACKED_BLOCK_K, PACKED, 1, BLOCK_M // PACKED, BLOCK_N // PACKED)
+
+
+@triton.jit
 def _query_tile(tile, block_q, groups, GPT, TPG, RPG, QRows, WINDOWS: tl.constexpr,
                 ALIGNED: tl.constexpr, BLOCK_M: tl.constexpr):
     """:func:`_tile_rows` of a query tile, or its ``ALIGNED`` form (packed-group slot 0, the
@@ -351,17 +361,22 @@ def _fwd_kernel(Q, K, V, Index, Mask, Out, Lse,
                 QRows, KRows,
                 HAS_MASK: tl.constexpr, WINDOWS: tl.constexpr, ALIGNED: tl.constexpr,
                 STEPS_PER_BLOCK: tl.constexpr, BLOCKS_PER_STEP: tl.constexpr,
-                UNSCALED: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                UNSCALED: tl.constexpr, PACKED: tl.constexpr, PACKED_BLOCK_K: tl.constexpr,
+                DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_D: tl.constexpr):
     """Out and Lse; ``ALIGNED`` (see :func:`_query_plan`): every row and column of every
     step is in range, so scores take no per-element admissibility mask; ``STEPS_PER_BLOCK``
     > 0: each step also lies in one routed block; ``BLOCKS_PER_STEP`` > 0: each step holds
     whole routed blocks; ``UNSCALED``: the row maximum is taken over unscaled scores
-    (:func:`_step_logits`)."""
+    (:func:`_step_logits`); ``PACKED`` > 0: that many whole groups per tile, with the packing
+    geometry known at compile time (:func:`_query_plan`)."""
     program = tl.program_id(0).to(tl.int64)  # one flat grid: B*H may exceed grid dim 1
     tile = (program % num_tiles).to(tl.int32)
     bh = program // num_tiles
     b, h = bh // heads, bh % heads
+    if PACKED > 0:
+        block_q, block_k, GPT, TPG, RPG, CPG = _packed_geometry(PACKED, PACKED_BLOCK_K, BLOCK_M,
+                                                                BLOCK_N)
     q_pos, row_group, row_valid, group_tile = _query_tile(tile, block_q, groups, GPT, TPG, RPG,
                                                           QRows, WINDOWS, ALIGNED, BLOCK_M)
     d = tl.arange(0, BLOCK_D)
@@ -420,12 +435,13 @@ def _bwd_dq_kernel(Q, K, V, Out, GradOut, Lse, Index, Mask, GradQ, Delta, Order,
                    index_heads, slots, list_len, blocks, num_chunks, transpose_programs,
                    HAS_MASK: tl.constexpr, WINDOWS: tl.constexpr, ALIGNED: tl.constexpr,
                    STEPS_PER_BLOCK: tl.constexpr, BLOCKS_PER_STEP: tl.constexpr,
-                   UNSCALED: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                   TRANSPOSE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_E: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                   UNSCALED: tl.constexpr, PACKED: tl.constexpr, PACKED_BLOCK_K: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr, TRANSPOSE: tl.constexpr, BLOCK_B: tl.constexpr,
+                   BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_D: tl.constexpr):
     """GradQ ((B, H, Nq, D) at strides ``stride_dq*``, unit head-dim stride, q's dtype) and
     Delta = rowsum(dO * O) (B, H, Nq) fp32. ``ALIGNED``, ``STEPS_PER_BLOCK``,
-    ``BLOCKS_PER_STEP``, ``UNSCALED`` as in ``_fwd_kernel``.
+    ``BLOCKS_PER_STEP``, ``UNSCALED``, ``PACKED`` as in ``_fwd_kernel``.
 
     ``TRANSPOSE``: the first ``transpose_programs`` programs build the transposed index (Order,
     Offsets) for the dK/dV kernel instead (:func:`_transpose_index_program`), beside the dQ
@@ -441,6 +457,9 @@ def _bwd_dq_kernel(Q, K, V, Out, GradOut, Lse, Index, Mask, GradQ, Delta, Order,
     tile = (program % num_tiles).to(tl.int32)
     bh = program // num_tiles
     b, h = bh // heads, bh % heads
+    if PACKED > 0:
+        block_q, block_k, GPT, TPG, RPG, CPG = _packed_geometry(PACKED, PACKED_BLOCK_K, BLOCK_M,
+                                                                BLOCK_N)
     q_pos, row_group, row_valid, group_tile = _query_tile(tile, block_q, groups, GPT, TPG, RPG,
                                                           QRows, WINDOWS, ALIGNED, BLOCK_M)
     d = tl.arange(0, BLOCK_D)
@@ -745,9 +764,12 @@ def _query_plan(kind: str, batch: int, heads: int, num_q: int, head_dim: int, bl
     steps_per_block = block_k // block_n if aligned and block_k % block_n == 0 else 0
     blocks_per_step = (block_n // block_k if aligned and not steps_per_block
                        and block_n % block_k == 0 else 0)
+    packed = (_aligned_tiles and not aligned and block_m == groups_per_tile * block_q
+              and cols_per_group % block_k == 0 and slot_keys % cols_per_group == 0)
     meta = dict(ALIGNED=aligned, STEPS_PER_BLOCK=steps_per_block,
                 BLOCKS_PER_STEP=blocks_per_step,
                 UNSCALED=steps_per_block > 0 and positive_scale,
+                PACKED=groups_per_tile if packed else 0, PACKED_BLOCK_K=block_k if packed else 0,
                 DOT_PRECISION='ieee' if fp32 else 'tf32', BLOCK_M=block_m, BLOCK_N=block_n,
                 BLOCK_D=_block_d(head_dim), num_warps=num_warps, num_stages=num_stages,
                 maxnreg=max_registers or None)

@@ -304,6 +304,39 @@ def test_aligned_key_steps_within_and_across_blocks_match_fp64(case, width, tile
         compare_to_fp64(q, k, v, index, mask, block_q, block_k)
 
 
+PACKED_CASES = {
+    # name: (groups, block_q, window, blocks, block_k, slots, map_width, PACKED): 16-row tiles
+    # of whole groups whose 32-key steps hold whole blocks, so the packing geometry is
+    # compile-time; a tail tile of fewer groups; 3-token blocks do not fill a group's 8
+    # columns a step, so that case keeps the runtime geometry
+    'four_groups_a_tile': (10, 4, (2, 2), 8, 4, 4, 4, 4),
+    'eight_groups_a_tile': (13, 2, (1, 2), 11, 2, 4, 2, 8),
+    'blocks_across_steps': (10, 4, (2, 2), 12, 3, 4, None, 0),
+}
+
+
+@pytest.mark.parametrize('case', list(PACKED_CASES), ids=list(PACKED_CASES))
+@pytest.mark.parametrize('width', [False, True], ids=['block_major', 'windows'])
+def test_packed_tiles_match_fp64(case, width, tile_rows):
+    """Forward and dQ tiles that pack several small groups, with -1 slots, padding and a
+    per-head index; the plans say when the packing geometry is compile-time (``PACKED``)."""
+    groups, block_q, window, blocks, block_k, slots, map_width, packed = PACKED_CASES[case]
+    if width and map_width is None:
+        pytest.skip('no window form')
+    tile_rows({kind: {32: [(None, (16, 32, 1, 1, 0))]} for kind in ('fwd', 'dq')})
+    q, k, v, index, mask = make_inputs(1, 2, groups, block_q, blocks, block_k, slots, 16,
+                                       per_head=True, masked_fraction=0.2)
+    index[0, 1, 0, :] = -1
+    index[0, 0, 1, 1] = -1
+    plans = [kernels._query_plan(kind, 1, 2, groups * block_q, 16, block_q, block_k, slots,
+                                 True, None)[2] for kind in ('fwd', 'dq')]
+    assert [(plan['ALIGNED'], plan['PACKED']) for plan in plans] == [(False, packed)] * 2
+    if width:
+        compare_to_fp64(q, k, v, index, mask, window, window, map_width=map_width)
+    else:
+        compare_to_fp64(q, k, v, index, mask, block_q, block_k)
+
+
 def test_backward_mode_choice():
     choose = kernels.backward_dq_mode
     assert choose(1, 64, 32, 'auto') == 1 and choose(1, 64, 32, 'fused') == 1
