@@ -742,7 +742,10 @@ def _query_plan(kind: str, batch: int, heads: int, num_q: int, head_dim: int, bl
     BLOCK_N`` when BLOCK_N divides ``block_k`` (each key step reads part of one routed block),
     else ``BLOCKS_PER_STEP = BLOCK_N // block_k`` when ``block_k`` divides BLOCK_N; 0 for
     neither (a runtime division by ``block_k``). One-block steps with ``positive_scale`` (the
-    scale > 0, so a row's largest score is its largest ``q k^T``) are ``UNSCALED``.
+    scale > 0, so a row's largest score is its largest ``q k^T``) are ``UNSCALED``. Outside
+    the ALIGNED form, a tile of ``PACKED`` = BLOCK_M // ``block_q`` whole groups whose steps
+    read whole blocks (``block_k`` divides a group's columns, which divide its routed keys)
+    takes that geometry at compile time (``PACKED_BLOCK_K = block_k``); else ``PACKED`` = 0.
     """
     groups = num_q // block_q
     slot_keys = slots * block_k
