@@ -29,7 +29,9 @@ Two entry points share the launchers: :func:`triton_gather_attention` runs eager
 through the custom ops ``dsa_ops::gather_attention_fwd`` / ``_bwd``, which carry fake
 implementations for tracing.
 """
+import contextlib
 import functools
+import threading
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -40,6 +42,7 @@ from torch.autograd.function import once_differentiable
 
 from ops._launch import fast_launcher, launch_fitting
 from ops._sizes import cdiv, next_power_of_2
+from ops.gather_attention import to_window_major
 
 LOG2E = 1.4426950408889634
 
@@ -175,32 +178,19 @@ def _block_d(head_dim: int) -> int:
 
 
 @triton.jit
-def _divide_small(x, divisor_magic):
-    """``x // d`` for int32 ``0 <= x`` with ``x * d < 2**32``, given ``divisor_magic =
-    ceil(2**32 / d)`` (:func:`_divisor_magic`): a wide multiply and a shift, where a runtime
-    integer division takes about 15 instructions and a reciprocal on the special-function
-    unit that the exponentials need."""
-    return ((x.to(tl.int64) * divisor_magic) >> 32).to(tl.int32)
-
-
-@triton.jit
-def _token_row(block, within, block_size, Geometry, WINDOWS: tl.constexpr):
+def _token_row(block, within, block_size, Rows, valid, WINDOWS: tl.constexpr):
     """Memory row of token ``within`` of group (or key block) ``block``: ``block * block_size
-    + within``; with ``WINDOWS``, the map row of that window-major position, from the window
-    ``Geometry`` (:func:`_window_geometry`). Arithmetic alone, so a key's row does not wait on
-    a second load after the index's; where ``within`` is the same every step, the in-window
-    part is loop-invariant. Rows of lanes out of range are arbitrary: callers mask them."""
+    + within``; with ``WINDOWS``, ``Rows`` of that (window-major) position, the map row of
+    the token (:func:`window_rows`; one cached load in place of window-address divisions).
+    Lanes not ``valid`` get row 0."""
+    row = block * block_size + within
     if WINDOWS:
-        window_width, width_magic, windows_per_row, per_row_magic, map_width, band = Geometry
-        window_row = _divide_small(block, per_row_magic)
-        token_row = _divide_small(within, width_magic)
-        return (window_row * band + (block - window_row * windows_per_row) * window_width
-                + token_row * map_width + (within - token_row * window_width))
-    return block * block_size + within
+        row = tl.load(Rows + row, mask=valid, other=0)
+    return row
 
 
 @triton.jit
-def _tile_rows(tile, block_q, groups, GPT, TPG, RPG, Geometry, WINDOWS: tl.constexpr,
+def _tile_rows(tile, block_q, groups, GPT, TPG, RPG, Rows, WINDOWS: tl.constexpr,
                BLOCK_M: tl.constexpr):
     """Query positions (memory rows) of this tile's rows, their packed-group slot, and row
     validity."""
@@ -212,13 +202,13 @@ def _tile_rows(tile, block_q, groups, GPT, TPG, RPG, Geometry, WINDOWS: tl.const
     within = sub_tile * BLOCK_M + rows % rows_per_group
     group = group_tile * GPT + local_group
     valid = (local_group < GPT) & (group < groups) & (within < block_q)
-    return (_token_row(group, within, block_q, Geometry, WINDOWS), local_group, valid,
+    return (_token_row(group, within, block_q, Rows, valid, WINDOWS), local_group, valid,
             group_tile)
 
 
 @triton.jit
 def _step_columns(step, group_tile, block_k, groups, slot_keys, GPT, CPG,
-                  index_ptr, stride_ig, stride_ik, mask_ptr, stride_mn, Geometry,
+                  index_ptr, stride_ig, stride_ik, mask_ptr, stride_mn, Rows,
                   HAS_MASK: tl.constexpr, WINDOWS: tl.constexpr, BLOCK_N: tl.constexpr):
     """Key positions (memory rows) read in this step, their packed-group slot, and whether each
     is admissible."""
@@ -230,7 +220,7 @@ def _step_columns(step, group_tile, block_k, groups, slot_keys, GPT, CPG,
     block = tl.load(index_ptr + group * stride_ig + (j // block_k) * stride_ik, mask=valid,
                     other=-1).to(tl.int32)
     valid = valid & (block >= 0)
-    key = _token_row(block, j % block_k, block_k, Geometry, WINDOWS)
+    key = _token_row(block, j % block_k, block_k, Rows, valid, WINDOWS)
     if HAS_MASK:
         padded = tl.load(mask_ptr + key * stride_mn, mask=valid, other=1)
         valid = valid & (padded == 0)
@@ -238,16 +228,16 @@ def _step_columns(step, group_tile, block_k, groups, slot_keys, GPT, CPG,
 
 
 @triton.jit
-def _aligned_rows(tile, block_size, TPG, Geometry, WINDOWS: tl.constexpr, BLOCK: tl.constexpr):
+def _aligned_rows(tile, block_size, TPG, Rows, WINDOWS: tl.constexpr, BLOCK: tl.constexpr):
     """``ALIGNED`` tiling, where ``BLOCK`` divides the group (or key block) size: the tile's
     memory rows (all valid) and the group it lies in."""
     group = tile // TPG
     within = (tile % TPG) * BLOCK + tl.arange(0, BLOCK)
-    return _token_row(group, within, block_size, Geometry, WINDOWS), group
+    return _token_row(group, within, block_size, Rows, within < block_size, WINDOWS), group
 
 
 @triton.jit
-def _aligned_columns(step, group, block_k, index_ptr, stride_ig, stride_ik, Geometry,
+def _aligned_columns(step, group, block_k, index_ptr, stride_ig, stride_ik, Rows,
                      WINDOWS: tl.constexpr, BLOCKS_PER_STEP: tl.constexpr,
                      BLOCK_N: tl.constexpr):
     """``ALIGNED`` key step, where ``BLOCK_N`` divides the group's routed keys: the key rows
@@ -262,12 +252,12 @@ def _aligned_columns(step, group, block_k, index_ptr, stride_ig, stride_ik, Geom
         slot = j // block_k
         within = j % block_k
     block = tl.load(index_ptr + group * stride_ig + slot * stride_ik).to(tl.int32)
-    key = _token_row(tl.maximum(block, 0), within, block_k, Geometry, WINDOWS)
+    key = _token_row(tl.maximum(block, 0), within, block_k, Rows, j >= 0, WINDOWS)
     return key, tl.where(block >= 0, 0.0, float('-inf'))
 
 
 @triton.jit
-def _one_block_columns(step, group, block_k, index_ptr, stride_ig, stride_ik, Geometry,
+def _one_block_columns(step, group, block_k, index_ptr, stride_ig, stride_ik, Rows,
                        WINDOWS: tl.constexpr, STEPS_PER_BLOCK: tl.constexpr,
                        BLOCK_N: tl.constexpr):
     """``ALIGNED`` key step where ``BLOCK_N`` also divides ``block_k`` (``STEPS_PER_BLOCK =
@@ -277,7 +267,7 @@ def _one_block_columns(step, group, block_k, index_ptr, stride_ig, stride_ik, Ge
     slot = step // STEPS_PER_BLOCK
     block = tl.load(index_ptr + group * stride_ig + slot * stride_ik).to(tl.int32)
     within = (step % STEPS_PER_BLOCK) * BLOCK_N + tl.arange(0, BLOCK_N)
-    key = _token_row(tl.maximum(block, 0), within, block_k, Geometry, WINDOWS)
+    key = _token_row(tl.maximum(block, 0), within, block_k, Rows, within >= 0, WINDOWS)
     return key, tl.where(block >= 0, 0.0, float('-inf'))
 
 
@@ -292,24 +282,24 @@ def _packed_geometry(PACKED: tl.constexpr, PACKED_BLOCK_K: tl.constexpr, BLOCK_M
 
 
 @triton.jit
-def _query_tile(tile, block_q, groups, GPT, TPG, RPG, QGeometry, WINDOWS: tl.constexpr,
+def _query_tile(tile, block_q, groups, GPT, TPG, RPG, QRows, WINDOWS: tl.constexpr,
                 ALIGNED: tl.constexpr, BLOCK_M: tl.constexpr):
     """:func:`_tile_rows` of a query tile, or its ``ALIGNED`` form (packed-group slot 0, the
     tile's group as its group tile)."""
     if ALIGNED:
-        q_pos, group_tile = _aligned_rows(tile, block_q, TPG, QGeometry, WINDOWS, BLOCK_M)
+        q_pos, group_tile = _aligned_rows(tile, block_q, TPG, QRows, WINDOWS, BLOCK_M)
         row_group = tl.zeros_like(q_pos)
         row_valid = q_pos >= 0
     else:
         q_pos, row_group, row_valid, group_tile = _tile_rows(tile, block_q, groups, GPT, TPG,
-                                                             RPG, QGeometry, WINDOWS, BLOCK_M)
+                                                             RPG, QRows, WINDOWS, BLOCK_M)
     return q_pos, row_group, row_valid, group_tile
 
 
 @triton.jit
 def _step_logits(q, K, V, step, group_tile, row_group, d, d_valid, block_k, groups, slot_keys,
                  GPT, CPG, Index, stride_ig, stride_ik, stride_kn, stride_kd, stride_vn,
-                 stride_vd, Mask, stride_mn, KGeometry, scale_log2, HAS_MASK: tl.constexpr,
+                 stride_vd, Mask, stride_mn, KRows, scale_log2, HAS_MASK: tl.constexpr,
                  WINDOWS: tl.constexpr, ALIGNED: tl.constexpr, STEPS_PER_BLOCK: tl.constexpr,
                  BLOCKS_PER_STEP: tl.constexpr, UNSCALED: tl.constexpr,
                  DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -324,15 +314,15 @@ def _step_logits(q, K, V, step, group_tile, row_group, d, d_valid, block_k, grou
     if ALIGNED:
         if STEPS_PER_BLOCK > 0:
             key, bias = _one_block_columns(step, group_tile, block_k, Index, stride_ig,
-                                           stride_ik, KGeometry, WINDOWS, STEPS_PER_BLOCK, BLOCK_N)
+                                           stride_ik, KRows, WINDOWS, STEPS_PER_BLOCK, BLOCK_N)
         else:
             key, bias = _aligned_columns(step, group_tile, block_k, Index, stride_ig, stride_ik,
-                                         KGeometry, WINDOWS, BLOCKS_PER_STEP, BLOCK_N)
+                                         KRows, WINDOWS, BLOCKS_PER_STEP, BLOCK_N)
         kv_mask = d_valid[None, :]
     else:
         key, col_group, col_valid = _step_columns(step, group_tile, block_k, groups, slot_keys,
                                                   GPT, CPG, Index, stride_ig, stride_ik, Mask,
-                                                  stride_mn, KGeometry, HAS_MASK, WINDOWS,
+                                                  stride_mn, KRows, HAS_MASK, WINDOWS,
                                                   BLOCK_N)
         kv_mask = col_valid[:, None] & d_valid[None, :]
     k = tl.load(K + key[:, None] * stride_kn + d[None, :] * stride_kd, mask=kv_mask, other=0.0)
@@ -368,9 +358,7 @@ def _fwd_kernel(Q, K, V, Index, Mask, Out, Lse,
                 stride_mb, stride_mn,
                 num_tiles, heads, num_q, head_dim, groups, block_q, block_k, slot_keys,
                 num_steps, GPT, TPG, RPG, CPG, scale_log2,
-                q_window_width, q_width_magic, q_windows_per_row, q_per_row_magic,
-                q_map_width, q_band, k_window_width, k_width_magic, k_windows_per_row,
-                k_per_row_magic, k_map_width, k_band,
+                QRows, KRows,
                 HAS_MASK: tl.constexpr, WINDOWS: tl.constexpr, ALIGNED: tl.constexpr,
                 STEPS_PER_BLOCK: tl.constexpr, BLOCKS_PER_STEP: tl.constexpr,
                 UNSCALED: tl.constexpr, PACKED: tl.constexpr, PACKED_BLOCK_K: tl.constexpr,
@@ -386,15 +374,11 @@ def _fwd_kernel(Q, K, V, Index, Mask, Out, Lse,
     tile = (program % num_tiles).to(tl.int32)
     bh = program // num_tiles
     b, h = bh // heads, bh % heads
-    QGeometry = (q_window_width, q_width_magic, q_windows_per_row, q_per_row_magic,
-                 q_map_width, q_band)
-    KGeometry = (k_window_width, k_width_magic, k_windows_per_row, k_per_row_magic,
-                 k_map_width, k_band)
     if PACKED > 0:
         block_q, block_k, GPT, TPG, RPG, CPG = _packed_geometry(PACKED, PACKED_BLOCK_K, BLOCK_M,
                                                                 BLOCK_N)
     q_pos, row_group, row_valid, group_tile = _query_tile(tile, block_q, groups, GPT, TPG, RPG,
-                                                          QGeometry, WINDOWS, ALIGNED, BLOCK_M)
+                                                          QRows, WINDOWS, ALIGNED, BLOCK_M)
     d = tl.arange(0, BLOCK_D)
     d_valid = d < head_dim
     q = tl.load(Q + b * stride_qb + h * stride_qh + q_pos[:, None] * stride_qn
@@ -410,7 +394,7 @@ def _fwd_kernel(Q, K, V, Index, Mask, Out, Lse,
         scores, shift, k, v = _step_logits(q, K, V, step, group_tile, row_group, d, d_valid,
                                            block_k, groups, slot_keys, GPT, CPG, Index,
                                            stride_ig, stride_ik, stride_kn, stride_kd,
-                                           stride_vn, stride_vd, Mask, stride_mn, KGeometry,
+                                           stride_vn, stride_vd, Mask, stride_mn, KRows,
                                            scale_log2, HAS_MASK, WINDOWS, ALIGNED,
                                            STEPS_PER_BLOCK, BLOCKS_PER_STEP, UNSCALED,
                                            DOT_PRECISION, BLOCK_N)
@@ -447,9 +431,7 @@ def _bwd_dq_kernel(Q, K, V, Out, GradOut, Lse, Index, Mask, GradQ, Delta, Order,
                    stride_mb, stride_mn,
                    num_tiles, heads, num_q, head_dim, groups, block_q, block_k, slot_keys,
                    num_steps, GPT, TPG, RPG, CPG, scale, scale_log2,
-                   q_window_width, q_width_magic, q_windows_per_row, q_per_row_magic,
-                   q_map_width, q_band, k_window_width, k_width_magic, k_windows_per_row,
-                   k_per_row_magic, k_map_width, k_band,
+                   QRows, KRows,
                    index_heads, slots, list_len, blocks, num_chunks, transpose_programs,
                    HAS_MASK: tl.constexpr, WINDOWS: tl.constexpr, ALIGNED: tl.constexpr,
                    STEPS_PER_BLOCK: tl.constexpr, BLOCKS_PER_STEP: tl.constexpr,
@@ -475,15 +457,11 @@ def _bwd_dq_kernel(Q, K, V, Out, GradOut, Lse, Index, Mask, GradQ, Delta, Order,
     tile = (program % num_tiles).to(tl.int32)
     bh = program // num_tiles
     b, h = bh // heads, bh % heads
-    QGeometry = (q_window_width, q_width_magic, q_windows_per_row, q_per_row_magic,
-                 q_map_width, q_band)
-    KGeometry = (k_window_width, k_width_magic, k_windows_per_row, k_per_row_magic,
-                 k_map_width, k_band)
     if PACKED > 0:
         block_q, block_k, GPT, TPG, RPG, CPG = _packed_geometry(PACKED, PACKED_BLOCK_K, BLOCK_M,
                                                                 BLOCK_N)
     q_pos, row_group, row_valid, group_tile = _query_tile(tile, block_q, groups, GPT, TPG, RPG,
-                                                          QGeometry, WINDOWS, ALIGNED, BLOCK_M)
+                                                          QRows, WINDOWS, ALIGNED, BLOCK_M)
     d = tl.arange(0, BLOCK_D)
     d_valid = d < head_dim
     row_mask = row_valid[:, None] & d_valid[None, :]
@@ -505,7 +483,7 @@ def _bwd_dq_kernel(Q, K, V, Out, GradOut, Lse, Index, Mask, GradQ, Delta, Order,
         logits, shift, k, v = _step_logits(q, K, V, step, group_tile, row_group, d, d_valid,
                                            block_k, groups, slot_keys, GPT, CPG, Index,
                                            stride_ig, stride_ik, stride_kn, stride_kd,
-                                           stride_vn, stride_vd, Mask, stride_mn, KGeometry,
+                                           stride_vn, stride_vd, Mask, stride_mn, KRows,
                                            scale_log2, HAS_MASK, WINDOWS, ALIGNED,
                                            STEPS_PER_BLOCK, BLOCKS_PER_STEP, UNSCALED,
                                            DOT_PRECISION, BLOCK_N)
@@ -532,9 +510,7 @@ def _bwd_dkdv_kernel(Q, K, V, Out, GradOut, Lse, Delta, Order, Offsets, Mask, Gr
                      stride_mb, stride_mn,
                      num_tiles, heads, num_k, head_dim, blocks, block_k, num_q, block_q,
                      list_len, csr_row_b, csr_row_h, BPT, TPB, RPB, QPB, scale, scale_log2,
-                     q_window_width, q_width_magic, q_windows_per_row, q_per_row_magic,
-                     q_map_width, q_band, k_window_width, k_width_magic, k_windows_per_row,
-                     k_per_row_magic, k_map_width, k_band,
+                     QRows, KRows,
                      HAS_MASK: tl.constexpr, DQ_MODE: tl.constexpr, WINDOWS: tl.constexpr,
                      ALIGNED: tl.constexpr, GROUP_STEPS: tl.constexpr,
                      DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -560,16 +536,12 @@ def _bwd_dkdv_kernel(Q, K, V, Out, GradOut, Lse, Delta, Order, Offsets, Mask, Gr
     tile = (program % num_tiles).to(tl.int32)
     bh = program // num_tiles
     b, h = bh // heads, bh % heads
-    QGeometry = (q_window_width, q_width_magic, q_windows_per_row, q_per_row_magic,
-                 q_map_width, q_band)
-    KGeometry = (k_window_width, k_width_magic, k_windows_per_row, k_per_row_magic,
-                 k_map_width, k_band)
     if ALIGNED:
-        key_pos, key_block = _aligned_rows(tile, block_k, TPB, KGeometry, WINDOWS, BLOCK_N)
+        key_pos, key_block = _aligned_rows(tile, block_k, TPB, KRows, WINDOWS, BLOCK_N)
         row_valid = key_pos >= 0
     else:
         key_pos, row_block, row_valid, block_tile = _tile_rows(tile, block_k, blocks, BPT, TPB,
-                                                               RPB, KGeometry, WINDOWS, BLOCK_N)
+                                                               RPB, KRows, WINDOWS, BLOCK_N)
     d = tl.arange(0, BLOCK_D)
     d_valid = d < head_dim
     row_mask = row_valid[:, None] & d_valid[None, :]
@@ -612,7 +584,7 @@ def _bwd_dkdv_kernel(Q, K, V, Out, GradOut, Lse, Delta, Order, Offsets, Mask, Gr
             col_valid = col_in_tile & (j < rows_routed)
             group = tl.load(Order + start + j // block_q, mask=col_valid, other=0)
             within = j % block_q
-        q_pos = _token_row(group, within, block_q, QGeometry, WINDOWS)
+        q_pos = _token_row(group, within, block_q, QRows, col_valid, WINDOWS)
         col_mask = col_valid[:, None] & d_valid[None, :]
         q = tl.load(Q + q_pos[:, None] * stride_qn + d[None, :] * stride_qd, mask=col_mask,
                     other=0.0)
@@ -841,34 +813,56 @@ def _mask_args(key_padding_mask: Optional[Tensor], like: Tensor):
     return mask, mask.stride(0), mask.stride(1), True
 
 
-def _divisor_magic(divisor: int) -> int:
-    """``ceil(2**32 / divisor)``, with which :func:`_divide_small` divides by ``divisor``."""
-    return -(-(1 << 32) // divisor)
+_WINDOW_ROWS_CACHE = {}
+_WINDOW_ROWS_CACHE_SIZE = 256
+_uncached = threading.local()
 
 
-def _window_geometry(num_tokens: int, block: int, window_width: int, map_width: int) -> tuple:
-    """:func:`_token_row`'s ``Geometry`` of windows of ``block`` tokens, ``window_width`` wide,
-    that tile a row-major map ``map_width`` wide: (window width, its divisor magic, windows
-    per map row, theirs, map width, tokens per row of windows)."""
-    windows_per_row = map_width // window_width
-    if block * window_width >= 1 << 32 or num_tokens // block * windows_per_row >= 1 << 32:
-        raise ValueError(f'map_width={map_width} with windows of {block} tokens: too large for '
-                         f'the Triton kernels\' window arithmetic (window tokens * window width '
-                         f'and windows * windows per row must be under 2**32)')
-    return (window_width, _divisor_magic(window_width), windows_per_row,
-            _divisor_magic(windows_per_row), map_width, block // window_width * map_width)
+@contextlib.contextmanager
+def _uncached_window_rows():
+    """Inside, :func:`window_rows` makes its tables afresh instead of caching them. The custom
+    ops (the torch.compile path) run so: in ``mode='reduce-overhead'`` Inductor warms its CUDA
+    graphs up with allocations from its own memory pool, which a cached table would outlive."""
+    outer = getattr(_uncached, 'active', False)
+    _uncached.active = True
+    try:
+        yield
+    finally:
+        _uncached.active = outer
+
+
+def window_rows(num_tokens: int, window: Tuple[int, int], map_width: int,
+                device: torch.device) -> Tensor:
+    """int32 (num_tokens,): the memory row, in a row-major map ``map_width`` wide, of each
+    position in window-major order (``window = (h, w)``; :func:`to_window_major` of the row
+    numbers). Cached per geometry, except while a CUDA graph is being captured and inside
+    :func:`_uncached_window_rows`: a tensor made then holds its values only in replays, and a
+    cached one read then would be baked into the graph, which may outlive the cache's entry."""
+    uncached = getattr(_uncached, 'active', False) or (
+        device.type == 'cuda' and torch.cuda.is_current_stream_capturing())
+    key = (num_tokens, window, map_width, device)
+    rows = None if uncached else _WINDOW_ROWS_CACHE.get(key)
+    if rows is None:
+        rows = to_window_major(torch.arange(num_tokens, dtype=torch.int32, device=device),
+                               window, map_width, 0)
+        if not uncached:
+            if len(_WINDOW_ROWS_CACHE) >= _WINDOW_ROWS_CACHE_SIZE:
+                _WINDOW_ROWS_CACHE.clear()
+            _WINDOW_ROWS_CACHE[key] = rows
+    return rows
 
 
 def _layout_args(layout: Optional[Sequence[int]], q: Tensor, k: Tensor, block_q: int,
                  block_k: int):
-    """Kernel arguments of the token layout, (the q and k :func:`_window_geometry` in a row,
-    WINDOWS): ``layout`` None (block-major tokens; the geometry is unused) or
-    ``(q_window_width, k_window_width, map_width)`` (windows of row-major maps)."""
+    """Kernel arguments of the token layout, ((QRows, KRows), WINDOWS): ``layout`` None
+    (block-major tokens; the row pointers are unused) or ``(q_window_width, k_window_width,
+    map_width)`` (windows of row-major maps, rows from :func:`window_rows`)."""
     if layout is None:
-        return (0,) * 12, False
-    q_window_width, k_window_width, map_width = layout
-    return (_window_geometry(q.shape[2], block_q, q_window_width, map_width)
-            + _window_geometry(k.shape[2], block_k, k_window_width, map_width)), True
+        return (q, k), False
+    q_win_w, k_win_w, map_width = layout
+    return ((window_rows(q.shape[2], (block_q // q_win_w, q_win_w), map_width, q.device),
+             window_rows(k.shape[2], (block_k // k_win_w, k_win_w), map_width, k.device)),
+            True)
 
 
 def token_major(like: Tensor, dtype: Optional[torch.dtype] = None, zero: bool = False) -> Tensor:
@@ -1099,7 +1093,8 @@ def gather_attention_fwd(q: Tensor, k: Tensor, v: Tensor, index: Tensor,
                          scale: float, layout: Optional[List[int]]) -> tuple[Tensor, Tensor]:
     """Forward: (out (B, H, Nq, D) token-major in q's dtype, lse (B, H, Nq) fp32, base 2, +inf
     if no key)."""
-    return forward(q, k, v, index, key_padding_mask, block_q, block_k, scale, layout=layout)
+    with _uncached_window_rows():
+        return forward(q, k, v, index, key_padding_mask, block_q, block_k, scale, layout=layout)
 
 
 @gather_attention_fwd.register_fake
@@ -1114,8 +1109,9 @@ def gather_attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out:
                          layout: Optional[List[int]]) -> tuple[Tensor, Tensor, Tensor]:
     """Backward: (grad_q, grad_k, grad_v), each in the shape and dtype of its input,
     token-major."""
-    return backward(grad_out, q, k, v, out, lse, index, key_padding_mask, block_q, block_k,
-                    scale, layout=layout)
+    with _uncached_window_rows():
+        return backward(grad_out, q, k, v, out, lse, index, key_padding_mask, block_q, block_k,
+                        scale, layout=layout)
 
 
 @gather_attention_bwd.register_fake

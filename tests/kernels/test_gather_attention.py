@@ -455,7 +455,6 @@ WINDOW_CASES = {
     'square_4x4_one_slot': (1, 2, (4, 4), 8, (4, 4), 8, 8, 1, 16, 0.2),
     'non_square_2x3_three_slots': (2, 1, (2, 3), 4, (2, 3), 4, 6, 3, 32, 0.0),
     'q_1x2_k_3x1_per_head': (1, 2, (1, 2), 3, (3, 1), 6, 4, 2, 16, 0.3),
-    'square_2x2_three_per_row': (1, 1, (2, 2), 4, (2, 2), 4, 6, 2, 16, 0.0),
 }
 
 
@@ -506,20 +505,6 @@ def test_window_layout_reference_matches_oracle(case):
 def test_window_layout_triton_matches_fp64(case, dtype):
     q, k, v, index, mask, q_window, k_window, width = make_window_inputs(case, dtype)
     compare_to_fp64(q, k, v, index, mask, q_window, k_window, map_width=width)
-
-
-def test_window_rows_divide_exactly():
-    """The kernels' window arithmetic (``_divide_small``: ``(x * ceil(2**32 / d)) >> 32``, in
-    int64) is ``x // d`` wherever ``_window_geometry`` lets it run (``x * d < 2**32``)."""
-    x = torch.arange(1 << 16, dtype=torch.int64)
-    for divisor in (1, 2, 3, 7, 21, 255, 4099, (1 << 16) - 1):
-        in_range = x[x * divisor < 1 << 32]
-        magic = kernels._divisor_magic(divisor)
-        assert torch.equal((in_range * magic) >> 32, in_range // divisor), divisor
-    assert kernels._window_geometry(6 * 16, 4, 2, 6) == (
-        2, kernels._divisor_magic(2), 3, kernels._divisor_magic(3), 6, 12)
-    with pytest.raises(ValueError, match='map_width=65536 with windows of 4294967296 tokens'):
-        kernels._window_geometry(1 << 32, 1 << 32, 1 << 16, 1 << 16)
 
 
 def test_window_layout_reads_strided_maps():
@@ -714,6 +699,48 @@ def test_is_exporting_under_compile_and_export(monkeypatch):
     assert torch.compile(Flagged(), fullgraph=True, backend='eager')(x).tolist() == [0.0, 0.0]
     exported = torch.export.export(Flagged(), (x,))
     assert exported.module()(x).tolist() == [1.0, 1.0]
+
+
+
+def test_custom_ops_do_not_cache_window_rows():
+    """The compile path's custom ops make their window-row tables afresh (a cached one would
+    outlive the memory pool of Inductor's CUDA-graph warm-up); the eager path caches them."""
+    q, k, v, index, _ = make_inputs(1, 1, 4, 4, 4, 4, 2, 16)  # a 4x4 map of 2x2 windows
+    args = (q, k, v, index, None, 4, 4, 0.25, [2, 2, 4])
+    kernels._WINDOW_ROWS_CACHE.clear()
+    out, lse = kernels.gather_attention_fwd(*args)
+    kernels.gather_attention_bwd(torch.ones_like(q), q, k, v, out, lse, *args[3:])
+    assert not kernels._WINDOW_ROWS_CACHE
+    expected = ops.gather_attention(q, k, v, index, block_q=(2, 2), block_k=(2, 2), map_width=4,
+                                    scale=0.25, backend='triton')
+    assert len(kernels._WINDOW_ROWS_CACHE) == 1
+    torch.testing.assert_close(out, expected)
+    kernels._WINDOW_ROWS_CACHE.clear()
+    with kernels._uncached_window_rows():
+        with kernels._uncached_window_rows():  # nested: the outer context stays uncached
+            pass
+        kernels.window_rows(16, (2, 2), 4, q.device)
+    assert not kernels._WINDOW_ROWS_CACHE
+
+
+@pytest.mark.gpu
+def test_window_rows_under_capture_neither_cached_nor_read_from_the_cache():
+    """A graph captured after eager calls makes its own table: one read from the cache would be
+    baked into the graph and outlive the cache's entry."""
+    device = torch.device('cuda')
+    kernels._WINDOW_ROWS_CACHE.clear()
+    cached = kernels.window_rows(16, (2, 2), 4, device)
+    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        graph.capture_begin()
+        try:
+            captured = kernels.window_rows(16, (2, 2), 4, device)
+        finally:
+            graph.capture_end()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert captured.data_ptr() != cached.data_ptr() and len(kernels._WINDOW_ROWS_CACHE) == 1
+    assert torch.equal(captured, cached)
 
 
 @pytest.mark.gpu
