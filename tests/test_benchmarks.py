@@ -219,14 +219,19 @@ def test_kernel_sass_loops_divide_by_constants_only():
     tools = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tools')
     script = ("import json, kernel_sass as ks\n"
               "from bench_ops import SHAPES_BY_NAME\n"
-              "print(json.dumps({shape + ' ' + kernel.__name__:\n"
+              "loops = {shape + ' ' + kernel.__name__:\n"
               "    [dict(ops) for _, ops in ks.loops(ks.compile_sass(kernel, args, kwargs))]\n"
               "    for shape in ('b1024_s2', 't224_s3')\n"
-              "    for kernel, args, kwargs in ks.record_launches(SHAPES_BY_NAME[shape])}))")
+              "    for kernel, args, kwargs in ks.record_launches(SHAPES_BY_NAME[shape])}\n"
+              "loops['opcodes'] = [ks._opcode('/*0010*/\\t' + i) for i in ('I2F.RP R0, R1 ;',\n"
+              "    '@P0 I2F.U32.RP R0, R1 ;', 'I2F.U64.RP R0, R2 ;', 'I2F.F64.S32 R0, R1 ;')]\n"
+              "print(json.dumps(loops))")
     env = {key: value for key, value in os.environ.items() if key != 'TRITON_INTERPRET'}
     out = subprocess.run([sys.executable, '-c', script], cwd=tools, env=env,
                          capture_output=True, text=True, timeout=300, check=True).stdout
     loops = json.loads(out.strip().splitlines()[-1])
+    # every rounding-up I2F (signed, 32- and 64-bit unsigned division) counts; conversions not
+    assert loops['opcodes'] == ['I2F.RP', 'I2F.RP', 'I2F.RP', 'I2F']
     for name in ('b1024_s2 _fwd_kernel', 'b1024_s2 _bwd_dq_kernel', 'b1024_s2 _bwd_dkdv_kernel',
                  't224_s3 _map_bwd_kernel'):
         score_loops = [ops for ops in loops[name] if ops.get('HGMMA') or ops.get('HMMA')]

@@ -125,13 +125,14 @@ def compile_sass(kernel, args, kwargs, arch: int = 90) -> str:
 
 
 def _opcode(line: str) -> str:
-    """The opcode of one SASS instruction line: predicate and modifiers dropped, except for
-    I2F, whose ``I2F.RP`` is the reciprocal step of an integer division by a value unknown at
-    compile time and whose other forms are conversions."""
+    """The opcode of one SASS instruction line: predicate and modifiers dropped, except that
+    an I2F rounding up (``I2F.RP``, ``I2F.U32.RP``, ``I2F.U64.RP``: the reciprocal step of an
+    integer division by a value unknown at compile time) reads ``I2F.RP``; other I2F forms are
+    conversions."""
     words = line.split('\t', 1)[1].split()
     word = words[1] if words[0].startswith('@') else words[0]
-    word = word.rstrip(';')
-    return word if word.startswith('I2F.') else word.split('.')[0]
+    parts = word.rstrip(';').split('.')
+    return 'I2F.RP' if parts[0] == 'I2F' and 'RP' in parts[1:] else parts[0]
 
 
 def loops(sass: str) -> List[Tuple[int, collections.Counter]]:
