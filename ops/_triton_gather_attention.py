@@ -55,32 +55,34 @@ LOG2E = 1.4426950408889634
 # and so does 'bwd', the dK/dV kernel when it also computes dQ (the one-kernel backward).
 # D <= 32 and D = 64 come from the CUDA-graph-timed sweep `tools/benchmark.py ops --tune fwd dq
 # dkdv bwd` on an H200 (2026-12-02, tiles and then register caps; docs/ops.md "Tile configs"
-# names the shapes behind each row), except the D <= 32 'fwd' and 'dq' rows of blocks up to 16
-# tokens and the 'dkdv' row of 9-16 tokens: one-warp tiles from `... ops --tune fwd dq
-# --shapes t224_s3 t224_s2 t512_s3` and a dK/dV sweep of t224_s2 and t512_s3 on an H100
-# (2026-12-07); D > 64 keeps the untuned defaults.
+# names the shapes behind each row), except these D <= 32 rows, few-warp tiles from sweeps on
+# an H100 (2026-12-07): 'fwd' and 'dq' of blocks up to 16 tokens (`... ops --tune fwd dq
+# --shapes t224_s3 t224_s2 t512_s3`), 'dkdv' of 9-16 tokens (a dK/dV sweep of t224_s2 and
+# t512_s3), and 'fwd', 'dq' and 'dkdv' of 17-32 and 65-128 tokens and 'dkdv' of over 256
+# (`... ops --tune fwd dq dkdv bwd --shapes s_det_s3 s_det_s2 s_det_s1 dsvt90_d32
+# dsvt90_d64`). D > 64 keeps the untuned defaults.
 SIZE_LIMITS = (8, 16, 32, 64, 128, 256, None)
 HEAD_DIM_CLASSES = (32, 64, 256)
 _TILES = {  # kind: {max_block_d: one config per SIZE_LIMITS class}
     'fwd': {
-        32: ((16, 32, 1, 2, 0), (16, 32, 1, 2, 80), (64, 128, 4, 2, 128), (64, 64, 4, 3, 80),
-             (64, 128, 4, 2, 128), (128, 64, 4, 2, 128), (64, 128, 4, 2, 128)),
+        32: ((16, 32, 1, 2, 0), (16, 32, 1, 2, 80), (32, 64, 2, 2, 128), (64, 64, 4, 3, 80),
+             (16, 32, 1, 2, 0), (128, 64, 4, 2, 128), (64, 128, 4, 2, 128)),
         64: ((16, 128, 4, 2, 0), (16, 64, 2, 2, 0), (16, 128, 4, 2, 0), (64, 64, 4, 2, 96),
              (64, 128, 4, 2, 96), (64, 128, 4, 2, 0), (64, 128, 4, 2, 0)),
         256: ((16, 128, 4, 2, 0), (16, 64, 2, 2, 0), (16, 128, 4, 2, 0), (64, 128, 4, 2, 0),
               (64, 128, 4, 2, 0), (64, 128, 4, 2, 0), (64, 128, 4, 2, 0)),
     },
     'dq': {
-        32: ((16, 32, 1, 2, 0), (16, 32, 1, 2, 96), (64, 128, 4, 2, 128), (64, 64, 4, 3, 96),
-             (16, 64, 2, 2, 96), (64, 64, 4, 2, 96), (64, 128, 4, 2, 0)),
+        32: ((16, 32, 1, 2, 0), (16, 32, 1, 2, 96), (32, 64, 2, 2, 128), (64, 64, 4, 3, 96),
+             (16, 32, 1, 2, 128), (64, 64, 4, 2, 96), (64, 128, 4, 2, 0)),
         64: ((16, 64, 2, 2, 0), (16, 64, 2, 2, 0), (16, 64, 2, 2, 0), (64, 64, 4, 3, 128),
              (64, 128, 4, 2, 128), (64, 64, 4, 2, 0), (64, 64, 4, 2, 0)),
         256: ((16, 64, 2, 2, 0), (16, 64, 2, 2, 0), (16, 64, 2, 2, 0), (64, 64, 4, 2, 0),
               (64, 64, 4, 2, 0), (64, 64, 4, 2, 0), (64, 64, 4, 2, 0)),
     },
     'dkdv': {
-        32: ((64, 16, 2, 2, 128), (16, 16, 1, 2, 0), (64, 16, 2, 2, 96), (32, 64, 4, 2, 0),
-             (64, 16, 2, 2, 96), (32, 64, 4, 3, 96), (32, 128, 4, 2, 0)),
+        32: ((64, 16, 2, 2, 128), (16, 16, 1, 2, 0), (32, 32, 1, 2, 0), (32, 64, 4, 2, 0),
+             (32, 32, 1, 2, 0), (32, 64, 4, 3, 96), (32, 32, 1, 2, 0)),
         64: ((64, 16, 2, 2, 0), (64, 16, 2, 2, 0), (64, 64, 4, 2, 0), (32, 64, 4, 2, 0),
              (32, 32, 2, 2, 0), (64, 64, 4, 2, 0), (64, 64, 4, 2, 0)),
         256: ((64, 16, 2, 2, 0), (64, 16, 2, 2, 0), (64, 64, 4, 2, 0), (64, 64, 4, 2, 0),
