@@ -140,7 +140,7 @@ def set_tile_configs(table: dict) -> None:
 
 
 # Tile configs replaced because a device's shared memory could not hold them (the table is
-# tuned on an H200, 228 KB per SM; consumer GPUs have about 100 KB) or ptxas could not compile
+# tuned on an H200 and an H100, 228 KB per SM; consumer GPUs have about 100 KB) or ptxas could not compile
 # them within their register cap: {(device index, kind, block size, head dim): the first
 # smaller config that launched}.
 _FITTED = {}
