@@ -8,16 +8,18 @@ place through the index (``key = index[g, j // block_k] * block_k + j % block_k`
 group's ``j``-th routed key), and scores only (row group == column group) pairs. So any block
 size works (1, 4, 49, 273, 90...) and the routed keys are never copied.
 
-The forward keeps an online softmax and stores the log-sum-exp (base 2, fp32, B*H*Nq). The
-backward's main kernel works per key tile: it walks the transposed index (the groups that
-route to each key block, built by ``_transpose_index_kernel``) for dK and dV,
-FlashAttention-2 style. dQ comes either from a separate kernel per query tile, which
-recomputes the probabilities and stores rowsum(dO * O) first (the split backward), or from
+The forward keeps an online softmax and stores the log-sum-exp (base 2, fp32, B*H*Nq), by each
+query's window-major position ``g * block_q + i`` (its memory row for block-major tokens; the
+backward's delta = rowsum(dO * O) likewise), so that the backward's per-step reads of both are
+contiguous in the window layout too. The backward's main kernel works per key tile: it walks the
+transposed index (the groups that route to each key block, built by ``_transpose_index_kernel``)
+for dK and dV, FlashAttention-2 style. dQ comes either from a separate kernel per query tile,
+which recomputes the probabilities and stores rowsum(dO * O) first (the split backward), or from
 the key-tile kernel itself (the one-kernel backward): stored directly when every query group
 routes to a single key block that one tile holds whole (BiFormer's stage 1, DSVT's sets), so
 each query is visited once, or added with fp32 atomics otherwise. :func:`set_backward_mode`
-chooses; by default the one-kernel backward runs where each query group routes to one block,
-and short key sequences with small routed blocks take the whole-map backward of
+chooses; by default the one-kernel backward runs where each query group routes to one block, and
+short key sequences with small routed blocks take the whole-map backward of
 ``ops._triton_map_attention`` (one program per (batch, head) over every key).
 
 The output and the three gradients are written token-major (:func:`token_major`: (B, N, H, D)
@@ -195,8 +197,8 @@ def _token_row(block, within, block_size, Rows, valid, WINDOWS: tl.constexpr):
 @triton.jit
 def _tile_rows(tile, block_q, groups, GPT, TPG, RPG, Rows, WINDOWS: tl.constexpr,
                BLOCK_M: tl.constexpr):
-    """Query positions (memory rows) of this tile's rows, their packed-group slot, and row
-    validity."""
+    """This tile's rows: memory rows, window-major positions (``group * block_q + within``,
+    the memory rows of block-major tokens), packed-group slots and validity."""
     group_tile = tile // TPG
     sub_tile = tile % TPG
     rows = tl.arange(0, BLOCK_M)
@@ -205,8 +207,8 @@ def _tile_rows(tile, block_q, groups, GPT, TPG, RPG, Rows, WINDOWS: tl.constexpr
     within = sub_tile * BLOCK_M + rows % rows_per_group
     group = group_tile * GPT + local_group
     valid = (local_group < GPT) & (group < groups) & (within < block_q)
-    return (_token_row(group, within, block_q, Rows, valid, WINDOWS), local_group, valid,
-            group_tile)
+    return (_token_row(group, within, block_q, Rows, valid, WINDOWS), group * block_q + within,
+            local_group, valid, group_tile)
 
 
 @triton.jit
@@ -233,10 +235,11 @@ def _step_columns(step, group_tile, block_k, groups, slot_keys, GPT, CPG,
 @triton.jit
 def _aligned_rows(tile, block_size, TPG, Rows, WINDOWS: tl.constexpr, BLOCK: tl.constexpr):
     """``ALIGNED`` tiling, where ``BLOCK`` divides the group (or key block) size: the tile's
-    memory rows (all valid) and the group it lies in."""
+    memory rows (all valid), their window-major positions and the group it lies in."""
     group = tile // TPG
     within = (tile % TPG) * BLOCK + tl.arange(0, BLOCK)
-    return _token_row(group, within, block_size, Rows, within < block_size, WINDOWS), group
+    return (_token_row(group, within, block_size, Rows, within < block_size, WINDOWS),
+            group * block_size + within, group)
 
 
 @triton.jit
@@ -290,13 +293,13 @@ def _query_tile(tile, block_q, groups, GPT, TPG, RPG, QRows, WINDOWS: tl.constex
     """:func:`_tile_rows` of a query tile, or its ``ALIGNED`` form (packed-group slot 0, the
     tile's group as its group tile)."""
     if ALIGNED:
-        q_pos, group_tile = _aligned_rows(tile, block_q, TPG, QRows, WINDOWS, BLOCK_M)
+        q_pos, q_linear, group_tile = _aligned_rows(tile, block_q, TPG, QRows, WINDOWS, BLOCK_M)
         row_group = tl.zeros_like(q_pos)
         row_valid = q_pos >= 0
     else:
-        q_pos, row_group, row_valid, group_tile = _tile_rows(tile, block_q, groups, GPT, TPG,
-                                                             RPG, QRows, WINDOWS, BLOCK_M)
-    return q_pos, row_group, row_valid, group_tile
+        q_pos, q_linear, row_group, row_valid, group_tile = _tile_rows(
+            tile, block_q, groups, GPT, TPG, RPG, QRows, WINDOWS, BLOCK_M)
+    return q_pos, q_linear, row_group, row_valid, group_tile
 
 
 @triton.jit
@@ -380,8 +383,8 @@ def _fwd_kernel(Q, K, V, Index, Mask, Out, Lse,
     if PACKED > 0:
         block_q, block_k, GPT, TPG, RPG, CPG = _packed_geometry(PACKED, PACKED_BLOCK_K, BLOCK_M,
                                                                 BLOCK_N)
-    q_pos, row_group, row_valid, group_tile = _query_tile(tile, block_q, groups, GPT, TPG, RPG,
-                                                          QRows, WINDOWS, ALIGNED, BLOCK_M)
+    q_pos, q_linear, row_group, row_valid, group_tile = _query_tile(
+        tile, block_q, groups, GPT, TPG, RPG, QRows, WINDOWS, ALIGNED, BLOCK_M)
     d = tl.arange(0, BLOCK_D)
     d_valid = d < head_dim
     q = tl.load(Q + b * stride_qb + h * stride_qh + q_pos[:, None] * stride_qn
@@ -419,7 +422,7 @@ def _fwd_kernel(Q, K, V, Index, Mask, Out, Lse,
     tl.store(Out + out_offsets, out.to(Out.dtype.element_ty),
              mask=row_valid[:, None] & d_valid[None, :])
     lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float('inf'))
-    tl.store(Lse + bh * num_q + q_pos, lse, mask=row_valid)
+    tl.store(Lse + bh * num_q + q_linear, lse, mask=row_valid)
 
 
 @triton.jit
@@ -463,8 +466,8 @@ def _bwd_dq_kernel(Q, K, V, Out, GradOut, Lse, Index, Mask, GradQ, Delta, Order,
     if PACKED > 0:
         block_q, block_k, GPT, TPG, RPG, CPG = _packed_geometry(PACKED, PACKED_BLOCK_K, BLOCK_M,
                                                                 BLOCK_N)
-    q_pos, row_group, row_valid, group_tile = _query_tile(tile, block_q, groups, GPT, TPG, RPG,
-                                                          QRows, WINDOWS, ALIGNED, BLOCK_M)
+    q_pos, q_linear, row_group, row_valid, group_tile = _query_tile(
+        tile, block_q, groups, GPT, TPG, RPG, QRows, WINDOWS, ALIGNED, BLOCK_M)
     d = tl.arange(0, BLOCK_D)
     d_valid = d < head_dim
     row_mask = row_valid[:, None] & d_valid[None, :]
@@ -475,8 +478,8 @@ def _bwd_dq_kernel(Q, K, V, Out, GradOut, Lse, Index, Mask, GradQ, Delta, Order,
     do = tl.load(GradOut + b * stride_gb + h * stride_gh + q_pos[:, None] * stride_gn
                  + d[None, :] * stride_gd, mask=row_mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(Delta + bh * num_q + q_pos, delta, mask=row_valid)
-    lse = tl.load(Lse + bh * num_q + q_pos, mask=row_valid, other=float('inf'))
+    tl.store(Delta + bh * num_q + q_linear, delta, mask=row_valid)
+    lse = tl.load(Lse + bh * num_q + q_linear, mask=row_valid, other=float('inf'))
     K += b * stride_kb + h * stride_kh
     V += b * stride_vb + h * stride_vh
     Index += b * stride_ib + h * stride_ih
@@ -540,11 +543,11 @@ def _bwd_dkdv_kernel(Q, K, V, Out, GradOut, Lse, Delta, Order, Offsets, Mask, Gr
     bh = program // num_tiles
     b, h = bh // heads, bh % heads
     if ALIGNED:
-        key_pos, key_block = _aligned_rows(tile, block_k, TPB, KRows, WINDOWS, BLOCK_N)
+        key_pos, _, key_block = _aligned_rows(tile, block_k, TPB, KRows, WINDOWS, BLOCK_N)
         row_valid = key_pos >= 0
     else:
-        key_pos, row_block, row_valid, block_tile = _tile_rows(tile, block_k, blocks, BPT, TPB,
-                                                               RPB, KRows, WINDOWS, BLOCK_N)
+        key_pos, _, row_block, row_valid, block_tile = _tile_rows(
+            tile, block_k, blocks, BPT, TPB, RPB, KRows, WINDOWS, BLOCK_N)
     d = tl.arange(0, BLOCK_D)
     d_valid = d < head_dim
     row_mask = row_valid[:, None] & d_valid[None, :]
@@ -588,14 +591,15 @@ def _bwd_dkdv_kernel(Q, K, V, Out, GradOut, Lse, Delta, Order, Offsets, Mask, Gr
             group = tl.load(Order + start + j // block_q, mask=col_valid, other=0)
             within = j % block_q
         q_pos = _token_row(group, within, block_q, QRows, col_valid, WINDOWS)
+        q_linear = group * block_q + within
         col_mask = col_valid[:, None] & d_valid[None, :]
         q = tl.load(Q + q_pos[:, None] * stride_qn + d[None, :] * stride_qd, mask=col_mask,
                     other=0.0)
         do = tl.load(GradOut + q_pos[:, None] * stride_gn + d[None, :] * stride_gd,
                      mask=col_mask, other=0.0)
-        lse = tl.load(Lse + q_pos, mask=col_valid, other=float('inf'))
+        lse = tl.load(Lse + q_linear, mask=col_valid, other=float('inf'))
         if DQ_MODE == 0:
-            delta = tl.load(Delta + q_pos, mask=col_valid, other=0.0)
+            delta = tl.load(Delta + q_linear, mask=col_valid, other=0.0)
         else:
             o = tl.load(Out + q_pos[:, None] * stride_on + d[None, :] * stride_od,
                         mask=col_mask, other=0.0)
@@ -892,8 +896,8 @@ def forward(q: Tensor, k: Tensor, v: Tensor, index: Tensor, key_padding_mask: Op
             block_q: int, block_k: int, scale: float, config: Optional[tuple] = None,
             layout: Optional[Sequence[int]] = None):
     """(out (B, H, Nq, D) :func:`token_major` in q's dtype, lse (B, H, Nq) fp32, base 2, +inf
-    if no key). ``config`` overrides the forward tile config (tuning); ``layout`` see
-    :func:`_layout_args`."""
+    if no key, by window-major position). ``config`` overrides the forward tile config
+    (tuning); ``layout`` see :func:`_layout_args`."""
     batch, heads, num_q, head_dim = q.shape
     if _is_empty(q, k, index):
         return (token_major(q, zero=True),

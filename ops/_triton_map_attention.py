@@ -91,6 +91,15 @@ def _block_of(t, map_w, win_h, win_w, blocks_w):
 
 
 @triton.jit
+def _map_row(position, block, map_w, win_h, win_w, blocks_w):
+    """Memory row (row-major map position) of window-major positions ``position`` of blocks
+    ``block`` (``position // (win_h * win_w)``); see :func:`_geometry`."""
+    within = position - block * (win_h * win_w)
+    return (((block // blocks_w) * win_h + within // win_w) * map_w
+            + (block % blocks_w) * win_w + within % win_w)
+
+
+@triton.jit
 def _count_kernel(Index, Counts, stride_ib, stride_ih, stride_ig, stride_ik, index_heads,
                   groups, slots, blocks, num_chunks,
                   BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_B: tl.constexpr):
@@ -199,9 +208,11 @@ def _map_bwd_kernel(Q, K, V, Out, GradOut, Lse, Counts, Mask, GradQ, GradK, Grad
     one_hot = _one_hot(col_blocks, col_valid, k.dtype, BLOCK_B)
     Counts += b * stride_cb + h * stride_ch
     m = tl.arange(0, BLOCK_B)
-    for start in range(0, num_q, BLOCK_M):
-        rows = start + tl.arange(0, BLOCK_M)
-        row_valid = rows < num_q
+    for start in range(0, num_q, BLOCK_M):  # query rows in window-major order, as lse is
+        positions = start + tl.arange(0, BLOCK_M)
+        row_valid = positions < num_q
+        row_groups = positions // (Q_WIN_H * Q_WIN_W)
+        rows = _map_row(positions, row_groups, Q_MAP_W, Q_WIN_H, Q_WIN_W, Q_BLOCKS_W)
         q = _rows_tile(Q, b * stride_qb + h * stride_qh, rows, row_valid, stride_qn, d,
                        d_valid, stride_qd)
         do = _rows_tile(GradOut, b * stride_gb + h * stride_gh, rows, row_valid, stride_gn, d,
@@ -209,8 +220,7 @@ def _map_bwd_kernel(Q, K, V, Out, GradOut, Lse, Counts, Mask, GradQ, GradK, Grad
         o = _rows_tile(Out, b * stride_ob + h * stride_oh, rows, row_valid, stride_on, d,
                        d_valid, stride_od)
         delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-        lse = tl.load(Lse + bh * num_q + rows, mask=row_valid, other=float('inf'))
-        row_groups = _block_of(rows, Q_MAP_W, Q_WIN_H, Q_WIN_W, Q_BLOCKS_W)
+        lse = tl.load(Lse + bh * num_q + positions, mask=row_valid, other=float('inf'))
         counts = tl.load(Counts + row_groups[None, :] * blocks + m[:, None],
                          mask=row_valid[None, :] & (m < blocks)[:, None], other=0)
         weights = tl.dot(tl.trans(one_hot), counts.to(one_hot.dtype),
