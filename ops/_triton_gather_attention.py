@@ -234,20 +234,23 @@ def _step_columns(step, group_tile, block_k, groups, slot_keys, GPT, CPG,
 
 @triton.jit
 def _aligned_rows(tile, block_size, TPG, Rows, WINDOWS: tl.constexpr, BLOCK: tl.constexpr):
-    """``ALIGNED`` tiling, where ``BLOCK`` divides the group (or key block) size: the tile's
-    memory rows (all valid), their window-major positions and the group it lies in."""
+    """``ALIGNED`` tiling, where the tile lies in one group (or key block) of ``TPG`` tiles:
+    the tile's memory rows, their window-major positions, their validity (all valid where
+    ``BLOCK`` divides the block size; else the group's last tile has a tail) and the group."""
     group = tile // TPG
     within = (tile % TPG) * BLOCK + tl.arange(0, BLOCK)
-    return (_token_row(group, within, block_size, Rows, within < block_size, WINDOWS),
-            group * block_size + within, group)
+    valid = within < block_size
+    return (_token_row(group, within, block_size, Rows, valid, WINDOWS),
+            group * block_size + within, valid, group)
 
 
 @triton.jit
-def _aligned_columns(step, group, block_k, index_ptr, stride_ig, stride_ik, Rows,
+def _aligned_columns(step, group, block_k, slot_keys, index_ptr, stride_ig, stride_ik, Rows,
                      WINDOWS: tl.constexpr, BLOCKS_PER_STEP: tl.constexpr,
-                     BLOCK_N: tl.constexpr):
-    """``ALIGNED`` key step, where ``BLOCK_N`` divides the group's routed keys: the key rows
-    of step ``step`` (all in range) and a score bias per column, -inf for a -1 slot.
+                     COLUMN_TAIL: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``ALIGNED`` key step of one group's routed keys: the key rows of step ``step`` (all in
+    range) and a score bias per column, -inf for a -1 slot and, with ``COLUMN_TAIL`` (BLOCK_N
+    does not divide the ``slot_keys`` routed keys), for the columns past them.
     ``BLOCKS_PER_STEP`` > 0: a step holds that many whole blocks, so ``block_k`` is known at
     compile time and the slot and offset of each key are a shift and a mask, not divisions."""
     j = step * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -257,7 +260,11 @@ def _aligned_columns(step, group, block_k, index_ptr, stride_ig, stride_ik, Rows
     else:
         slot = j // block_k
         within = j % block_k
-    block = tl.load(index_ptr + group * stride_ig + slot * stride_ik).to(tl.int32)
+    if COLUMN_TAIL:
+        block = tl.load(index_ptr + group * stride_ig + slot * stride_ik, mask=j < slot_keys,
+                        other=-1).to(tl.int32)
+    else:
+        block = tl.load(index_ptr + group * stride_ig + slot * stride_ik).to(tl.int32)
     key = _token_row(tl.maximum(block, 0), within, block_k, Rows, j >= 0, WINDOWS)
     return key, tl.where(block >= 0, 0.0, float('-inf'))
 
@@ -293,9 +300,9 @@ def _query_tile(tile, block_q, groups, GPT, TPG, RPG, QRows, WINDOWS: tl.constex
     """:func:`_tile_rows` of a query tile, or its ``ALIGNED`` form (packed-group slot 0, the
     tile's group as its group tile)."""
     if ALIGNED:
-        q_pos, q_linear, group_tile = _aligned_rows(tile, block_q, TPG, QRows, WINDOWS, BLOCK_M)
+        q_pos, q_linear, row_valid, group_tile = _aligned_rows(tile, block_q, TPG, QRows,
+                                                               WINDOWS, BLOCK_M)
         row_group = tl.zeros_like(q_pos)
-        row_valid = q_pos >= 0
     else:
         q_pos, q_linear, row_group, row_valid, group_tile = _tile_rows(
             tile, block_q, groups, GPT, TPG, RPG, QRows, WINDOWS, BLOCK_M)
@@ -307,12 +314,13 @@ def _step_logits(q, K, V, step, group_tile, row_group, d, d_valid, block_k, grou
                  GPT, CPG, Index, stride_ig, stride_ik, stride_kn, stride_kd, stride_vn,
                  stride_vd, Mask, stride_mn, KRows, scale_log2, HAS_MASK: tl.constexpr,
                  WINDOWS: tl.constexpr, ALIGNED: tl.constexpr, STEPS_PER_BLOCK: tl.constexpr,
-                 BLOCKS_PER_STEP: tl.constexpr, UNSCALED: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+                 BLOCKS_PER_STEP: tl.constexpr, COLUMN_TAIL: tl.constexpr,
+                 UNSCALED: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
     """One key step of a query tile: (logits, shift, k, v), the base-2 logits ``q k^T *
     scale_log2`` (-inf where a pair is not admissible), 0, and the routed keys and values it
     read. With ``ALIGNED``: ``STEPS_PER_BLOCK`` > 0, the step lies in one routed block
-    (:func:`_one_block_columns`); else ``BLOCKS_PER_STEP`` as :func:`_aligned_columns`.
+    (:func:`_one_block_columns`); else ``BLOCKS_PER_STEP`` and ``COLUMN_TAIL`` as
+    :func:`_aligned_columns`.
 
     ``UNSCALED`` (one-block steps, ``scale_log2 > 0``): the logits are ``q k^T`` (-inf where a
     key is padding) and the shift is the step's bias, so that the caller takes ``logits *
@@ -322,8 +330,9 @@ def _step_logits(q, K, V, step, group_tile, row_group, d, d_valid, block_k, grou
             key, bias = _one_block_columns(step, group_tile, block_k, Index, stride_ig,
                                            stride_ik, KRows, WINDOWS, STEPS_PER_BLOCK, BLOCK_N)
         else:
-            key, bias = _aligned_columns(step, group_tile, block_k, Index, stride_ig, stride_ik,
-                                         KRows, WINDOWS, BLOCKS_PER_STEP, BLOCK_N)
+            key, bias = _aligned_columns(step, group_tile, block_k, slot_keys, Index, stride_ig,
+                                         stride_ik, KRows, WINDOWS, BLOCKS_PER_STEP,
+                                         COLUMN_TAIL, BLOCK_N)
         kv_mask = d_valid[None, :]
     else:
         key, col_group, col_valid = _step_columns(step, group_tile, block_k, groups, slot_keys,
@@ -335,22 +344,22 @@ def _step_logits(q, K, V, step, group_tile, row_group, d, d_valid, block_k, grou
     v = tl.load(V + key[:, None] * stride_vn + d[None, :] * stride_vd, mask=kv_mask, other=0.0)
     logits = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     shift = 0.0
+    if ALIGNED and HAS_MASK:
+        padded = tl.load(Mask + key * stride_mn) != 0
     if UNSCALED:
         shift = bias
-    else:
-        logits = logits * scale_log2
-        if ALIGNED:
-            if STEPS_PER_BLOCK > 0:
-                logits += bias
-            else:
-                logits += bias[None, :]
-    if ALIGNED:
         if HAS_MASK:
-            padded = tl.load(Mask + key * stride_mn)
-            logits = tl.where(padded[None, :] == 0, logits, float('-inf'))
+            logits = tl.where(padded[None, :], float('-inf'), logits)
+    elif ALIGNED:
+        if HAS_MASK:  # padding folded into the per-column bias
+            logits = logits * scale_log2 + tl.where(padded, float('-inf'), bias)[None, :]
+        elif STEPS_PER_BLOCK > 0:
+            logits = logits * scale_log2 + bias
+        else:
+            logits = logits * scale_log2 + bias[None, :]
     else:
         admissible = (row_group[:, None] == col_group[None, :]) & col_valid[None, :]
-        logits = tl.where(admissible, logits, float('-inf'))
+        logits = tl.where(admissible, logits * scale_log2, float('-inf'))
     return logits, shift, k, v
 
 
@@ -367,13 +376,15 @@ def _fwd_kernel(Q, K, V, Index, Mask, Out, Lse,
                 QRows, KRows,
                 HAS_MASK: tl.constexpr, WINDOWS: tl.constexpr, ALIGNED: tl.constexpr,
                 STEPS_PER_BLOCK: tl.constexpr, BLOCKS_PER_STEP: tl.constexpr,
-                UNSCALED: tl.constexpr, PACKED: tl.constexpr, PACKED_BLOCK_K: tl.constexpr,
+                COLUMN_TAIL: tl.constexpr, UNSCALED: tl.constexpr, PACKED: tl.constexpr,
+                PACKED_BLOCK_K: tl.constexpr,
                 DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_D: tl.constexpr):
-    """Out and Lse; ``ALIGNED`` (see :func:`_query_plan`): every row and column of every
-    step is in range, so scores take no per-element admissibility mask; ``STEPS_PER_BLOCK``
-    > 0: each step also lies in one routed block; ``BLOCKS_PER_STEP`` > 0: each step holds
-    whole routed blocks; ``UNSCALED``: the row maximum is taken over unscaled scores
+    """Out and Lse; ``ALIGNED`` (see :func:`_query_plan`): the tile's rows lie in one group,
+    so scores take no per-element admissibility mask, only a per-column bias;
+    ``STEPS_PER_BLOCK`` > 0: each step also lies in one routed block; ``BLOCKS_PER_STEP`` > 0:
+    each step holds whole routed blocks; ``COLUMN_TAIL``: the last step is partial;
+    ``UNSCALED``: the row maximum is taken over unscaled scores
     (:func:`_step_logits`); ``PACKED`` > 0: that many whole groups per tile, with the packing
     geometry known at compile time (:func:`_query_plan`)."""
     program = tl.program_id(0).to(tl.int64)  # one flat grid: B*H may exceed grid dim 1
@@ -402,8 +413,8 @@ def _fwd_kernel(Q, K, V, Index, Mask, Out, Lse,
                                            stride_ig, stride_ik, stride_kn, stride_kd,
                                            stride_vn, stride_vd, Mask, stride_mn, KRows,
                                            scale_log2, HAS_MASK, WINDOWS, ALIGNED,
-                                           STEPS_PER_BLOCK, BLOCKS_PER_STEP, UNSCALED,
-                                           DOT_PRECISION, BLOCK_N)
+                                           STEPS_PER_BLOCK, BLOCKS_PER_STEP, COLUMN_TAIL,
+                                           UNSCALED, DOT_PRECISION, BLOCK_N)
         if UNSCALED:
             m_new = tl.maximum(m_i, tl.max(scores, 1) * scale_log2 + shift)
             m_safe = tl.where(m_new == float('-inf'), 0.0, m_new)
@@ -441,13 +452,14 @@ def _bwd_dq_kernel(Q, K, V, Out, GradOut, Lse, Index, Mask, GradQ, Delta, Order,
                    index_heads, slots, list_len, blocks, num_chunks, transpose_programs,
                    HAS_MASK: tl.constexpr, WINDOWS: tl.constexpr, ALIGNED: tl.constexpr,
                    STEPS_PER_BLOCK: tl.constexpr, BLOCKS_PER_STEP: tl.constexpr,
-                   UNSCALED: tl.constexpr, PACKED: tl.constexpr, PACKED_BLOCK_K: tl.constexpr,
+                   COLUMN_TAIL: tl.constexpr, UNSCALED: tl.constexpr, PACKED: tl.constexpr,
+                   PACKED_BLOCK_K: tl.constexpr,
                    DOT_PRECISION: tl.constexpr, TRANSPOSE: tl.constexpr, BLOCK_B: tl.constexpr,
                    BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_D: tl.constexpr):
     """GradQ ((B, H, Nq, D) at strides ``stride_dq*``, unit head-dim stride, q's dtype) and
     Delta = rowsum(dO * O) (B, H, Nq) fp32. ``ALIGNED``, ``STEPS_PER_BLOCK``,
-    ``BLOCKS_PER_STEP``, ``UNSCALED``, ``PACKED`` as in ``_fwd_kernel``.
+    ``BLOCKS_PER_STEP``, ``COLUMN_TAIL``, ``UNSCALED``, ``PACKED`` as in ``_fwd_kernel``.
 
     ``TRANSPOSE``: the first ``transpose_programs`` programs build the transposed index (Order,
     Offsets) for the dK/dV kernel instead (:func:`_transpose_index_program`), beside the dQ
@@ -491,8 +503,8 @@ def _bwd_dq_kernel(Q, K, V, Out, GradOut, Lse, Index, Mask, GradQ, Delta, Order,
                                            stride_ig, stride_ik, stride_kn, stride_kd,
                                            stride_vn, stride_vd, Mask, stride_mn, KRows,
                                            scale_log2, HAS_MASK, WINDOWS, ALIGNED,
-                                           STEPS_PER_BLOCK, BLOCKS_PER_STEP, UNSCALED,
-                                           DOT_PRECISION, BLOCK_N)
+                                           STEPS_PER_BLOCK, BLOCKS_PER_STEP, COLUMN_TAIL,
+                                           UNSCALED, DOT_PRECISION, BLOCK_N)
         if UNSCALED:
             p = tl.exp2(logits * scale_log2 + (shift - lse)[:, None])
         else:
@@ -518,7 +530,7 @@ def _bwd_dkdv_kernel(Q, K, V, Out, GradOut, Lse, Delta, Order, Offsets, Mask, Gr
                      list_len, csr_row_b, csr_row_h, BPT, TPB, RPB, QPB, scale, scale_log2,
                      QRows, KRows,
                      HAS_MASK: tl.constexpr, DQ_MODE: tl.constexpr, WINDOWS: tl.constexpr,
-                     ALIGNED: tl.constexpr, GROUP_STEPS: tl.constexpr,
+                     ALIGNED: tl.constexpr, GROUP_STEPS: tl.constexpr, QUERY_TAIL: tl.constexpr,
                      DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_D: tl.constexpr):
     """GradK, GradV ((B, H, Nk, D) at strides ``stride_dk*``, unit head-dim stride, k's
@@ -535,16 +547,18 @@ def _bwd_dkdv_kernel(Q, K, V, Out, GradOut, Lse, Delta, Order, Offsets, Mask, Gr
     per tile) or adds to an fp32 GradQ with atomics (``DQ_MODE`` 2).
 
     ``ALIGNED`` (see :func:`_key_plan`): the tile is part of one key block and every step's
-    query rows lie in one routed group (``GROUP_STEPS = block_q // BLOCK_M`` steps a group, a
-    compile-time divisor), so probabilities take no per-element mask.
+    query rows lie in one routed group (``GROUP_STEPS = cdiv(block_q, BLOCK_M)`` steps a
+    group, a compile-time divisor; with ``QUERY_TAIL`` the last has a tail of invalid rows,
+    whose lse of +inf zeroes their probabilities), so probabilities take no per-element
+    mask.
     """
     program = tl.program_id(0).to(tl.int64)  # one flat grid: B*H may exceed grid dim 1
     tile = (program % num_tiles).to(tl.int32)
     bh = program // num_tiles
     b, h = bh // heads, bh % heads
     if ALIGNED:
-        key_pos, _, key_block = _aligned_rows(tile, block_k, TPB, KRows, WINDOWS, BLOCK_N)
-        row_valid = key_pos >= 0
+        key_pos, _, row_valid, key_block = _aligned_rows(tile, block_k, TPB, KRows, WINDOWS,
+                                                         BLOCK_N)
     else:
         key_pos, _, row_block, row_valid, block_tile = _tile_rows(
             tile, block_k, blocks, BPT, TPB, RPB, KRows, WINDOWS, BLOCK_N)
@@ -584,7 +598,10 @@ def _bwd_dkdv_kernel(Q, K, V, Out, GradOut, Lse, Delta, Order, Offsets, Mask, Gr
         if ALIGNED:  # the step's BLOCK_M query rows lie in one group: one scalar load
             group = tl.load(Order + start + step // GROUP_STEPS)
             within = (step % GROUP_STEPS) * BLOCK_M + cols
-            col_valid = within >= 0
+            if QUERY_TAIL:
+                col_valid = within < block_q
+            else:
+                col_valid = within >= 0
         else:
             j = step * QPB + cols % QPB
             col_valid = col_in_tile & (j < rows_routed)
@@ -743,9 +760,12 @@ def _query_plan(kind: str, batch: int, heads: int, num_q: int, head_dim: int, bl
 
     ``config`` overrides the ``_CONFIGS`` row (tuning). The key tile is capped at the next
     power of two of the routed keys a tile needs, so short rows are not padded far. The tiling
-    is ``ALIGNED`` (no per-element masks) when BLOCK_M divides ``block_q`` and BLOCK_N the
-    routed keys of a group, and :func:`set_aligned_tiles` has not turned it off. In that form
-    the key steps' arithmetic takes compile-time divisors: ``STEPS_PER_BLOCK = block_k //
+    is ``ALIGNED`` (no per-element masks) when each tile lies in one group (BLOCK_M < 2 *
+    ``block_q``), and :func:`set_aligned_tiles` has not turned it off: a group's last tile may
+    have a tail of invalid rows (masked at its loads and stores), and where BLOCK_N does not
+    divide the routed keys of a group the last key step is partial (``COLUMN_TAIL``: its
+    columns past them get a -inf bias). In that form the key steps' arithmetic takes
+    compile-time divisors: ``STEPS_PER_BLOCK = block_k //
     BLOCK_N`` when BLOCK_N divides ``block_k`` (each key step reads part of one routed block),
     else ``BLOCKS_PER_STEP = BLOCK_N // block_k`` when ``block_k`` divides BLOCK_N; 0 for
     neither (a runtime division by ``block_k``). One-block steps with ``positive_scale`` (the
@@ -770,7 +790,7 @@ def _query_plan(kind: str, batch: int, heads: int, num_q: int, head_dim: int, bl
     scalars = (num_tiles, heads, num_q, head_dim, groups, block_q, block_k, slot_keys,
                num_steps, groups_per_tile, tiles_per_group, min(block_q, block_m),
                cols_per_group)
-    aligned = _aligned_tiles and block_q % block_m == 0 and slot_keys % block_n == 0
+    aligned = _aligned_tiles and groups_per_tile == 1
     steps_per_block = block_k // block_n if aligned and block_k % block_n == 0 else 0
     blocks_per_step = (block_n // block_k if aligned and not steps_per_block
                        and block_n % block_k == 0 else 0)
@@ -778,6 +798,7 @@ def _query_plan(kind: str, batch: int, heads: int, num_q: int, head_dim: int, bl
               and cols_per_group % block_k == 0 and slot_keys % cols_per_group == 0)
     meta = dict(ALIGNED=aligned, STEPS_PER_BLOCK=steps_per_block,
                 BLOCKS_PER_STEP=blocks_per_step,
+                COLUMN_TAIL=aligned and slot_keys % block_n != 0,
                 UNSCALED=steps_per_block > 0 and positive_scale,
                 PACKED=groups_per_tile if packed else 0, PACKED_BLOCK_K=block_k if packed else 0,
                 DOT_PRECISION='ieee' if fp32 else 'tf32', BLOCK_M=block_m, BLOCK_N=block_n,
@@ -788,11 +809,16 @@ def _query_plan(kind: str, batch: int, heads: int, num_q: int, head_dim: int, bl
 
 @functools.lru_cache(maxsize=1024)
 def _key_plan(kind: str, batch: int, heads: int, num_k: int, head_dim: int, block_k: int,
-              block_q: int, fp32: bool, config: Optional[tuple]):
+              block_q: int, slots: int, fp32: bool, config: Optional[tuple]):
     """Grid, scalar arguments and meta-parameters of the dK/dV kernel (tiles key rows), with
-    the tile config of ``kind`` ('dkdv' or 'bwd'). ``ALIGNED`` when BLOCK_N divides
-    ``block_k`` and BLOCK_M ``block_q`` (unless :func:`set_aligned_tiles` turned it off), with
-    ``GROUP_STEPS = block_q // BLOCK_M`` query steps per routed group."""
+    the tile config of ``kind`` ('dkdv' or 'bwd'). ``ALIGNED`` when each tile lies in one key
+    block (BLOCK_N < 2 * ``block_k``; unless :func:`set_aligned_tiles` turned it off), with
+    ``GROUP_STEPS = cdiv(block_q, BLOCK_M)`` query steps per routed group (``QUERY_TAIL``
+    where BLOCK_M does not divide ``block_q``); a block's last tile may have a tail of invalid
+    key rows, masked at its loads and stores. With a query tail, the general form packs the
+    rows of all the groups routed to a block into its steps instead; so the ALIGNED form is
+    taken only where that packing gains little: one slot (about one group per block), or a
+    tail of at most an eighth of a group's rows."""
     blocks = num_k // block_k
     block_m, block_n, num_warps, num_stages, max_registers = \
         config or tile_config(kind, block_k, head_dim)
@@ -805,8 +831,11 @@ def _key_plan(kind: str, batch: int, heads: int, num_k: int, head_dim: int, bloc
     num_tiles = cdiv(blocks, blocks_per_tile) * tiles_per_block
     scalars = (num_tiles, heads, num_k, head_dim, blocks, block_k)
     tiling = (blocks_per_tile, tiles_per_block, min(block_k, block_n), rows_per_block)
-    aligned = _aligned_tiles and block_k % block_n == 0 and block_q % block_m == 0
-    meta = dict(ALIGNED=aligned, GROUP_STEPS=block_q // block_m if aligned else 1,
+    group_rows = cdiv(block_q, block_m) * block_m
+    aligned = (_aligned_tiles and blocks_per_tile == 1
+               and (slots == 1 or 8 * group_rows <= 9 * block_q))
+    meta = dict(ALIGNED=aligned, GROUP_STEPS=cdiv(block_q, block_m) if aligned else 1,
+                QUERY_TAIL=aligned and block_q % block_m != 0,
                 DOT_PRECISION='ieee' if fp32 else 'tf32', BLOCK_M=block_m,
                 BLOCK_N=block_n, BLOCK_D=_block_d(head_dim), num_warps=num_warps,
                 num_stages=num_stages, maxnreg=max_registers or None)
@@ -973,10 +1002,11 @@ def backward_dkdv(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor
     mask, stride_mb, stride_mn, has_mask = _mask_args(key_padding_mask, order)
     csr_row_b, csr_row_h = (heads, 1) if index_is_per_head else (1, 0)
     layout_args, windows = _layout_args(layout, q, k, block_q, block_k)
+    slots = order.shape[1] // (num_q // block_q)  # order lists G * K entries per index row
 
     def launch(tiles):
         grid, scalars, tiling, meta = _key_plan(kind, batch, heads, num_k, head_dim, block_k,
-                                                block_q, q.dtype == torch.float32, tiles)
+                                                block_q, slots, q.dtype == torch.float32, tiles)
         fast_launcher(_bwd_dkdv_kernel)[grid](
             q, k, v, out, grad_out, lse, order if delta is None else delta, order, offsets,
             mask, grad_k, grad_v, grad_k if grad_q is None else grad_q,

@@ -455,7 +455,7 @@ def effective_config(shape, kind, config):
     s = shape
     if kind in ('dkdv', 'bwd'):
         kernels._key_plan(kind, s.batch, s.heads, s.blocks * s.block_k, s.head_dim,
-                          s.block_k, s.block_q, False, config)
+                          s.block_k, s.block_q, s.topk, False, config)
         return config
     meta = kernels._query_plan(kind, s.batch, s.heads, s.groups * s.block_q, s.head_dim,
                                s.block_q, s.block_k, s.topk, False, config)[2]

@@ -260,7 +260,7 @@ def test_aligned_and_general_tiles_match_fp64(case, aligned_tiles, dtype):
                                  block_k, slots, dtype == torch.float32, None)[2]
              for kind in ('fwd', 'dq')]
     plans.append(kernels._key_plan('dkdv', batch, heads, blocks * block_k, head_dim, block_k,
-                                   block_q, dtype == torch.float32, None)[3])
+                                   block_q, slots, dtype == torch.float32, None)[3])
     assert [plan['ALIGNED'] for plan in plans] == [aligned_tiles] * 3
     compare_to_fp64(q, k, v, index, mask, window or block_q, window or block_k, map_width=width)
 
