@@ -30,6 +30,11 @@ if os.environ.get('TRITON_INTERPRET') == '1':
 
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.tools import disasm  # noqa: E402
+
+# Triton before 3.7 matches 4-hex-digit instruction offsets only when it extracts SASS, so its
+# listings stop at 4096 instructions (offset 0x10000): widen the pattern as later Triton does.
+disasm.FLINE_RE = re.compile(disasm.FLINE_RE.pattern.replace(r'\*\w{4}\*', r'\*\w{4,}\*'))
 
 from ops import _triton_gather_attention as kernels  # noqa: E402
 from ops import _triton_map_attention as whole_map  # noqa: E402
