@@ -531,8 +531,8 @@ def _bwd_dkdv_kernel(Q, K, V, Out, GradOut, Lse, Delta, Order, Offsets, Mask, Gr
                      QRows, KRows,
                      HAS_MASK: tl.constexpr, DQ_MODE: tl.constexpr, WINDOWS: tl.constexpr,
                      ALIGNED: tl.constexpr, GROUP_STEPS: tl.constexpr, QUERY_TAIL: tl.constexpr,
-                     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_D: tl.constexpr):
+                     KEY_TAIL: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """GradK, GradV ((B, H, Nk, D) at strides ``stride_dk*``, unit head-dim stride, k's
     dtype), FlashAttention-2 style per key tile.
 
@@ -550,7 +550,8 @@ def _bwd_dkdv_kernel(Q, K, V, Out, GradOut, Lse, Delta, Order, Offsets, Mask, Gr
     query rows lie in one routed group (``GROUP_STEPS = cdiv(block_q, BLOCK_M)`` steps a
     group, a compile-time divisor; with ``QUERY_TAIL`` the last has a tail of invalid rows,
     whose lse of +inf zeroes their probabilities), so probabilities take no per-element
-    mask.
+    mask; with ``KEY_TAIL`` (BLOCK_N does not divide ``block_k``) the probabilities of the
+    block's last tile's tail rows are zeroed, as are padded keys'.
     """
     program = tl.program_id(0).to(tl.int64)  # one flat grid: B*H may exceed grid dim 1
     tile = (program % num_tiles).to(tl.int32)
@@ -624,7 +625,7 @@ def _bwd_dkdv_kernel(Q, K, V, Out, GradOut, Lse, Delta, Order, Offsets, Mask, Gr
         scores = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * scale_log2
         if ALIGNED:
             p = tl.exp2(scores - lse[None, :])
-            if HAS_MASK:
+            if HAS_MASK or KEY_TAIL:  # a tail row's zero key would score 0, not -inf
                 p = tl.where(row_live[:, None], p, 0.0)
         else:
             admissible = (row_block[:, None] == col_block[None, :]) & col_valid[None, :] \
@@ -836,6 +837,7 @@ def _key_plan(kind: str, batch: int, heads: int, num_k: int, head_dim: int, bloc
                and (slots == 1 or 8 * group_rows <= 9 * block_q))
     meta = dict(ALIGNED=aligned, GROUP_STEPS=cdiv(block_q, block_m) if aligned else 1,
                 QUERY_TAIL=aligned and block_q % block_m != 0,
+                KEY_TAIL=aligned and block_k % block_n != 0,
                 DOT_PRECISION='ieee' if fp32 else 'tf32', BLOCK_M=block_m,
                 BLOCK_N=block_n, BLOCK_D=_block_d(head_dim), num_warps=num_warps,
                 num_stages=num_stages, maxnreg=max_registers or None)

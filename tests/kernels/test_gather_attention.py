@@ -265,6 +265,24 @@ def test_aligned_and_general_tiles_match_fp64(case, aligned_tiles, dtype):
     compare_to_fp64(q, k, v, index, mask, window or block_q, window or block_k, map_width=width)
 
 
+@pytest.mark.parametrize('backward_mode', ['auto', 'split'])
+def test_key_tail_rows_stay_out_of_gradients(backward_mode, monkeypatch):
+    """Sets of 36 keys in 64-row dK/dV tiles (a key tail): every real score is so negative
+    (lse below -128) that a tail row's zero key, scoring 0, would get a probability of
+    2^128 = inf and, through dS^T K, NaN in dQ of the one-kernel backward."""
+    monkeypatch.setattr(kernels, '_backward_mode', backward_mode)
+    sets, size, head_dim = 3, 36, 32
+    plan = kernels._key_plan('bwd' if backward_mode == 'auto' else 'dkdv', sets, 1, size,
+                             head_dim, size, size, 1, True, None)[3]
+    assert plan['ALIGNED'] and plan['KEY_TAIL']
+    gen = torch.Generator().manual_seed(0)
+    k = 1 + 0.1 * torch.rand(sets, 1, size, head_dim, generator=gen)
+    q = -20 * k.mean(2, keepdim=True).expand(-1, -1, size, -1).contiguous()
+    v = torch.randn(sets, 1, size, head_dim, generator=gen)
+    index = torch.zeros(sets, 1, 1, dtype=torch.int64)
+    compare_to_fp64(q, k, v, index, None, size, size)
+
+
 @pytest.fixture
 def tile_rows():
     """``kernels.set_tile_configs`` for the test; the tuned table comes back afterwards."""
