@@ -142,9 +142,9 @@ def set_tile_configs(table: dict) -> None:
 
 
 # Tile configs replaced because a device's shared memory could not hold them (the table is
-# tuned on an H200 and an H100, 228 KB per SM; consumer GPUs have about 100 KB) or ptxas could not compile
-# them within their register cap: {(device index, kind, block size, head dim): the first
-# smaller config that launched}.
+# tuned on an H200 and an H100, 228 KB per SM; consumer GPUs have about 100 KB) or ptxas could
+# not compile them within their register cap: {(device index, kind, block size, head dim): the
+# first smaller config that launched}.
 _FITTED = {}
 
 
@@ -766,11 +766,11 @@ def _query_plan(kind: str, batch: int, heads: int, num_q: int, head_dim: int, bl
     have a tail of invalid rows (masked at its loads and stores), and where BLOCK_N does not
     divide the routed keys of a group the last key step is partial (``COLUMN_TAIL``: its
     columns past them get a -inf bias). In that form the key steps' arithmetic takes
-    compile-time divisors: ``STEPS_PER_BLOCK = block_k //
-    BLOCK_N`` when BLOCK_N divides ``block_k`` (each key step reads part of one routed block),
-    else ``BLOCKS_PER_STEP = BLOCK_N // block_k`` when ``block_k`` divides BLOCK_N; 0 for
-    neither (a runtime division by ``block_k``). One-block steps with ``positive_scale`` (the
-    scale > 0, so a row's largest score is its largest ``q k^T``) are ``UNSCALED``. Outside
+    compile-time divisors: ``STEPS_PER_BLOCK = block_k // BLOCK_N`` when BLOCK_N divides
+    ``block_k`` (each key step reads part of one routed block), else ``BLOCKS_PER_STEP =
+    BLOCK_N // block_k`` when ``block_k`` divides BLOCK_N; 0 for neither (a runtime division
+    by ``block_k``). One-block steps with ``positive_scale`` (the scale > 0, so a row's
+    largest score is its largest ``q k^T``) are ``UNSCALED``. Outside
     the ALIGNED form, a tile of ``PACKED`` = BLOCK_M // ``block_q`` whole groups whose steps
     read whole blocks (``block_k`` divides a group's columns, which divide its routed keys)
     takes that geometry at compile time (``PACKED_BLOCK_K = block_k``); else ``PACKED`` = 0.
