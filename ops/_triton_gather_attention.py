@@ -938,9 +938,15 @@ def forward(q: Tensor, k: Tensor, v: Tensor, index: Tensor, key_padding_mask: Op
         return (token_major(q, zero=True),
                 torch.full((batch, heads, num_q), float('inf'), dtype=torch.float32,
                            device=q.device))
+    from ops import _triton_single_block as single_block
     out = token_major(q)
     lse = q.new_empty((batch, heads, num_q), dtype=torch.float32)
-    mask, stride_mb, stride_mn, has_mask = _mask_args(key_padding_mask, index)
+    mask_args = _mask_args(key_padding_mask, index)
+    if config is None and single_block.takes_call(num_q, k.shape[2], block_q, block_k,
+                                                  index.shape[-1], head_dim, layout):
+        single_block.forward(q, k, v, index, mask_args, scale, out, lse)
+        return out, lse
+    mask, stride_mb, stride_mn, has_mask = mask_args
     layout_args, windows = _layout_args(layout, q, k, block_q, block_k)
 
     def launch(tiles):
@@ -1097,11 +1103,18 @@ def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
     whole-map backward (``ops._triton_map_attention``) where it takes the call, else from the
     kernels :func:`set_backward_mode` chooses."""
     from ops import _triton_map_attention as whole_map
+    from ops import _triton_single_block as single_block
     if _is_empty(q, k, index):
         if grads is not None:
             return tuple(t.zero_() for t in grads)
         return token_major(q, zero=True), token_major(k, zero=True), token_major(v, zero=True)
     batch, heads = q.shape[:2]
+    if _backward_mode == 'auto' and single_block.takes_call(
+            q.shape[2], k.shape[2], block_q, block_k, index.shape[-1], q.shape[-1], layout):
+        grads = grads or (token_major(q), token_major(k), token_major(v))
+        single_block.backward(grad_out, q, k, v, out, lse, index,
+                              _mask_args(key_padding_mask, index), scale, *grads)
+        return tuple(grads)
     if _backward_mode == 'auto' and whole_map.takes_map_backward(
             k.shape[2], q.shape[-1], block_q, block_k, index.shape[-1], batch * heads):
         grads = grads or (token_major(q), token_major(k), token_major(v))

@@ -5,6 +5,7 @@
     python tools/benchmark.py ops --tune --configs tuned.json     # sweep the tile configs
     python tools/benchmark.py ops --configs tuned.json            # benchmark with them applied
     python tools/benchmark.py ops --tune-map --shapes t224_s3     # whole-map backward rows
+    python tools/benchmark.py ops --tune-single --shapes dsvt36_d32  # single-block kernel rows
     python tools/benchmark.py ops --host-overhead                 # eager Python path, CPU only
 
 ``--tune`` times each kernel of ours (fwd, dq, dkdv, and bwd: the dK/dV kernel that also
@@ -17,7 +18,8 @@ only); the chosen row of a class weighs both. It compiles the candidates first i
 worker processes (Triton's disk cache), so the sweep is not compile-bound. ``--tune-map`` times
 the whole-map backward (``ops._triton_map_attention``) for each candidate row on the shapes it
 applies to and prints each row's time, the fastest (a row of its ``_TILES``) and the time of
-the count table it reads.
+the count table it reads. ``--tune-single`` does the same for the forward and the backward of
+the single-block kernels (``ops._triton_single_block``, DSVT's sets).
 
 Columns: fwd ms and fwd+bwd ms timed as CUDA-graph replays (GPU time, no Python launch cost;
 marked "(eager)" where capture fails), fwd+bwd ms launched eagerly from Python (with L2
@@ -30,8 +32,9 @@ Peers:
   ``ops._triton_gather_attention.set_backward_mode``.
 * ``ours_general``: ours with the kernels' ``ALIGNED`` form off (per-element masks at every
   shape): see ``ops._triton_gather_attention.set_aligned_tiles``.
-* ``ours_gathered``: ours with the whole-map backward off (the gathered kernels at every
-  shape): see ``ops._triton_map_attention.set_map_backward``; "n/a" where ours runs them.
+* ``ours_gathered``: ours with the whole-map backward and the single-block kernels off (the
+  gathered kernels at every shape): see ``ops._triton_map_attention.set_map_backward`` and
+  ``ops._triton_single_block.set_single_block_kernels``; "n/a" where ours runs them.
 * ``ours_map``: ours in the window layout BiFormer uses (``block_q=(h, w)``, ``map_width``):
   the same problem with the tokens read as the row-major pixels of a square map of square
   windows, where the shape has that form (BiFormer at 224/512/1024 px), "n/a" elsewhere.
@@ -65,6 +68,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import ops  # noqa: E402
 from ops import _triton_gather_attention as kernels  # noqa: E402
 from ops import _triton_map_attention as whole_map  # noqa: E402
+from ops import _triton_single_block as single_block  # noqa: E402
 from ops.gather_attention import gather_attention_reference  # noqa: E402
 from bench_timing import (compile_in_workers, copy_bandwidth, fwd_and_fwd_bwd_ms,  # noqa: E402
                           least_slowdown, peak_extra_mib, time_ms)
@@ -352,15 +356,18 @@ def run_peer(peer, shape, dtype, reps_ms):
           **{p: ours for p in BACKWARD_MODE_OF_PEER}}.get(peer)
     if peer == 'ours_map' and map_windows(shape) is None:
         return dict(error='n/a: not square windows of a square map')
-    if peer == 'ours_gathered' and not whole_map.takes_map_backward(
-            shape.blocks * shape.block_k, shape.head_dim, shape.block_q, shape.block_k,
-            shape.topk, shape.batch * shape.heads):
+    if peer == 'ours_gathered' and not (
+            whole_map.takes_map_backward(shape.blocks * shape.block_k, shape.head_dim,
+                                         shape.block_q, shape.block_k, shape.topk,
+                                         shape.batch * shape.heads)
+            or takes_single_block(shape)):
         return dict(error='n/a: ours runs the gathered kernels here')
     if peer == 'flex':
         fn = FlexPeer(shape, index, mask)
     kernels.set_backward_mode(BACKWARD_MODE_OF_PEER.get(peer, 'auto'))
     kernels.set_aligned_tiles(peer != 'ours_general')
     whole_map.set_map_backward('off' if peer == 'ours_gathered' else 'auto')
+    single_block.set_single_block_kernels(peer != 'ours_gathered')
     try:
         return measure(fn, q, k, v, index, mask, shape, reps_ms)
     except Exception as err:  # one peer's failure must not stop the run
@@ -370,6 +377,7 @@ def run_peer(peer, shape, dtype, reps_ms):
         kernels.set_backward_mode('auto')
         kernels.set_aligned_tiles(True)
         whole_map.set_map_backward('auto')
+        single_block.set_single_block_kernels(True)
         del q, k, v
         torch.cuda.empty_cache()
 
@@ -648,6 +656,58 @@ def tune_map(shapes, dtype, reps_ms):
               f'{counting * 1e3:.1f} us', flush=True)
 
 
+# Candidate rows (num_warps, num_stages) of ops._triton_single_block._TILES, each timed with
+# these programs per SM (0: one program per (entry, head)).
+SINGLE_TUNE = [(2, 1), (2, 2), (2, 3), (4, 1), (4, 2), (4, 3), (8, 1), (8, 2)]
+SINGLE_PROGRAMS_PER_SM = (0, 2, 4, 8, 16)
+
+
+def takes_single_block(shape):
+    return single_block.takes_call(shape.groups * shape.block_q, shape.blocks * shape.block_k,
+                                   shape.block_q, shape.block_k, shape.topk, shape.head_dim,
+                                   None)
+
+
+def tune_single(shapes, dtype, reps_ms):
+    """Time the single-block forward and backward alone (CUDA-graph replay) for every
+    SINGLE_TUNE row and programs-per-SM count on the shapes they take; print the times and
+    the fastest row of each (a row of their ``_TILES``), and return those: {shape name:
+    {'fwd' or 'bwd': row}}."""
+    fastest_rows = {}
+    for shape in shapes:
+        if not takes_single_block(shape):
+            print(f'{shape.name}: the single-block kernels do not take it', flush=True)
+            continue
+        q, k, v, index, mask = make_problem(shape, dtype)
+        scale, mask_args = shape.head_dim ** -0.5, kernels._mask_args(mask, index)
+        out, lse = kernels.token_major(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+        grads = [kernels.token_major(t) for t in (q, k, v)]
+        grad_out = torch.randn_like(q)
+        launches = dict(
+            fwd=lambda row: single_block.forward(q, k, v, index, mask_args, scale, out, lse,
+                                                 config=row),
+            bwd=lambda row: single_block.backward(grad_out, q, k, v, out, lse, index,
+                                                  mask_args, scale, *grads, config=row))
+        for kind, launch in launches.items():
+            timings = {}
+            for warps, stages in SINGLE_TUNE:
+                for programs in SINGLE_PROGRAMS_PER_SM:
+                    row = (warps, stages, programs)
+                    try:
+                        timings[row] = time_ms(lambda: launch(row), reps_ms, graph=True)
+                    except Exception as err:  # a row this GPU cannot hold
+                        torch.cuda.synchronize()
+                        print(f'{shape.name} {kind} {row}: {type(err).__name__}', flush=True)
+            times = ', '.join(f'{row}: {ms * 1e3:.1f}' for row, ms in
+                              sorted(timings.items(), key=lambda item: item[1])[:8])
+            fastest = min(timings, key=timings.get) if timings else 'none (no row launched)'
+            print(f'{shape.name} single-block {kind} us, fastest first: {times}; fastest '
+                  f'{fastest}', flush=True)
+            if timings:
+                fastest_rows.setdefault(shape.name, {})[kind] = fastest
+    return fastest_rows
+
+
 def apply_configs(configs_path):
     """Apply the table of a --tune JSON file to ours."""
     with open(configs_path) as f:
@@ -733,6 +793,8 @@ def main(argv=None):
                         'layout of each shape that has one, as BiFormer calls the op)')
     parser.add_argument('--tune-map', action='store_true',
                         help='time the whole-map backward\'s tile rows on --shapes')
+    parser.add_argument('--tune-single', action='store_true',
+                        help='time the single-block kernels\' tile rows on --shapes')
     parser.add_argument('--configs', help='JSON table of tile configs: written by --tune, '
                         'applied to ours (benchmark, --profile) otherwise')
     parser.add_argument('--workers', type=int, default=12,
@@ -760,6 +822,9 @@ def main(argv=None):
         return
     if args.tune_map:
         tune_map(shapes, dtype, args.reps_ms)
+        return
+    if args.tune_single:
+        tune_single(shapes, dtype, args.reps_ms)
         return
     if args.tune is not None:
         if not args.configs:

@@ -38,6 +38,7 @@ disasm.FLINE_RE = re.compile(disasm.FLINE_RE.pattern.replace(r'\*\w{4}\*', r'\*\
 
 from ops import _triton_gather_attention as kernels  # noqa: E402
 from ops import _triton_map_attention as whole_map  # noqa: E402
+from ops import _triton_single_block as single_block  # noqa: E402
 from bench_ops import SHAPES_BY_NAME, map_windows  # noqa: E402
 
 TRITON_TYPES = {torch.bfloat16: 'bf16', torch.float16: 'fp16', torch.float32: 'fp32',
@@ -77,15 +78,17 @@ def record_launches(shape, dtype=torch.bfloat16, windows=False) -> list:
         layout = (width, width, map_width)
     scale = shape.head_dim ** -0.5
     log = []
-    saved = kernels.fast_launcher, whole_map.fast_launcher
-    kernels.fast_launcher = whole_map.fast_launcher = \
-        lambda kernel: RecordedLaunch(kernel, log)
+    modules = (kernels, whole_map, single_block)
+    saved = [module.fast_launcher for module in modules]
+    for module in modules:
+        module.fast_launcher = lambda kernel: RecordedLaunch(kernel, log)
     try:
         out, lse = kernels.forward(q, k, v, index, mask, block_q, block_k, scale, layout=layout)
         kernels.backward(grad_out, q, k, v, out, lse, index, mask, block_q, block_k, scale,
                          layout=layout)
     finally:
-        kernels.fast_launcher, whole_map.fast_launcher = saved
+        for module, launcher in zip(modules, saved):
+            module.fast_launcher = launcher
     return log
 
 
@@ -179,7 +182,10 @@ def main(argv=None):
             total = sum('\t' in line for line in sass.splitlines())
             meta = ', '.join(f'{key}={value}' for key, value in kwargs.items()
                              if key not in ('DOT_PRECISION',))
-            print(f'{kernel.__name__}: {total} instructions; {meta}')
+            spills = sum(_opcode(line) in ('STL', 'LDL') for line in sass.splitlines()
+                         if '\t' in line)
+            print(f'{kernel.__name__}: {total} instructions, {spills} local-memory (spill) '
+                  f'loads and stores; {meta}')
             for size, opcodes in loops(sass):
                 common = ', '.join(f'{op} {count}' for op, count in opcodes.most_common(6))
                 print(f'  loop: {size} instructions ({common})')

@@ -5,6 +5,7 @@ import torch
 import ops
 from ops import _triton_gather_attention as kernels
 from ops import _triton_map_attention as map_backward
+from ops import _triton_single_block as single_block
 from ops._triton_gather_attention import _transpose_index, gather_attention_fwd
 from ops.gather_attention import gather_attention_reference
 
@@ -15,10 +16,19 @@ ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 @pytest.fixture(autouse=True)
 def _gathered_kernels_by_default():
-    """The gathered kernels at every shape, unless a test asks for :func:`whole_map`."""
+    """The gathered kernels at every shape, unless a test asks for :func:`whole_map` or
+    :func:`single_block_kernels`."""
     map_backward.set_map_backward('off')
+    single_block.set_single_block_kernels(False)
     yield
     map_backward.set_map_backward('auto')
+    single_block.set_single_block_kernels(True)
+
+
+@pytest.fixture
+def single_block_kernels():
+    """The single-block kernels (ops._triton_single_block) wherever they take the call."""
+    single_block.set_single_block_kernels(True)
 
 
 @pytest.fixture
@@ -281,6 +291,60 @@ def test_key_tail_rows_stay_out_of_gradients(backward_mode, monkeypatch):
     v = torch.randn(sets, 1, size, head_dim, generator=gen)
     index = torch.zeros(sets, 1, 1, dtype=torch.int64)
     compare_to_fp64(q, k, v, index, None, size, size)
+
+
+SINGLE_BLOCK_CASES = {
+    # name: (batch, heads, block_q, block_k, head_dim, per_head, masked): one query group
+    # over one key block per batch entry (DSVT's sets)
+    'dsvt_set_36': (3, 2, 36, 36, 32, False, 0.2),
+    'queries_7_keys_20_per_head': (2, 3, 7, 20, 16, True, 0.3),
+    'block_size_1': (4, 1, 1, 1, 16, False, 0.0),
+    'set_90_head_dim_64': (2, 1, 90, 90, 64, False, 0.1),
+}
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float16], ids=['fp32', 'fp16'])
+@pytest.mark.parametrize('case', list(SINGLE_BLOCK_CASES), ids=list(SINGLE_BLOCK_CASES))
+def test_single_block_kernels_match_fp64(case, dtype, single_block_kernels, monkeypatch):
+    """Two programs loop over all (entry, head) pairs; entry 0 routes nowhere (-1 slot), the
+    last has every key padded: both give zero outputs and gradients."""
+    batch, heads, block_q, block_k, head_dim, per_head, masked = SINGLE_BLOCK_CASES[case]
+    q, k, v, index, _ = make_inputs(batch, heads, 1, block_q, 1, block_k, 1, head_dim,
+                                    dtype=dtype, per_head=per_head, empty_fraction=0.0)
+    index[0] = -1
+    mask = torch.rand(batch, block_k, device=DEVICE) < masked
+    mask[-1] = True
+    calls = []
+    for name in ('forward', 'backward'):
+        launch = getattr(single_block, name)
+        monkeypatch.setattr(single_block, name, lambda *a, _launch=launch, _name=name, **kw:
+                            (calls.append(_name), _launch(*a, **kw))[1])
+    monkeypatch.setattr(single_block, '_grid', lambda pairs, *_: (min(pairs, 2),))
+    out, dq, dk, dv = compare_to_fp64(q, k, v, index, mask, block_q, block_k)
+    assert calls == ['forward', 'backward']
+    for t in (out, dq, dk, dv):
+        assert not t[0].any() and not t[-1].any()
+
+
+@pytest.mark.parametrize('backward_mode', ['split', 'fused'], indirect=True)
+def test_single_block_forward_feeds_the_gathered_backward(backward_mode, single_block_kernels):
+    """The forced backward modes run the gathered kernels on the single-block forward's out and
+    lse (the layouts the two share)."""
+    q, k, v, index, mask = make_inputs(2, 2, 1, 36, 1, 36, 1, 32, masked_fraction=0.2)
+    compare_to_fp64(q, k, v, index, mask, 36, 36)
+
+
+def test_single_block_choice():
+    takes = single_block.takes_call
+    single_block.set_single_block_kernels(True)
+    assert takes(36, 36, 36, 36, 1, 32, None) and takes(7, 128, 7, 128, 1, 64, None)
+    assert not takes(72, 72, 36, 36, 1, 32, None)     # two query groups and key blocks
+    assert not takes(36, 36, 36, 36, 2, 32, None)     # two slots
+    assert not takes(129, 129, 129, 129, 1, 32, None)  # over one tile
+    assert not takes(36, 36, 36, 36, 1, 128, None)    # head dim over 64
+    assert not takes(16, 16, 16, 16, 1, 32, (4, 4, 4))  # window layout
+    single_block.set_single_block_kernels(False)
+    assert not takes(36, 36, 36, 36, 1, 32, None)
 
 
 @pytest.fixture
@@ -864,6 +928,17 @@ GPU_WINDOW_SHAPES = {
     'biformer_t224_s2_map': (8, 4, 28, 4, 4, 0.1),
     'biformer_t224_s3_map': (8, 8, 14, 2, 16, 0.0),
 }
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize('head_dim', [32, 64])
+@pytest.mark.parametrize('set_size', [36, 48, 90])
+def test_single_block_kernels_bf16_match_fp64_on_gpu(set_size, head_dim, single_block_kernels):
+    """DSVT's sets over about 25,000 voxels, 4 heads, 10% padding."""
+    q, k, v, index, mask = make_inputs(25_000 // set_size, 4, 1, set_size, 1, set_size, 1,
+                                       head_dim, dtype=torch.bfloat16, masked_fraction=0.1,
+                                       empty_fraction=0.0)
+    compare_to_fp64(q, k, v, index, mask, set_size, set_size)
 
 
 @pytest.mark.gpu

@@ -1,0 +1,240 @@
+"""Persistent Triton kernels of :func:`ops.gather_attention` for single-block calls.
+
+A call is single-block when each batch entry holds one query group and one key block, routed
+by one slot (G = M = K = 1): dense attention within each entry, with key padding. That is
+DSVT's set attention (:func:`ops.set_attention`: one set of 36, 48 or 90 voxels per entry).
+There the gathered kernels spend one program per (entry, head) on a tile of a few thousand
+scores, latency-bound: each program waits on its loads, then on its dots, and the backward
+also builds a transposed index it does not need (the one group routes to the one block).
+
+Here a program loops over (entry, head) pairs, ``pair = program, program + programs, ...``,
+and Triton's pipeliner issues the next pair's loads while the current one computes. The whole
+entry is one tile (``BLOCK_Q`` x ``BLOCK_K`` scores, both the next powers of two of the block
+sizes, at least 16), so the softmax needs no running maximum and the backward no transposed
+index: it recomputes the probabilities from the forward's log-sum-exp and stores dQ, dK and dV
+of the entry directly. The slot's value is read per entry: 0 routes the group to the block;
+-1 (and, unlike the gathered kernels, which would read out of bounds, any other value) leaves
+it no key, so its output is zeros and its lse +inf.
+
+Outputs match the gathered kernels': out and the gradients token-major
+(``ops._triton_gather_attention.token_major``), lse (B, H, Nq) fp32 base 2, +inf for a query
+without keys, so either backward can follow either forward.
+"""
+import functools
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ops._launch import fast_launcher
+from ops._triton_gather_attention import LOG2E, _block_d, _index_strides
+
+MAX_BLOCK = 128      # largest block_q and block_k the one-tile kernels take
+MAX_HEAD_DIM = 64
+
+# (num_warps, num_stages, programs per SM; 0: one program per (entry, head)) per kernel, per
+# tile class (max(BLOCK_Q, BLOCK_K)) and head-dim class (BLOCK_D <= 32, <= 64).
+_TILES = {
+    'fwd': {32: {16: (1, 2, 16), 32: (2, 2, 12), 64: (4, 2, 8), 128: (8, 2, 4)},
+            64: {16: (1, 2, 16), 32: (2, 2, 12), 64: (4, 2, 8), 128: (8, 2, 2)}},
+    'bwd': {32: {16: (1, 2, 16), 32: (2, 2, 8), 64: (4, 2, 4), 128: (8, 2, 2)},
+            64: {16: (1, 2, 16), 32: (2, 2, 8), 64: (4, 2, 4), 128: (8, 2, 1)}},
+}
+
+_enabled = True
+
+
+def set_single_block_kernels(enabled: bool) -> None:
+    """Let single-block calls take these kernels (default on); off, they take the gathered
+    kernels like every other call (benchmarks and tests compare the two)."""
+    global _enabled
+    _enabled = bool(enabled)
+
+
+def takes_call(num_q: int, num_k: int, block_q: int, block_k: int, slots: int, head_dim: int,
+               layout) -> bool:
+    """Whether these kernels run a gather attention call: single-block (G = M = K = 1), both
+    blocks at most MAX_BLOCK tokens, D <= MAX_HEAD_DIM, block-major tokens."""
+    return (_enabled and layout is None and num_q == block_q and num_k == block_k
+            and slots == 1 and block_q <= MAX_BLOCK and block_k <= MAX_BLOCK
+            and head_dim <= MAX_HEAD_DIM)
+
+
+def _tile_sizes(num_q: int, num_k: int, head_dim: int) -> Tuple[int, int, int]:
+    """(BLOCK_Q, BLOCK_K, BLOCK_D): powers of two, at least 16."""
+    return _block_d(num_q), _block_d(num_k), _block_d(head_dim)
+
+
+def tile_config(kind: str, num_q: int, num_k: int, head_dim: int) -> Tuple[int, int, int]:
+    """The ``_TILES`` row (num_warps, num_stages, programs per SM) of ``kind`` ('fwd', 'bwd')."""
+    block_q, block_k, block_d = _tile_sizes(num_q, num_k, head_dim)
+    return _TILES[kind][32 if block_d <= 32 else 64][max(block_q, block_k)]
+
+
+@functools.lru_cache(maxsize=16)
+def _multiprocessors(device: torch.device) -> int:
+    if device.type != 'cuda':
+        return 4  # the Triton interpreter: a few programs, each looping over pairs
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _grid(pairs: int, programs_per_sm: int, device: torch.device) -> Tuple[int]:
+    if programs_per_sm == 0:
+        return (pairs,)
+    return (min(pairs, programs_per_sm * _multiprocessors(device)),)
+
+
+@triton.jit
+def _entry_keys(Index, Mask, b, h, stride_ib, stride_ih, stride_mb, stride_mn, num_k,
+                HAS_MASK: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Whether each of the entry's BLOCK_K key columns is admissible: in range, not padding,
+    and the entry's slot routes its group to the block (slot value 0)."""
+    cols = tl.arange(0, BLOCK_K)
+    routed = tl.load(Index + b * stride_ib + h * stride_ih)
+    live = (cols < num_k) & (routed == 0)
+    if HAS_MASK:
+        padded = tl.load(Mask + b * stride_mb + cols * stride_mn, mask=cols < num_k, other=1)
+        live = live & (padded == 0)
+    return live
+
+
+@triton.jit
+def _single_block_fwd_kernel(Q, K, V, Index, Mask, Out, Lse,
+                             stride_qb, stride_qh, stride_qn, stride_qd,
+                             stride_kb, stride_kh, stride_kn, stride_kd,
+                             stride_vb, stride_vh, stride_vn, stride_vd,
+                             stride_ob, stride_oh, stride_on,
+                             stride_ib, stride_ih, stride_mb, stride_mn,
+                             pairs, heads, num_q, num_k, head_dim, scale_log2,
+                             HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                             BLOCK_Q: tl.constexpr,
+                             BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Out (token-major, unit head-dim stride) and Lse (B*H, Nq) of every (entry, head) pair
+    ``program + i * programs``: softmax of the entry's scores over its admissible keys."""
+    rows = tl.arange(0, BLOCK_Q)
+    cols = tl.arange(0, BLOCK_K)
+    d = tl.arange(0, BLOCK_D)
+    q_mask = (rows < num_q)[:, None] & (d < head_dim)[None, :]
+    kv_mask = (cols < num_k)[:, None] & (d < head_dim)[None, :]
+    for pair in range(tl.program_id(0), pairs, tl.num_programs(0)):
+        bh = tl.cast(pair, tl.int64)
+        b, h = bh // heads, bh % heads
+        q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn
+                    + d[None, :] * stride_qd, mask=q_mask, other=0.0)
+        k = tl.load(K + b * stride_kb + h * stride_kh + cols[:, None] * stride_kn
+                    + d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+        v = tl.load(V + b * stride_vb + h * stride_vh + cols[:, None] * stride_vn
+                    + d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        live = _entry_keys(Index, Mask, b, h, stride_ib, stride_ih, stride_mb, stride_mn,
+                           num_k, HAS_MASK, BLOCK_K)
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+        scores = tl.where(live[None, :], scores, float('-inf'))
+        row_max = tl.max(scores, 1)
+        row_max = tl.where(row_max == float('-inf'), 0.0, row_max)
+        p = tl.exp2(scores - row_max[:, None])
+        total = tl.sum(p, 1)
+        has_keys = total > 0
+        total = tl.where(has_keys, total, 1.0)
+        out = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION) / total[:, None]
+        tl.store(Out + b * stride_ob + h * stride_oh + rows[:, None] * stride_on + d[None, :],
+                 out.to(Out.dtype.element_ty), mask=q_mask)
+        tl.store(Lse + bh * num_q + rows,
+                 tl.where(has_keys, row_max + tl.log2(total), float('inf')), mask=rows < num_q)
+
+
+@triton.jit
+def _single_block_bwd_kernel(Q, K, V, Out, GradOut, Lse, Index, Mask, GradQ, GradK, GradV,
+                             stride_qb, stride_qh, stride_qn, stride_qd,
+                             stride_kb, stride_kh, stride_kn, stride_kd,
+                             stride_vb, stride_vh, stride_vn, stride_vd,
+                             stride_ob, stride_oh, stride_on, stride_od,
+                             stride_gb, stride_gh, stride_gn, stride_gd,
+                             stride_dqb, stride_dqh, stride_dqn,
+                             stride_dkb, stride_dkh, stride_dkn,
+                             stride_ib, stride_ih, stride_mb, stride_mn,
+                             pairs, heads, num_q, num_k, head_dim, scale, scale_log2,
+                             HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                             BLOCK_Q: tl.constexpr,
+                             BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """GradQ, GradK, GradV (unit head-dim stride; GradK and GradV share strides) of every
+    (entry, head) pair ``program + i * programs``, FlashAttention-2's backward on one tile:
+    probabilities from Lse, delta = rowsum(dO * O), scores laid out keys by queries so that
+    dK and dV need no transpose."""
+    rows = tl.arange(0, BLOCK_Q)
+    cols = tl.arange(0, BLOCK_K)
+    d = tl.arange(0, BLOCK_D)
+    q_mask = (rows < num_q)[:, None] & (d < head_dim)[None, :]
+    kv_mask = (cols < num_k)[:, None] & (d < head_dim)[None, :]
+    for pair in range(tl.program_id(0), pairs, tl.num_programs(0)):
+        bh = tl.cast(pair, tl.int64)
+        b, h = bh // heads, bh % heads
+        q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn
+                    + d[None, :] * stride_qd, mask=q_mask, other=0.0)
+        do = tl.load(GradOut + b * stride_gb + h * stride_gh + rows[:, None] * stride_gn
+                     + d[None, :] * stride_gd, mask=q_mask, other=0.0)
+        o = tl.load(Out + b * stride_ob + h * stride_oh + rows[:, None] * stride_on
+                    + d[None, :] * stride_od, mask=q_mask, other=0.0)
+        k = tl.load(K + b * stride_kb + h * stride_kh + cols[:, None] * stride_kn
+                    + d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+        v = tl.load(V + b * stride_vb + h * stride_vh + cols[:, None] * stride_vn
+                    + d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        lse = tl.load(Lse + bh * num_q + rows, mask=rows < num_q, other=float('inf'))
+        live = _entry_keys(Index, Mask, b, h, stride_ib, stride_ih, stride_mb, stride_mn,
+                           num_k, HAS_MASK, BLOCK_K)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        scores = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * scale_log2
+        p = tl.where(live[:, None], tl.exp2(scores - lse[None, :]), 0.0)
+        grad_v = tl.dot(p.to(do.dtype), do, input_precision=DOT_PRECISION)
+        grad_p = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        grad_s = p * (grad_p - delta[None, :])
+        grad_k = tl.dot(grad_s.to(q.dtype), q, input_precision=DOT_PRECISION) * scale
+        grad_q = tl.dot(tl.trans(grad_s.to(k.dtype)), k, input_precision=DOT_PRECISION) * scale
+        tl.store(GradQ + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqn
+                 + d[None, :], grad_q.to(GradQ.dtype.element_ty), mask=q_mask)
+        kv_grad = b * stride_dkb + h * stride_dkh + cols[:, None] * stride_dkn + d[None, :]
+        tl.store(GradK + kv_grad, grad_k.to(GradK.dtype.element_ty), mask=kv_mask)
+        tl.store(GradV + kv_grad, grad_v.to(GradV.dtype.element_ty), mask=kv_mask)
+
+
+def _common_args(q: Tensor, k: Tensor, index: Tensor, mask_args):
+    """(scalar arguments after the index and mask strides, meta-parameters but the stages)."""
+    batch, heads, num_q, head_dim = q.shape
+    block_q, block_k, block_d = _tile_sizes(num_q, k.shape[2], head_dim)
+    return ((batch * heads, heads, num_q, k.shape[2], head_dim),
+            dict(HAS_MASK=mask_args[3], DOT_PRECISION='ieee' if q.dtype == torch.float32
+                 else 'tf32', BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_D=block_d))
+
+
+def forward(q: Tensor, k: Tensor, v: Tensor, index: Tensor, mask_args, scale: float,
+            out: Tensor, lse: Tensor, config: Optional[tuple] = None) -> None:
+    """Fill ``out`` (token-major) and ``lse`` (B, H, Nq) of a non-empty single-block call;
+    ``mask_args`` as ``ops._triton_gather_attention._mask_args``, ``config`` overrides the
+    ``_TILES`` row (tuning)."""
+    num_warps, num_stages, programs_per_sm = config or tile_config('fwd', q.shape[2],
+                                                                   k.shape[2], q.shape[3])
+    scalars, meta = _common_args(q, k, index, mask_args)
+    mask, stride_mb, stride_mn, _ = mask_args
+    fast_launcher(_single_block_fwd_kernel)[_grid(scalars[0], programs_per_sm, q.device)](
+        q, k, v, index, mask, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride()[:3],
+        *_index_strides(index)[:2], stride_mb, stride_mn, *scalars,
+        scale * LOG2E, **meta, num_warps=num_warps,
+        num_stages=num_stages)
+
+
+def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+             index: Tensor, mask_args, scale: float, grad_q: Tensor, grad_k: Tensor,
+             grad_v: Tensor, config: Optional[tuple] = None) -> None:
+    """Fill ``grad_q``, ``grad_k``, ``grad_v`` (unit head-dim stride; grad_k's and grad_v's
+    strides equal) of a non-empty single-block call from its forward's ``out`` and ``lse``."""
+    num_warps, num_stages, programs_per_sm = config or tile_config('bwd', q.shape[2],
+                                                                   k.shape[2], q.shape[3])
+    scalars, meta = _common_args(q, k, index, mask_args)
+    mask, stride_mb, stride_mn, _ = mask_args
+    fast_launcher(_single_block_bwd_kernel)[_grid(scalars[0], programs_per_sm, q.device)](
+        q, k, v, out, grad_out, lse, index, mask, grad_q, grad_k, grad_v,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(),
+        *grad_q.stride()[:3], *grad_k.stride()[:3], *_index_strides(index)[:2], stride_mb, stride_mn,
+        *scalars, scale, scale * LOG2E, **meta,
+        num_warps=num_warps, num_stages=num_stages)
