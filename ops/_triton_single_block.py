@@ -34,13 +34,14 @@ from ops._triton_gather_attention import LOG2E, _block_d, _index_strides
 MAX_BLOCK = 128      # largest block_q and block_k the one-tile kernels take
 MAX_HEAD_DIM = 64
 
-# (num_warps, num_stages, programs per SM; 0: one program per (entry, head)) per kernel, per
-# tile class (max(BLOCK_Q, BLOCK_K)) and head-dim class (BLOCK_D <= 32, <= 64).
+# (num_warps, num_stages, programs per SM (0: one program per (entry, head)), query rows a
+# step (0: all)) per kernel, tile class (max(BLOCK_Q, BLOCK_K)) and head-dim class (BLOCK_D
+# <= 32, <= 64).
 _TILES = {
-    'fwd': {32: {16: (1, 2, 16), 32: (2, 2, 12), 64: (4, 2, 8), 128: (8, 2, 4)},
-            64: {16: (1, 2, 16), 32: (2, 2, 12), 64: (4, 2, 8), 128: (8, 2, 2)}},
-    'bwd': {32: {16: (1, 2, 16), 32: (2, 2, 8), 64: (4, 2, 4), 128: (8, 2, 2)},
-            64: {16: (1, 2, 16), 32: (2, 2, 8), 64: (4, 2, 4), 128: (8, 2, 1)}},
+    'fwd': {32: {16: (1, 2, 16, 0), 32: (2, 2, 12, 0), 64: (4, 2, 8, 0), 128: (8, 2, 4, 0)},
+            64: {16: (1, 2, 16, 0), 32: (2, 2, 12, 0), 64: (4, 2, 8, 0), 128: (8, 2, 2, 0)}},
+    'bwd': {32: {16: (1, 2, 16, 0), 32: (2, 2, 8, 0), 64: (4, 2, 4, 0), 128: (8, 2, 2, 0)},
+            64: {16: (1, 2, 16, 0), 32: (2, 2, 8, 0), 64: (4, 2, 4, 0), 128: (8, 2, 1, 64)}},
 }
 
 _enabled = True
@@ -67,8 +68,9 @@ def _tile_sizes(num_q: int, num_k: int, head_dim: int) -> Tuple[int, int, int]:
     return _block_d(num_q), _block_d(num_k), _block_d(head_dim)
 
 
-def tile_config(kind: str, num_q: int, num_k: int, head_dim: int) -> Tuple[int, int, int]:
-    """The ``_TILES`` row (num_warps, num_stages, programs per SM) of ``kind`` ('fwd', 'bwd')."""
+def tile_config(kind: str, num_q: int, num_k: int, head_dim: int) -> Tuple[int, int, int, int]:
+    """The ``_TILES`` row (num_warps, num_stages, programs per SM, query rows a step) of
+    ``kind`` ('fwd', 'bwd')."""
     block_q, block_k, block_d = _tile_sizes(num_q, num_k, head_dim)
     return _TILES[kind][32 if block_d <= 32 else 64][max(block_q, block_k)]
 
@@ -109,39 +111,42 @@ def _single_block_fwd_kernel(Q, K, V, Index, Mask, Out, Lse,
                              stride_ib, stride_ih, stride_mb, stride_mn,
                              pairs, heads, num_q, num_k, head_dim, scale_log2,
                              HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                             BLOCK_Q: tl.constexpr,
+                             QUERY_ROWS: tl.constexpr, BLOCK_Q: tl.constexpr,
                              BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     """Out (token-major, unit head-dim stride) and Lse (B*H, Nq) of every (entry, head) pair
-    ``program + i * programs``: softmax of the entry's scores over its admissible keys."""
-    rows = tl.arange(0, BLOCK_Q)
+    ``program + i * programs``: softmax of the entry's scores over its admissible keys,
+    ``QUERY_ROWS`` query rows at a time."""
     cols = tl.arange(0, BLOCK_K)
     d = tl.arange(0, BLOCK_D)
-    q_mask = (rows < num_q)[:, None] & (d < head_dim)[None, :]
     kv_mask = (cols < num_k)[:, None] & (d < head_dim)[None, :]
     for pair in range(tl.program_id(0), pairs, tl.num_programs(0)):
         bh = tl.cast(pair, tl.int64)
         b, h = bh // heads, bh % heads
-        q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn
-                    + d[None, :] * stride_qd, mask=q_mask, other=0.0)
         k = tl.load(K + b * stride_kb + h * stride_kh + cols[:, None] * stride_kn
                     + d[None, :] * stride_kd, mask=kv_mask, other=0.0)
         v = tl.load(V + b * stride_vb + h * stride_vh + cols[:, None] * stride_vn
                     + d[None, :] * stride_vd, mask=kv_mask, other=0.0)
         live = _entry_keys(Index, Mask, b, h, stride_ib, stride_ih, stride_mb, stride_mn,
                            num_k, HAS_MASK, BLOCK_K)
-        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
-        scores = tl.where(live[None, :], scores, float('-inf'))
-        row_max = tl.max(scores, 1)
-        row_max = tl.where(row_max == float('-inf'), 0.0, row_max)
-        p = tl.exp2(scores - row_max[:, None])
-        total = tl.sum(p, 1)
-        has_keys = total > 0
-        total = tl.where(has_keys, total, 1.0)
-        out = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION) / total[:, None]
-        tl.store(Out + b * stride_ob + h * stride_oh + rows[:, None] * stride_on + d[None, :],
-                 out.to(Out.dtype.element_ty), mask=q_mask)
-        tl.store(Lse + bh * num_q + rows,
-                 tl.where(has_keys, row_max + tl.log2(total), float('inf')), mask=rows < num_q)
+        bias = tl.where(live, 0.0, float('-inf'))  # one multiply-add a score, no select
+        for start in tl.static_range(0, BLOCK_Q, QUERY_ROWS):
+            rows = start + tl.arange(0, QUERY_ROWS)
+            q_mask = (rows < num_q)[:, None] & (d < head_dim)[None, :]
+            q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn
+                        + d[None, :] * stride_qd, mask=q_mask, other=0.0)
+            scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2 \
+                + bias[None, :]
+            row_max = tl.max(scores, 1)
+            row_max = tl.where(row_max == float('-inf'), 0.0, row_max)
+            p = tl.exp2(scores - row_max[:, None])
+            total = tl.sum(p, 1)
+            has_keys = total > 0
+            total = tl.where(has_keys, total, 1.0)
+            out = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION) / total[:, None]
+            tl.store(Out + b * stride_ob + h * stride_oh + rows[:, None] * stride_on
+                     + d[None, :], out.to(Out.dtype.element_ty), mask=q_mask)
+            tl.store(Lse + bh * num_q + rows, tl.where(has_keys, row_max + tl.log2(total),
+                                                       float('inf')), mask=rows < num_q)
 
 
 @triton.jit
@@ -156,55 +161,64 @@ def _single_block_bwd_kernel(Q, K, V, Out, GradOut, Lse, Index, Mask, GradQ, Gra
                              stride_ib, stride_ih, stride_mb, stride_mn,
                              pairs, heads, num_q, num_k, head_dim, scale, scale_log2,
                              HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                             BLOCK_Q: tl.constexpr,
+                             QUERY_ROWS: tl.constexpr, BLOCK_Q: tl.constexpr,
                              BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     """GradQ, GradK, GradV (unit head-dim stride; GradK and GradV share strides) of every
-    (entry, head) pair ``program + i * programs``, FlashAttention-2's backward on one tile:
-    probabilities from Lse, delta = rowsum(dO * O), scores laid out keys by queries so that
-    dK and dV need no transpose."""
-    rows = tl.arange(0, BLOCK_Q)
+    (entry, head) pair ``program + i * programs``, FlashAttention-2's backward on the entry's
+    keys, ``QUERY_ROWS`` query rows at a time: probabilities from Lse, delta = rowsum(dO * O),
+    scores laid out keys by queries so that dK and dV need no transpose."""
     cols = tl.arange(0, BLOCK_K)
     d = tl.arange(0, BLOCK_D)
-    q_mask = (rows < num_q)[:, None] & (d < head_dim)[None, :]
     kv_mask = (cols < num_k)[:, None] & (d < head_dim)[None, :]
     for pair in range(tl.program_id(0), pairs, tl.num_programs(0)):
         bh = tl.cast(pair, tl.int64)
         b, h = bh // heads, bh % heads
-        q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn
-                    + d[None, :] * stride_qd, mask=q_mask, other=0.0)
-        do = tl.load(GradOut + b * stride_gb + h * stride_gh + rows[:, None] * stride_gn
-                     + d[None, :] * stride_gd, mask=q_mask, other=0.0)
-        o = tl.load(Out + b * stride_ob + h * stride_oh + rows[:, None] * stride_on
-                    + d[None, :] * stride_od, mask=q_mask, other=0.0)
         k = tl.load(K + b * stride_kb + h * stride_kh + cols[:, None] * stride_kn
                     + d[None, :] * stride_kd, mask=kv_mask, other=0.0)
         v = tl.load(V + b * stride_vb + h * stride_vh + cols[:, None] * stride_vn
                     + d[None, :] * stride_vd, mask=kv_mask, other=0.0)
-        lse = tl.load(Lse + bh * num_q + rows, mask=rows < num_q, other=float('inf'))
         live = _entry_keys(Index, Mask, b, h, stride_ib, stride_ih, stride_mb, stride_mn,
                            num_k, HAS_MASK, BLOCK_K)
-        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-        scores = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * scale_log2
-        p = tl.where(live[:, None], tl.exp2(scores - lse[None, :]), 0.0)
-        grad_v = tl.dot(p.to(do.dtype), do, input_precision=DOT_PRECISION)
-        grad_p = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-        grad_s = p * (grad_p - delta[None, :])
-        grad_k = tl.dot(grad_s.to(q.dtype), q, input_precision=DOT_PRECISION) * scale
-        grad_q = tl.dot(tl.trans(grad_s.to(k.dtype)), k, input_precision=DOT_PRECISION) * scale
-        tl.store(GradQ + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqn
-                 + d[None, :], grad_q.to(GradQ.dtype.element_ty), mask=q_mask)
+        grad_k = tl.zeros([BLOCK_K, BLOCK_D], tl.float32)
+        grad_v = tl.zeros([BLOCK_K, BLOCK_D], tl.float32)
+        for start in tl.static_range(0, BLOCK_Q, QUERY_ROWS):
+            rows = start + tl.arange(0, QUERY_ROWS)
+            q_mask = (rows < num_q)[:, None] & (d < head_dim)[None, :]
+            q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn
+                        + d[None, :] * stride_qd, mask=q_mask, other=0.0)
+            do = tl.load(GradOut + b * stride_gb + h * stride_gh + rows[:, None] * stride_gn
+                         + d[None, :] * stride_gd, mask=q_mask, other=0.0)
+            o = tl.load(Out + b * stride_ob + h * stride_oh + rows[:, None] * stride_on
+                        + d[None, :] * stride_od, mask=q_mask, other=0.0)
+            lse = tl.load(Lse + bh * num_q + rows, mask=rows < num_q, other=float('inf'))
+            delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+            scores = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * scale_log2
+            p = tl.where(live[:, None], tl.exp2(scores - lse[None, :]), 0.0)
+            grad_v += tl.dot(p.to(do.dtype), do, input_precision=DOT_PRECISION)
+            grad_p = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+            grad_s = p * (grad_p - delta[None, :])
+            grad_k += tl.dot(grad_s.to(q.dtype), q, input_precision=DOT_PRECISION)
+            grad_q = tl.dot(tl.trans(grad_s.to(k.dtype)), k,
+                            input_precision=DOT_PRECISION) * scale
+            tl.store(GradQ + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqn
+                     + d[None, :], grad_q.to(GradQ.dtype.element_ty), mask=q_mask)
         kv_grad = b * stride_dkb + h * stride_dkh + cols[:, None] * stride_dkn + d[None, :]
-        tl.store(GradK + kv_grad, grad_k.to(GradK.dtype.element_ty), mask=kv_mask)
+        tl.store(GradK + kv_grad, (grad_k * scale).to(GradK.dtype.element_ty), mask=kv_mask)
         tl.store(GradV + kv_grad, grad_v.to(GradV.dtype.element_ty), mask=kv_mask)
 
 
-def _common_args(q: Tensor, k: Tensor, index: Tensor, mask_args):
-    """(scalar arguments after the index and mask strides, meta-parameters but the stages)."""
+def _launch_args(q: Tensor, k: Tensor, mask_args, config: tuple):
+    """(grid, scalar arguments after the index and mask strides, meta-parameters) of one
+    launch with ``config`` (a ``_TILES`` row)."""
     batch, heads, num_q, head_dim = q.shape
     block_q, block_k, block_d = _tile_sizes(num_q, k.shape[2], head_dim)
-    return ((batch * heads, heads, num_q, k.shape[2], head_dim),
+    num_warps, num_stages, programs_per_sm, query_rows = config
+    return (_grid(batch * heads, programs_per_sm, q.device),
+            (batch * heads, heads, num_q, k.shape[2], head_dim),
             dict(HAS_MASK=mask_args[3], DOT_PRECISION='ieee' if q.dtype == torch.float32
-                 else 'tf32', BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_D=block_d))
+                 else 'tf32', QUERY_ROWS=min(query_rows or block_q, block_q), BLOCK_Q=block_q,
+                 BLOCK_K=block_k, BLOCK_D=block_d, num_warps=num_warps,
+                 num_stages=num_stages))
 
 
 def forward(q: Tensor, k: Tensor, v: Tensor, index: Tensor, mask_args, scale: float,
@@ -212,15 +226,12 @@ def forward(q: Tensor, k: Tensor, v: Tensor, index: Tensor, mask_args, scale: fl
     """Fill ``out`` (token-major) and ``lse`` (B, H, Nq) of a non-empty single-block call;
     ``mask_args`` as ``ops._triton_gather_attention._mask_args``, ``config`` overrides the
     ``_TILES`` row (tuning)."""
-    num_warps, num_stages, programs_per_sm = config or tile_config('fwd', q.shape[2],
-                                                                   k.shape[2], q.shape[3])
-    scalars, meta = _common_args(q, k, index, mask_args)
+    grid, scalars, meta = _launch_args(
+        q, k, mask_args, config or tile_config('fwd', q.shape[2], k.shape[2], q.shape[3]))
     mask, stride_mb, stride_mn, _ = mask_args
-    fast_launcher(_single_block_fwd_kernel)[_grid(scalars[0], programs_per_sm, q.device)](
+    fast_launcher(_single_block_fwd_kernel)[grid](
         q, k, v, index, mask, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride()[:3],
-        *_index_strides(index)[:2], stride_mb, stride_mn, *scalars,
-        scale * LOG2E, **meta, num_warps=num_warps,
-        num_stages=num_stages)
+        *_index_strides(index)[:2], stride_mb, stride_mn, *scalars, scale * LOG2E, **meta)
 
 
 def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
@@ -228,13 +239,11 @@ def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
              grad_v: Tensor, config: Optional[tuple] = None) -> None:
     """Fill ``grad_q``, ``grad_k``, ``grad_v`` (unit head-dim stride; grad_k's and grad_v's
     strides equal) of a non-empty single-block call from its forward's ``out`` and ``lse``."""
-    num_warps, num_stages, programs_per_sm = config or tile_config('bwd', q.shape[2],
-                                                                   k.shape[2], q.shape[3])
-    scalars, meta = _common_args(q, k, index, mask_args)
+    grid, scalars, meta = _launch_args(
+        q, k, mask_args, config or tile_config('bwd', q.shape[2], k.shape[2], q.shape[3]))
     mask, stride_mb, stride_mn, _ = mask_args
-    fast_launcher(_single_block_bwd_kernel)[_grid(scalars[0], programs_per_sm, q.device)](
+    fast_launcher(_single_block_bwd_kernel)[grid](
         q, k, v, out, grad_out, lse, index, mask, grad_q, grad_k, grad_v,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(),
-        *grad_q.stride()[:3], *grad_k.stride()[:3], *_index_strides(index)[:2], stride_mb, stride_mn,
-        *scalars, scale, scale * LOG2E, **meta,
-        num_warps=num_warps, num_stages=num_stages)
+        *grad_q.stride()[:3], *grad_k.stride()[:3], *_index_strides(index)[:2], stride_mb,
+        stride_mn, *scalars, scale, scale * LOG2E, **meta)

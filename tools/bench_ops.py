@@ -656,10 +656,12 @@ def tune_map(shapes, dtype, reps_ms):
               f'{counting * 1e3:.1f} us', flush=True)
 
 
-# Candidate rows (num_warps, num_stages) of ops._triton_single_block._TILES, each timed with
-# these programs per SM (0: one program per (entry, head)).
+# Candidate (num_warps, num_stages) of ops._triton_single_block._TILES rows, each timed with
+# these programs per SM (0: one program per (entry, head)) and query rows a step (0: all; only
+# those under the tile's rows).
 SINGLE_TUNE = [(2, 1), (2, 2), (2, 3), (4, 1), (4, 2), (4, 3), (8, 1), (8, 2)]
 SINGLE_PROGRAMS_PER_SM = (0, 2, 4, 8, 16)
+SINGLE_QUERY_ROWS = (0, 32, 64)
 
 
 def takes_single_block(shape):
@@ -670,7 +672,7 @@ def takes_single_block(shape):
 
 def tune_single(shapes, dtype, reps_ms):
     """Time the single-block forward and backward alone (CUDA-graph replay) for every
-    SINGLE_TUNE row and programs-per-SM count on the shapes they take; print the times and
+    SINGLE_TUNE row, programs-per-SM count and query-row step on the shapes they take; print the times and
     the fastest row of each (a row of their ``_TILES``), and return those: {shape name:
     {'fwd' or 'bwd': row}}."""
     fastest_rows = {}
@@ -688,16 +690,18 @@ def tune_single(shapes, dtype, reps_ms):
                                                  config=row),
             bwd=lambda row: single_block.backward(grad_out, q, k, v, out, lse, index,
                                                   mask_args, scale, *grads, config=row))
+        block_q = single_block._tile_sizes(shape.block_q, shape.block_k, shape.head_dim)[0]
+        rows = [(warps, stages, programs, query_rows) for warps, stages in SINGLE_TUNE
+                for programs in SINGLE_PROGRAMS_PER_SM
+                for query_rows in SINGLE_QUERY_ROWS if query_rows < block_q]
         for kind, launch in launches.items():
             timings = {}
-            for warps, stages in SINGLE_TUNE:
-                for programs in SINGLE_PROGRAMS_PER_SM:
-                    row = (warps, stages, programs)
-                    try:
-                        timings[row] = time_ms(lambda: launch(row), reps_ms, graph=True)
-                    except Exception as err:  # a row this GPU cannot hold
-                        torch.cuda.synchronize()
-                        print(f'{shape.name} {kind} {row}: {type(err).__name__}', flush=True)
+            for row in rows:
+                try:
+                    timings[row] = time_ms(lambda: launch(row), reps_ms, graph=True)
+                except Exception as err:  # a row this GPU cannot hold
+                    torch.cuda.synchronize()
+                    print(f'{shape.name} {kind} {row}: {type(err).__name__}', flush=True)
             times = ', '.join(f'{row}: {ms * 1e3:.1f}' for row, ms in
                               sorted(timings.items(), key=lambda item: item[1])[:8])
             fastest = min(timings, key=timings.get) if timings else 'none (no row launched)'
