@@ -942,7 +942,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, index: Tensor, key_padding_mask: Op
     out = token_major(q)
     lse = q.new_empty((batch, heads, num_q), dtype=torch.float32)
     mask_args = _mask_args(key_padding_mask, index)
-    if config is None and single_block.takes_call(num_q, k.shape[2], block_q, block_k,
+    if config is None and single_block.takes_call('fwd', num_q, k.shape[2], block_q, block_k,
                                                   index.shape[-1], head_dim, layout):
         single_block.forward(q, k, v, index, mask_args, scale, out, lse)
         return out, lse
@@ -1110,7 +1110,8 @@ def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
         return token_major(q, zero=True), token_major(k, zero=True), token_major(v, zero=True)
     batch, heads = q.shape[:2]
     if _backward_mode == 'auto' and single_block.takes_call(
-            q.shape[2], k.shape[2], block_q, block_k, index.shape[-1], q.shape[-1], layout):
+            'bwd', q.shape[2], k.shape[2], block_q, block_k, index.shape[-1], q.shape[-1],
+            layout):
         grads = grads or (token_major(q), token_major(k), token_major(v))
         single_block.backward(grad_out, q, k, v, out, lse, index,
                               _mask_args(key_padding_mask, index), scale, *grads)

@@ -32,16 +32,19 @@ from ops._launch import fast_launcher
 from ops._triton_gather_attention import LOG2E, _block_d, _index_strides
 
 MAX_BLOCK = 128      # largest block_q and block_k the one-tile kernels take
-MAX_HEAD_DIM = 64
+MAX_HEAD_DIM = {'fwd': 64, 'bwd': 64}  # per kernel
 
 # (num_warps, num_stages, programs per SM (0: one program per (entry, head)), query rows a
 # step (0: all)) per kernel, tile class (max(BLOCK_Q, BLOCK_K)) and head-dim class (BLOCK_D
-# <= 32, <= 64).
+# <= 32, <= 64). The 64- and 128-token rows are the fastest of `tools/benchmark.py ops
+# --tune-single --shapes dsvt36_d32 dsvt48_d32 dsvt90_d32 dsvt36_d64 dsvt90_d64` on an H100
+# (2026-12-08; the 64-token D <= 32 forward row the fastest in sum over the sets of 36 and
+# 48); the 16- and 32-token rows (no benchmark shape) are untuned guesses.
 _TILES = {
-    'fwd': {32: {16: (1, 2, 16, 0), 32: (2, 2, 12, 0), 64: (4, 2, 8, 0), 128: (8, 2, 4, 0)},
-            64: {16: (1, 2, 16, 0), 32: (2, 2, 12, 0), 64: (4, 2, 8, 0), 128: (8, 2, 2, 0)}},
-    'bwd': {32: {16: (1, 2, 16, 0), 32: (2, 2, 8, 0), 64: (4, 2, 4, 0), 128: (8, 2, 2, 0)},
-            64: {16: (1, 2, 16, 0), 32: (2, 2, 8, 0), 64: (4, 2, 4, 0), 128: (8, 2, 1, 64)}},
+    'fwd': {32: {16: (1, 2, 16, 0), 32: (2, 2, 12, 0), 64: (4, 2, 4, 0), 128: (4, 2, 2, 64)},
+            64: {16: (1, 2, 16, 0), 32: (2, 2, 12, 0), 64: (4, 2, 8, 0), 128: (4, 2, 8, 64)}},
+    'bwd': {32: {16: (1, 2, 16, 0), 32: (2, 2, 8, 0), 64: (4, 1, 16, 0), 128: (8, 1, 2, 0)},
+            64: {16: (1, 2, 16, 0), 32: (2, 2, 8, 0), 64: (4, 3, 2, 0), 128: (8, 2, 2, 0)}},
 }
 
 _enabled = True
@@ -54,13 +57,14 @@ def set_single_block_kernels(enabled: bool) -> None:
     _enabled = bool(enabled)
 
 
-def takes_call(num_q: int, num_k: int, block_q: int, block_k: int, slots: int, head_dim: int,
-               layout) -> bool:
-    """Whether these kernels run a gather attention call: single-block (G = M = K = 1), both
-    blocks at most MAX_BLOCK tokens, D <= MAX_HEAD_DIM, block-major tokens."""
+def takes_call(kind: str, num_q: int, num_k: int, block_q: int, block_k: int, slots: int,
+               head_dim: int, layout) -> bool:
+    """Whether the ``kind`` ('fwd' or 'bwd') kernel runs a gather attention call's forward or
+    backward: single-block (G = M = K = 1), both blocks at most MAX_BLOCK tokens, D <=
+    MAX_HEAD_DIM[kind], block-major tokens."""
     return (_enabled and layout is None and num_q == block_q and num_k == block_k
             and slots == 1 and block_q <= MAX_BLOCK and block_k <= MAX_BLOCK
-            and head_dim <= MAX_HEAD_DIM)
+            and head_dim <= MAX_HEAD_DIM[kind])
 
 
 def _tile_sizes(num_q: int, num_k: int, head_dim: int) -> Tuple[int, int, int]:
@@ -89,15 +93,18 @@ def _grid(pairs: int, programs_per_sm: int, device: torch.device) -> Tuple[int]:
 
 
 @triton.jit
-def _entry_keys(Index, Mask, b, h, stride_ib, stride_ih, stride_mb, stride_mn, num_k,
+def _entry_keys(Index, Mask, bh, heads, stride_ib, stride_ih, stride_mb, stride_mn, num_k,
                 HAS_MASK: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Whether each of the entry's BLOCK_K key columns is admissible: in range, not padding,
-    and the entry's slot routes its group to the block (slot value 0)."""
+    """Whether each of the BLOCK_K key columns of pair ``bh`` (entry * heads + head, int32) is
+    admissible: in range, not padding, and the entry's slot routes its group to the block
+    (slot value 0). The kernels load this one pair ahead, by hand: Triton's pipeliner leaves
+    byte loads synchronous."""
+    b, h = (bh // heads).to(tl.int64), bh % heads
     cols = tl.arange(0, BLOCK_K)
     routed = tl.load(Index + b * stride_ib + h * stride_ih)
     live = (cols < num_k) & (routed == 0)
-    if HAS_MASK:
-        padded = tl.load(Mask + b * stride_mb + cols * stride_mn, mask=cols < num_k, other=1)
+    if HAS_MASK:  # clamped, unpredicated loads: ptxas issues them together
+        padded = tl.load(Mask + b * stride_mb + tl.minimum(cols, num_k - 1) * stride_mn)
         live = live & (padded == 0)
     return live
 
@@ -119,16 +126,19 @@ def _single_block_fwd_kernel(Q, K, V, Index, Mask, Out, Lse,
     cols = tl.arange(0, BLOCK_K)
     d = tl.arange(0, BLOCK_D)
     kv_mask = (cols < num_k)[:, None] & (d < head_dim)[None, :]
+    live = _entry_keys(Index, Mask, tl.program_id(0), heads, stride_ib, stride_ih, stride_mb,
+                       stride_mn, num_k, HAS_MASK, BLOCK_K)
     for pair in range(tl.program_id(0), pairs, tl.num_programs(0)):
-        bh = tl.cast(pair, tl.int64)
-        b, h = bh // heads, bh % heads
+        b, h = (pair // heads).to(tl.int64), pair % heads  # 32-bit division
+        bh = b * heads + h
+        keys_live = live
+        live = _entry_keys(Index, Mask, tl.minimum(pair + tl.num_programs(0), pairs - 1), heads,
+                           stride_ib, stride_ih, stride_mb, stride_mn, num_k, HAS_MASK, BLOCK_K)
         k = tl.load(K + b * stride_kb + h * stride_kh + cols[:, None] * stride_kn
                     + d[None, :] * stride_kd, mask=kv_mask, other=0.0)
         v = tl.load(V + b * stride_vb + h * stride_vh + cols[:, None] * stride_vn
                     + d[None, :] * stride_vd, mask=kv_mask, other=0.0)
-        live = _entry_keys(Index, Mask, b, h, stride_ib, stride_ih, stride_mb, stride_mn,
-                           num_k, HAS_MASK, BLOCK_K)
-        bias = tl.where(live, 0.0, float('-inf'))  # one multiply-add a score, no select
+        bias = tl.where(keys_live, 0.0, float('-inf'))  # one multiply-add a score, no select
         for start in tl.static_range(0, BLOCK_Q, QUERY_ROWS):
             rows = start + tl.arange(0, QUERY_ROWS)
             q_mask = (rows < num_q)[:, None] & (d < head_dim)[None, :]
@@ -170,15 +180,18 @@ def _single_block_bwd_kernel(Q, K, V, Out, GradOut, Lse, Index, Mask, GradQ, Gra
     cols = tl.arange(0, BLOCK_K)
     d = tl.arange(0, BLOCK_D)
     kv_mask = (cols < num_k)[:, None] & (d < head_dim)[None, :]
+    live = _entry_keys(Index, Mask, tl.program_id(0), heads, stride_ib, stride_ih, stride_mb,
+                       stride_mn, num_k, HAS_MASK, BLOCK_K)
     for pair in range(tl.program_id(0), pairs, tl.num_programs(0)):
-        bh = tl.cast(pair, tl.int64)
-        b, h = bh // heads, bh % heads
+        b, h = (pair // heads).to(tl.int64), pair % heads  # 32-bit division
+        bh = b * heads + h
+        keys_live = live
+        live = _entry_keys(Index, Mask, tl.minimum(pair + tl.num_programs(0), pairs - 1), heads,
+                           stride_ib, stride_ih, stride_mb, stride_mn, num_k, HAS_MASK, BLOCK_K)
         k = tl.load(K + b * stride_kb + h * stride_kh + cols[:, None] * stride_kn
                     + d[None, :] * stride_kd, mask=kv_mask, other=0.0)
         v = tl.load(V + b * stride_vb + h * stride_vh + cols[:, None] * stride_vn
                     + d[None, :] * stride_vd, mask=kv_mask, other=0.0)
-        live = _entry_keys(Index, Mask, b, h, stride_ib, stride_ih, stride_mb, stride_mn,
-                           num_k, HAS_MASK, BLOCK_K)
         grad_k = tl.zeros([BLOCK_K, BLOCK_D], tl.float32)
         grad_v = tl.zeros([BLOCK_K, BLOCK_D], tl.float32)
         for start in tl.static_range(0, BLOCK_Q, QUERY_ROWS):
@@ -193,7 +206,7 @@ def _single_block_bwd_kernel(Q, K, V, Out, GradOut, Lse, Index, Mask, GradQ, Gra
             lse = tl.load(Lse + bh * num_q + rows, mask=rows < num_q, other=float('inf'))
             delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
             scores = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * scale_log2
-            p = tl.where(live[:, None], tl.exp2(scores - lse[None, :]), 0.0)
+            p = tl.where(keys_live[:, None], tl.exp2(scores - lse[None, :]), 0.0)
             grad_v += tl.dot(p.to(do.dtype), do, input_precision=DOT_PRECISION)
             grad_p = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
             grad_s = p * (grad_p - delta[None, :])

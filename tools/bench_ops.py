@@ -664,10 +664,10 @@ SINGLE_PROGRAMS_PER_SM = (0, 2, 4, 8, 16)
 SINGLE_QUERY_ROWS = (0, 32, 64)
 
 
-def takes_single_block(shape):
-    return single_block.takes_call(shape.groups * shape.block_q, shape.blocks * shape.block_k,
-                                   shape.block_q, shape.block_k, shape.topk, shape.head_dim,
-                                   None)
+def takes_single_block(shape, kind='bwd'):
+    return single_block.takes_call(kind, shape.groups * shape.block_q,
+                                   shape.blocks * shape.block_k, shape.block_q, shape.block_k,
+                                   shape.topk, shape.head_dim, None)
 
 
 def tune_single(shapes, dtype, reps_ms):

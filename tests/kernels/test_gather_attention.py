@@ -334,17 +334,33 @@ def test_single_block_forward_feeds_the_gathered_backward(backward_mode, single_
     compare_to_fp64(q, k, v, index, mask, 36, 36)
 
 
-def test_single_block_choice():
-    takes = single_block.takes_call
+def test_gathered_forward_feeds_the_single_block_backward(single_block_kernels, monkeypatch):
+    monkeypatch.setitem(single_block.MAX_HEAD_DIM, 'fwd', 0)
+    calls = []
+    launch = single_block.backward
+    monkeypatch.setattr(single_block, 'backward',
+                        lambda *a, **kw: (calls.append(1), launch(*a, **kw))[1])
+    q, k, v, index, mask = make_inputs(2, 2, 1, 36, 1, 36, 1, 32, masked_fraction=0.2)
+    compare_to_fp64(q, k, v, index, mask, 36, 36)
+    assert calls == [1]
+
+
+def test_single_block_choice(monkeypatch):
     single_block.set_single_block_kernels(True)
-    assert takes(36, 36, 36, 36, 1, 32, None) and takes(7, 128, 7, 128, 1, 64, None)
-    assert not takes(72, 72, 36, 36, 1, 32, None)     # two query groups and key blocks
-    assert not takes(36, 36, 36, 36, 2, 32, None)     # two slots
-    assert not takes(129, 129, 129, 129, 1, 32, None)  # over one tile
-    assert not takes(36, 36, 36, 36, 1, 128, None)    # head dim over 64
-    assert not takes(16, 16, 16, 16, 1, 32, (4, 4, 4))  # window layout
+    for kind in ('fwd', 'bwd'):
+        def takes(*args):
+            return single_block.takes_call(kind, *args)
+        assert takes(36, 36, 36, 36, 1, 32, None) and takes(7, 128, 7, 128, 1, 64, None)
+        assert not takes(72, 72, 36, 36, 1, 32, None)     # two query groups and key blocks
+        assert not takes(36, 36, 36, 36, 2, 32, None)     # two slots
+        assert not takes(129, 129, 129, 129, 1, 32, None)  # over one tile
+        assert not takes(36, 36, 36, 36, 1, 128, None)    # head dim over 64
+        assert not takes(16, 16, 16, 16, 1, 32, (4, 4, 4))  # window layout
+    monkeypatch.setitem(single_block.MAX_HEAD_DIM, 'fwd', 32)
+    assert not single_block.takes_call('fwd', 36, 36, 36, 36, 1, 64, None)
+    assert single_block.takes_call('bwd', 36, 36, 36, 36, 1, 64, None)
     single_block.set_single_block_kernels(False)
-    assert not takes(36, 36, 36, 36, 1, 32, None)
+    assert not single_block.takes_call('bwd', 36, 36, 36, 36, 1, 32, None)
 
 
 @pytest.fixture
