@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ops._launch import fast_launcher
+from ops._launch import fast_launcher, launch_fitting
 from ops._triton_gather_attention import LOG2E, _block_d, _index_strides
 
 MAX_BLOCK = 128      # largest block_q and block_k the one-tile kernels take
@@ -48,6 +48,9 @@ _TILES = {
 }
 
 _enabled = True
+# Rows that the device could not hold, replaced by smaller ones: {(device index, kind, block
+# sizes, head dim): the first smaller row that launched}.
+_FITTED = {}
 
 
 def set_single_block_kernels(enabled: bool) -> None:
@@ -234,17 +237,46 @@ def _launch_args(q: Tensor, k: Tensor, mask_args, config: tuple):
                  num_stages=num_stages))
 
 
+def _smaller_config(block_q: int, config: tuple) -> Optional[tuple]:
+    """The next row to try when ``config`` does not fit: one pipeline stage, then half the
+    query rows a step (down to 16); None after that."""
+    num_warps, num_stages, programs_per_sm, query_rows = config
+    if num_stages > 1:
+        return num_warps, 1, programs_per_sm, query_rows
+    rows = min(query_rows or block_q, block_q)
+    if rows > 16:
+        return num_warps, num_stages, programs_per_sm, rows // 2
+    return None
+
+
+def _launch_fitting(kind: str, q: Tensor, k: Tensor, config: Optional[tuple], launch) -> None:
+    """``launch(row)`` with ``config``, else with the ``_TILES`` row, replaced by smaller rows
+    where the device cannot hold it (``ops._launch.launch_fitting``)."""
+    if config is not None:
+        return launch(config)
+    num_q, num_k, head_dim = q.shape[2], k.shape[2], q.shape[3]
+    block_q = _tile_sizes(num_q, num_k, head_dim)[0]
+    launch_fitting(lambda row: launch(row or tile_config(kind, num_q, num_k, head_dim)),
+                   _FITTED, (q.device.index, kind, num_q, num_k, head_dim),
+                   lambda: tile_config(kind, num_q, num_k, head_dim),
+                   functools.partial(_smaller_config, block_q), f'single-block {kind} kernel',
+                   q.device, 'tools/benchmark.py ops --tune-single')
+
+
 def forward(q: Tensor, k: Tensor, v: Tensor, index: Tensor, mask_args, scale: float,
             out: Tensor, lse: Tensor, config: Optional[tuple] = None) -> None:
     """Fill ``out`` (token-major) and ``lse`` (B, H, Nq) of a non-empty single-block call;
     ``mask_args`` as ``ops._triton_gather_attention._mask_args``, ``config`` overrides the
     ``_TILES`` row (tuning)."""
-    grid, scalars, meta = _launch_args(
-        q, k, mask_args, config or tile_config('fwd', q.shape[2], k.shape[2], q.shape[3]))
     mask, stride_mb, stride_mn, _ = mask_args
-    fast_launcher(_single_block_fwd_kernel)[grid](
-        q, k, v, index, mask, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride()[:3],
-        *_index_strides(index)[:2], stride_mb, stride_mn, *scalars, scale * LOG2E, **meta)
+
+    def launch(row):
+        grid, scalars, meta = _launch_args(q, k, mask_args, row)
+        fast_launcher(_single_block_fwd_kernel)[grid](
+            q, k, v, index, mask, out, lse, *q.stride(), *k.stride(), *v.stride(),
+            *out.stride()[:3], *_index_strides(index)[:2], stride_mb, stride_mn, *scalars,
+            scale * LOG2E, **meta)
+    _launch_fitting('fwd', q, k, config, launch)
 
 
 def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
@@ -252,11 +284,13 @@ def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
              grad_v: Tensor, config: Optional[tuple] = None) -> None:
     """Fill ``grad_q``, ``grad_k``, ``grad_v`` (unit head-dim stride; grad_k's and grad_v's
     strides equal) of a non-empty single-block call from its forward's ``out`` and ``lse``."""
-    grid, scalars, meta = _launch_args(
-        q, k, mask_args, config or tile_config('bwd', q.shape[2], k.shape[2], q.shape[3]))
     mask, stride_mb, stride_mn, _ = mask_args
-    fast_launcher(_single_block_bwd_kernel)[grid](
-        q, k, v, out, grad_out, lse, index, mask, grad_q, grad_k, grad_v,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(),
-        *grad_q.stride()[:3], *grad_k.stride()[:3], *_index_strides(index)[:2], stride_mb,
-        stride_mn, *scalars, scale, scale * LOG2E, **meta)
+
+    def launch(row):
+        grid, scalars, meta = _launch_args(q, k, mask_args, row)
+        fast_launcher(_single_block_bwd_kernel)[grid](
+            q, k, v, out, grad_out, lse, index, mask, grad_q, grad_k, grad_v,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(),
+            *grad_q.stride()[:3], *grad_k.stride()[:3], *_index_strides(index)[:2], stride_mb,
+            stride_mn, *scalars, scale, scale * LOG2E, **meta)
+    _launch_fitting('bwd', q, k, config, launch)

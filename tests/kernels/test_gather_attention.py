@@ -1039,6 +1039,29 @@ def test_tile_configs_too_large_for_the_device_shrink_and_are_remembered(monkeyp
     assert launched
 
 
+def test_single_block_rows_too_large_for_the_device_shrink_and_are_remembered(
+        monkeypatch, single_block_kernels):
+    """As above for the single-block kernels: one stage, then fewer query rows a step."""
+    monkeypatch.setattr(single_block, '_FITTED', {})
+    launched = []
+    for name in ('_single_block_fwd_kernel', '_single_block_bwd_kernel'):
+        monkeypatch.setattr(single_block, name, SmallDevice(
+            getattr(single_block, name),
+            lambda meta: meta['num_stages'] > 1 or meta['QUERY_ROWS'] > 16,
+            lambda meta: launched.append((meta['QUERY_ROWS'], meta['num_stages']))))
+    q, k, v, index, mask = make_inputs(2, 2, 1, 36, 1, 36, 1, 16, masked_fraction=0.2)
+    with pytest.warns(UserWarning, match='does not fit'):
+        compare_to_fp64(q, k, v, index, mask, 36, 36)
+    assert launched and set(launched) == {(16, 1)}
+    assert len(single_block._FITTED) == 2
+    launched.clear()
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # remembered: no second warning, no failed launch
+        compare_to_fp64(q, k, v, index, mask, 36, 36)
+    assert set(launched) == {(16, 1)}
+
+
 def test_register_capped_configs_that_ptxas_cannot_compile_run_uncapped(monkeypatch, tile_rows):
     """A table row whose register cap ptxas refuses (``PTXASError``, e.g. for a kernel variant
     the sweep did not compile) is launched without the cap, once, with a warning."""
