@@ -16,11 +16,13 @@ transposed index (the groups that route to each key block, built by ``_transpose
 for dK and dV, FlashAttention-2 style. dQ comes either from a separate kernel per query tile,
 which recomputes the probabilities and stores rowsum(dO * O) first (the split backward), or from
 the key-tile kernel itself (the one-kernel backward): stored directly when every query group
-routes to a single key block that one tile holds whole (BiFormer's stage 1, DSVT's sets), so
+routes to a single key block that one tile holds whole (BiFormer's stage 1), so
 each query is visited once, or added with fp32 atomics otherwise. :func:`set_backward_mode`
 chooses; by default the one-kernel backward runs where each query group routes to one block, and
 short key sequences with small routed blocks take the whole-map backward of
-``ops._triton_map_attention`` (one program per (batch, head) over every key).
+``ops._triton_map_attention`` (one program per (batch, head) over every key). Calls whose every
+batch entry is one query group over one key block (DSVT's sets) take the persistent kernels of
+``ops._triton_single_block``, forward and backward.
 
 The output and the three gradients are written token-major (:func:`token_major`: (B, N, H, D)
 memory seen as (B, H, N, D)), as the qkv projection lays out heads, so a model merges heads
@@ -1042,9 +1044,11 @@ def set_backward_mode(mode: str) -> None:
     * ``'fused'``: the dK/dV kernel alone, also computing delta and dQ: dQ stored directly when
       each query group routes to one key block that a tile holds whole, by fp32 atomics
       otherwise;
-    * ``'auto'`` (default): the whole-map backward of ``ops._triton_map_attention`` where it
-      takes the call (short key sequences with small routed blocks), else ``'fused'`` where it
-      stores dQ (one slot, blocks a tile holds whole: BiFormer's 224-px stage 1, DSVT's sets),
+    * ``'auto'`` (default): the single-block backward of ``ops._triton_single_block`` where
+      it takes the call (one query group over one key block per batch entry: DSVT's sets),
+      the whole-map backward of ``ops._triton_map_attention`` where that takes it (short key
+      sequences with small routed blocks), else ``'fused'`` where it
+      stores dQ (one slot, blocks a tile holds whole: BiFormer's 224-px stage 1),
       ``'split'`` everywhere else, so never atomics (deterministic). Measured on an H200
       (docs/ops.md): the stored one-kernel backward was as fast or faster at those shapes; with
       atomics it was 4-16% slower than split at one slot of 256- and 273-token blocks and
