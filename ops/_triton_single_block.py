@@ -38,10 +38,11 @@ MAX_HEAD_DIM = {'fwd': 64, 'bwd': 64}  # per kernel
 # step (0: all)) per kernel, tile class (max(BLOCK_Q, BLOCK_K)) and head-dim class (BLOCK_D
 # <= 32, <= 64). The 64- and 128-token rows are the fastest of `tools/benchmark.py ops
 # --tune-single --shapes dsvt36_d32 dsvt48_d32 dsvt90_d32 dsvt36_d64 dsvt90_d64` on an H100
-# (2026-12-08; the 64-token D <= 32 forward row the fastest in sum over the sets of 36 and
-# 48); the 16- and 32-token rows (no benchmark shape) are untuned guesses.
+# (2026-12-08; the 64-token D <= 32 forward row is the sets of 48's fastest, 1 µs behind the
+# sets of 36's in sum over both); the 16- and 32-token rows (no benchmark shape) are untuned
+# guesses.
 _TILES = {
-    'fwd': {32: {16: (1, 2, 16, 0), 32: (2, 2, 12, 0), 64: (4, 2, 4, 0), 128: (4, 2, 2, 64)},
+    'fwd': {32: {16: (1, 2, 16, 0), 32: (2, 2, 12, 0), 64: (4, 1, 8, 0), 128: (4, 2, 2, 64)},
             64: {16: (1, 2, 16, 0), 32: (2, 2, 12, 0), 64: (4, 2, 8, 0), 128: (4, 2, 8, 64)}},
     'bwd': {32: {16: (1, 2, 16, 0), 32: (2, 2, 8, 0), 64: (4, 1, 16, 0), 128: (8, 1, 2, 0)},
             64: {16: (1, 2, 16, 0), 32: (2, 2, 8, 0), 64: (4, 3, 2, 0), 128: (8, 2, 2, 0)}},
@@ -96,18 +97,15 @@ def _grid(pairs: int, programs_per_sm: int, device: torch.device) -> Tuple[int]:
 
 
 @triton.jit
-def _entry_keys(Index, Mask, bh, heads, stride_ib, stride_ih, stride_mb, stride_mn, num_k,
+def _entry_keys(Index, Mask, b, h, stride_ib, stride_ih, stride_mb, stride_mn, num_k,
                 HAS_MASK: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Whether each of the BLOCK_K key columns of pair ``bh`` (entry * heads + head, int32) is
-    admissible: in range, not padding, and the entry's slot routes its group to the block
-    (slot value 0). The kernels load this one pair ahead, by hand: Triton's pipeliner leaves
-    byte loads synchronous."""
-    b, h = (bh // heads).to(tl.int64), bh % heads
+    """Whether each of the entry's BLOCK_K key columns is admissible: in range, not padding,
+    and the entry's slot routes its group to the block (slot value 0)."""
     cols = tl.arange(0, BLOCK_K)
     routed = tl.load(Index + b * stride_ib + h * stride_ih)
     live = (cols < num_k) & (routed == 0)
-    if HAS_MASK:  # clamped, unpredicated loads: ptxas issues them together
-        padded = tl.load(Mask + b * stride_mb + tl.minimum(cols, num_k - 1) * stride_mn)
+    if HAS_MASK:
+        padded = tl.load(Mask + b * stride_mb + cols * stride_mn, mask=cols < num_k, other=1)
         live = live & (padded == 0)
     return live
 
@@ -129,19 +127,16 @@ def _single_block_fwd_kernel(Q, K, V, Index, Mask, Out, Lse,
     cols = tl.arange(0, BLOCK_K)
     d = tl.arange(0, BLOCK_D)
     kv_mask = (cols < num_k)[:, None] & (d < head_dim)[None, :]
-    live = _entry_keys(Index, Mask, tl.program_id(0), heads, stride_ib, stride_ih, stride_mb,
-                       stride_mn, num_k, HAS_MASK, BLOCK_K)
     for pair in range(tl.program_id(0), pairs, tl.num_programs(0)):
-        b, h = (pair // heads).to(tl.int64), pair % heads  # 32-bit division
-        bh = b * heads + h
-        keys_live = live
-        live = _entry_keys(Index, Mask, tl.minimum(pair + tl.num_programs(0), pairs - 1), heads,
-                           stride_ib, stride_ih, stride_mb, stride_mn, num_k, HAS_MASK, BLOCK_K)
+        bh = tl.cast(pair, tl.int64)
+        b, h = bh // heads, bh % heads
         k = tl.load(K + b * stride_kb + h * stride_kh + cols[:, None] * stride_kn
                     + d[None, :] * stride_kd, mask=kv_mask, other=0.0)
         v = tl.load(V + b * stride_vb + h * stride_vh + cols[:, None] * stride_vn
                     + d[None, :] * stride_vd, mask=kv_mask, other=0.0)
-        bias = tl.where(keys_live, 0.0, float('-inf'))  # one multiply-add a score, no select
+        live = _entry_keys(Index, Mask, b, h, stride_ib, stride_ih, stride_mb, stride_mn,
+                           num_k, HAS_MASK, BLOCK_K)
+        bias = tl.where(live, 0.0, float('-inf'))  # one multiply-add a score, no select
         for start in tl.static_range(0, BLOCK_Q, QUERY_ROWS):
             rows = start + tl.arange(0, QUERY_ROWS)
             q_mask = (rows < num_q)[:, None] & (d < head_dim)[None, :]
@@ -183,18 +178,15 @@ def _single_block_bwd_kernel(Q, K, V, Out, GradOut, Lse, Index, Mask, GradQ, Gra
     cols = tl.arange(0, BLOCK_K)
     d = tl.arange(0, BLOCK_D)
     kv_mask = (cols < num_k)[:, None] & (d < head_dim)[None, :]
-    live = _entry_keys(Index, Mask, tl.program_id(0), heads, stride_ib, stride_ih, stride_mb,
-                       stride_mn, num_k, HAS_MASK, BLOCK_K)
     for pair in range(tl.program_id(0), pairs, tl.num_programs(0)):
-        b, h = (pair // heads).to(tl.int64), pair % heads  # 32-bit division
-        bh = b * heads + h
-        keys_live = live
-        live = _entry_keys(Index, Mask, tl.minimum(pair + tl.num_programs(0), pairs - 1), heads,
-                           stride_ib, stride_ih, stride_mb, stride_mn, num_k, HAS_MASK, BLOCK_K)
+        bh = tl.cast(pair, tl.int64)
+        b, h = bh // heads, bh % heads
         k = tl.load(K + b * stride_kb + h * stride_kh + cols[:, None] * stride_kn
                     + d[None, :] * stride_kd, mask=kv_mask, other=0.0)
         v = tl.load(V + b * stride_vb + h * stride_vh + cols[:, None] * stride_vn
                     + d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        live = _entry_keys(Index, Mask, b, h, stride_ib, stride_ih, stride_mb, stride_mn,
+                           num_k, HAS_MASK, BLOCK_K)
         grad_k = tl.zeros([BLOCK_K, BLOCK_D], tl.float32)
         grad_v = tl.zeros([BLOCK_K, BLOCK_D], tl.float32)
         for start in tl.static_range(0, BLOCK_Q, QUERY_ROWS):
@@ -209,7 +201,7 @@ def _single_block_bwd_kernel(Q, K, V, Out, GradOut, Lse, Index, Mask, GradQ, Gra
             lse = tl.load(Lse + bh * num_q + rows, mask=rows < num_q, other=float('inf'))
             delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
             scores = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * scale_log2
-            p = tl.where(keys_live[:, None], tl.exp2(scores - lse[None, :]), 0.0)
+            p = tl.where(live[:, None], tl.exp2(scores - lse[None, :]), 0.0)
             grad_v += tl.dot(p.to(do.dtype), do, input_precision=DOT_PRECISION)
             grad_p = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
             grad_s = p * (grad_p - delta[None, :])
