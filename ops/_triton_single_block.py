@@ -30,6 +30,7 @@ from torch import Tensor
 
 from ops._launch import fast_launcher, launch_fitting
 from ops._triton_gather_attention import LOG2E, _block_d, _index_strides
+from ops._triton_map_attention import _rows_tile
 
 MAX_BLOCK = 128      # largest block_q and block_k the one-tile kernels take
 MAX_HEAD_DIM = {'fwd': 64, 'bwd': 64}  # per kernel
@@ -111,6 +112,27 @@ def _entry_keys(Index, Mask, b, h, stride_ib, stride_ih, stride_mb, stride_mn, n
 
 
 @triton.jit
+def _pair_keys(pair, K, V, Index, Mask, stride_kb, stride_kh, stride_kn, stride_kd, stride_vb,
+               stride_vh, stride_vn, stride_vd, stride_ib, stride_ih, stride_mb, stride_mn,
+               heads, num_k, head_dim, HAS_MASK: tl.constexpr, BLOCK_K: tl.constexpr,
+               BLOCK_D: tl.constexpr):
+    """(bh, b, h, k, v, live) of pair ``pair``: its flat (entry, head) number, entry and head
+    (int64), its key and value tiles (BLOCK_K, BLOCK_D; zeros past the block) and
+    :func:`_entry_keys`."""
+    bh = tl.cast(pair, tl.int64)
+    b, h = bh // heads, bh % heads
+    cols = tl.arange(0, BLOCK_K)
+    d = tl.arange(0, BLOCK_D)
+    k = _rows_tile(K, b * stride_kb + h * stride_kh, cols, cols < num_k, stride_kn, d,
+                   d < head_dim, stride_kd)
+    v = _rows_tile(V, b * stride_vb + h * stride_vh, cols, cols < num_k, stride_vn, d,
+                   d < head_dim, stride_vd)
+    live = _entry_keys(Index, Mask, b, h, stride_ib, stride_ih, stride_mb, stride_mn, num_k,
+                       HAS_MASK, BLOCK_K)
+    return bh, b, h, k, v, live
+
+
+@triton.jit
 def _single_block_fwd_kernel(Q, K, V, Index, Mask, Out, Lse,
                              stride_qb, stride_qh, stride_qn, stride_qd,
                              stride_kb, stride_kh, stride_kn, stride_kd,
@@ -124,24 +146,18 @@ def _single_block_fwd_kernel(Q, K, V, Index, Mask, Out, Lse,
     """Out (token-major, unit head-dim stride) and Lse (B*H, Nq) of every (entry, head) pair
     ``program + i * programs``: softmax of the entry's scores over its admissible keys,
     ``QUERY_ROWS`` query rows at a time."""
-    cols = tl.arange(0, BLOCK_K)
     d = tl.arange(0, BLOCK_D)
-    kv_mask = (cols < num_k)[:, None] & (d < head_dim)[None, :]
     for pair in range(tl.program_id(0), pairs, tl.num_programs(0)):
-        bh = tl.cast(pair, tl.int64)
-        b, h = bh // heads, bh % heads
-        k = tl.load(K + b * stride_kb + h * stride_kh + cols[:, None] * stride_kn
-                    + d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-        v = tl.load(V + b * stride_vb + h * stride_vh + cols[:, None] * stride_vn
-                    + d[None, :] * stride_vd, mask=kv_mask, other=0.0)
-        live = _entry_keys(Index, Mask, b, h, stride_ib, stride_ih, stride_mb, stride_mn,
-                           num_k, HAS_MASK, BLOCK_K)
+        bh, b, h, k, v, live = _pair_keys(pair, K, V, Index, Mask, stride_kb, stride_kh,
+                                          stride_kn, stride_kd, stride_vb, stride_vh, stride_vn,
+                                          stride_vd, stride_ib, stride_ih, stride_mb, stride_mn,
+                                          heads, num_k, head_dim, HAS_MASK, BLOCK_K, BLOCK_D)
         bias = tl.where(live, 0.0, float('-inf'))  # one multiply-add a score, no select
         for start in tl.static_range(0, BLOCK_Q, QUERY_ROWS):
             rows = start + tl.arange(0, QUERY_ROWS)
             q_mask = (rows < num_q)[:, None] & (d < head_dim)[None, :]
-            q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn
-                        + d[None, :] * stride_qd, mask=q_mask, other=0.0)
+            q = _rows_tile(Q, b * stride_qb + h * stride_qh, rows, rows < num_q, stride_qn, d,
+                           d < head_dim, stride_qd)
             scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2 \
                 + bias[None, :]
             row_max = tl.max(scores, 1)
@@ -179,25 +195,21 @@ def _single_block_bwd_kernel(Q, K, V, Out, GradOut, Lse, Index, Mask, GradQ, Gra
     d = tl.arange(0, BLOCK_D)
     kv_mask = (cols < num_k)[:, None] & (d < head_dim)[None, :]
     for pair in range(tl.program_id(0), pairs, tl.num_programs(0)):
-        bh = tl.cast(pair, tl.int64)
-        b, h = bh // heads, bh % heads
-        k = tl.load(K + b * stride_kb + h * stride_kh + cols[:, None] * stride_kn
-                    + d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-        v = tl.load(V + b * stride_vb + h * stride_vh + cols[:, None] * stride_vn
-                    + d[None, :] * stride_vd, mask=kv_mask, other=0.0)
-        live = _entry_keys(Index, Mask, b, h, stride_ib, stride_ih, stride_mb, stride_mn,
-                           num_k, HAS_MASK, BLOCK_K)
+        bh, b, h, k, v, live = _pair_keys(pair, K, V, Index, Mask, stride_kb, stride_kh,
+                                          stride_kn, stride_kd, stride_vb, stride_vh, stride_vn,
+                                          stride_vd, stride_ib, stride_ih, stride_mb, stride_mn,
+                                          heads, num_k, head_dim, HAS_MASK, BLOCK_K, BLOCK_D)
         grad_k = tl.zeros([BLOCK_K, BLOCK_D], tl.float32)
         grad_v = tl.zeros([BLOCK_K, BLOCK_D], tl.float32)
         for start in tl.static_range(0, BLOCK_Q, QUERY_ROWS):
             rows = start + tl.arange(0, QUERY_ROWS)
             q_mask = (rows < num_q)[:, None] & (d < head_dim)[None, :]
-            q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn
-                        + d[None, :] * stride_qd, mask=q_mask, other=0.0)
-            do = tl.load(GradOut + b * stride_gb + h * stride_gh + rows[:, None] * stride_gn
-                         + d[None, :] * stride_gd, mask=q_mask, other=0.0)
-            o = tl.load(Out + b * stride_ob + h * stride_oh + rows[:, None] * stride_on
-                        + d[None, :] * stride_od, mask=q_mask, other=0.0)
+            q = _rows_tile(Q, b * stride_qb + h * stride_qh, rows, rows < num_q, stride_qn, d,
+                           d < head_dim, stride_qd)
+            do = _rows_tile(GradOut, b * stride_gb + h * stride_gh, rows, rows < num_q,
+                            stride_gn, d, d < head_dim, stride_gd)
+            o = _rows_tile(Out, b * stride_ob + h * stride_oh, rows, rows < num_q, stride_on, d,
+                           d < head_dim, stride_od)
             lse = tl.load(Lse + bh * num_q + rows, mask=rows < num_q, other=float('inf'))
             delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
             scores = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * scale_log2
