@@ -933,8 +933,9 @@ def forward(q: Tensor, k: Tensor, v: Tensor, index: Tensor, key_padding_mask: Op
             block_q: int, block_k: int, scale: float, config: Optional[tuple] = None,
             layout: Optional[Sequence[int]] = None):
     """(out (B, H, Nq, D) :func:`token_major` in q's dtype, lse (B, H, Nq) fp32, base 2, +inf
-    if no key, by window-major position). ``config`` overrides the forward tile config
-    (tuning); ``layout`` see :func:`_layout_args`."""
+    if no key, by window-major position). Single-block calls run the forward of
+    ``ops._triton_single_block``, unless ``config`` is given: it overrides the gathered
+    forward's tile config (tuning); ``layout`` see :func:`_layout_args`."""
     batch, heads, num_q, head_dim = q.shape
     if _is_empty(q, k, index):
         return (token_major(q, zero=True),

@@ -664,17 +664,19 @@ SINGLE_PROGRAMS_PER_SM = (0, 2, 4, 8, 16)
 SINGLE_QUERY_ROWS = (0, 32, 64)
 
 
-def takes_single_block(shape, kind='bwd'):
-    return single_block.takes_call(kind, shape.groups * shape.block_q,
-                                   shape.blocks * shape.block_k, shape.block_q, shape.block_k,
-                                   shape.topk, shape.head_dim, None)
+def takes_single_block(shape):
+    """Whether the single-block kernels run the shape's forward or backward."""
+    return any(single_block.takes_call(kind, shape.groups * shape.block_q,
+                                       shape.blocks * shape.block_k, shape.block_q,
+                                       shape.block_k, shape.topk, shape.head_dim, None)
+               for kind in ('fwd', 'bwd'))
 
 
 def tune_single(shapes, dtype, reps_ms):
     """Time the single-block forward and backward alone (CUDA-graph replay) for every
-    SINGLE_TUNE row, programs-per-SM count and query-row step on the shapes they take; print the times and
-    the fastest row of each (a row of their ``_TILES``), and return those: {shape name:
-    {'fwd' or 'bwd': row}}."""
+    SINGLE_TUNE row, programs-per-SM count and query-row step on the shapes they take; print
+    the times and the fastest row of each (a row of their ``_TILES``), and return those:
+    {shape name: {'fwd' or 'bwd': row}}."""
     fastest_rows = {}
     for shape in shapes:
         if not takes_single_block(shape):
