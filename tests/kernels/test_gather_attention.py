@@ -345,6 +345,19 @@ def test_gathered_forward_feeds_the_single_block_backward(single_block_kernels, 
     assert calls == [1]
 
 
+@pytest.mark.parametrize('scale', [0.3, -0.2])
+def test_single_block_kernels_strided_inputs_and_scale(scale, single_block_kernels):
+    """Token-major (B, N, H, D) storage seen as (B, H, N, D), a per-head index sliced from a
+    wider one, a mask sliced from a wider one; positive and negative scales."""
+    q, k, v, index, _ = make_inputs(3, 2, 1, 20, 1, 20, 1, 16, per_head=True,
+                                    empty_fraction=0.0)
+    q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
+    index = torch.cat([index, index], dim=-1)[..., :1]
+    mask = (torch.rand(3, 40, device=DEVICE) < 0.3)[:, ::2]
+    assert not q.is_contiguous() and not index.is_contiguous() and not mask.is_contiguous()
+    compare_to_fp64(q, k, v, index, mask, 20, 20, scale=scale)
+
+
 def test_single_block_choice(monkeypatch):
     single_block.set_single_block_kernels(True)
     for kind in ('fwd', 'bwd'):
