@@ -8,7 +8,8 @@ scores, latency-bound: each program waits on its loads, then on its dots, and th
 also builds a transposed index it does not need (the one group routes to the one block).
 
 Here a program loops over (entry, head) pairs, ``pair = program, program + programs, ...``,
-and Triton's pipeliner issues the next pair's loads while the current one computes. The whole
+and with two or more pipeline stages Triton's pipeliner issues the next pair's loads while the
+current one computes. The whole
 entry is one tile (``BLOCK_Q`` x ``BLOCK_K`` scores, both the next powers of two of the block
 sizes, at least 16), so the softmax needs no running maximum and the backward no transposed
 index: it recomputes the probabilities from the forward's log-sum-exp and stores dQ, dK and dV
