@@ -432,7 +432,7 @@ def _fwd_kernel(Q, K, V, Index, Mask, Out, Lse,
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     has_keys = l_i > 0
-    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    out = acc * (1.0 / tl.where(has_keys, l_i, 1.0))[:, None]  # not a division an element
     out_offsets = b * stride_ob + h * stride_oh + q_pos[:, None] * stride_on + d[None, :]
     tl.store(Out + out_offsets, out.to(Out.dtype.element_ty),
              mask=row_valid[:, None] & d_valid[None, :])

@@ -9,13 +9,14 @@ also builds a transposed index it does not need (the one group routes to the one
 
 Here a program loops over (entry, head) pairs, ``pair = program, program + programs, ...``,
 and with two or more pipeline stages Triton's pipeliner issues the next pair's loads while the
-current one computes. The whole
-entry is one tile (``BLOCK_Q`` x ``BLOCK_K`` scores, both the next powers of two of the block
-sizes, at least 16), so the softmax needs no running maximum and the backward no transposed
-index: it recomputes the probabilities from the forward's log-sum-exp and stores dQ, dK and dV
-of the entry directly. The slot's value is read per entry: 0 routes the group to the block;
--1 (and, unlike the gathered kernels, which would read out of bounds, any other value) leaves
-it no key, so its output is zeros and its lse +inf.
+current one computes. The whole entry is one tile (``BLOCK_Q`` x ``BLOCK_K`` scores, both the
+next powers of two of the block sizes, at least 16), so the softmax needs no running maximum
+and the backward no transposed index: it recomputes the probabilities from the forward's
+log-sum-exp and stores dQ, dK and dV of the entry directly. Query rows go in steps of the
+row's ``query rows``, as many steps as the block needs (a set of 90 in steps of 32: three, not
+the tile's four). The slot's value is read per entry: 0 routes the group to the block; -1
+(and, unlike the gathered kernels, which would read out of bounds, any other value) leaves it
+no key, so its output is zeros and its lse +inf.
 
 Outputs match the gathered kernels': out and the gradients token-major
 (``ops._triton_gather_attention.token_major``), lse (B, H, Nq) fp32 base 2, +inf for a query
@@ -100,14 +101,21 @@ def _grid(pairs: int, programs_per_sm: int, device: torch.device) -> Tuple[int]:
 
 @triton.jit
 def _entry_keys(Index, Mask, b, h, stride_ib, stride_ih, stride_mb, stride_mn, num_k,
-                HAS_MASK: tl.constexpr, BLOCK_K: tl.constexpr):
+                HAS_MASK: tl.constexpr, CLAMPED_MASK: tl.constexpr, BLOCK_K: tl.constexpr):
     """Whether each of the entry's BLOCK_K key columns is admissible: in range, not padding,
-    and the entry's slot routes its group to the block (slot value 0)."""
+    and the entry's slot routes its group to the block (slot value 0). ``CLAMPED_MASK`` loads
+    the padding bytes unpredicated, past-the-end columns reading the last key's byte: where a
+    thread holds many columns (the forward's score rows), ptxas serializes predicated byte
+    loads through one register, one load latency each, and issues unpredicated ones
+    together."""
     cols = tl.arange(0, BLOCK_K)
     routed = tl.load(Index + b * stride_ib + h * stride_ih)
     live = (cols < num_k) & (routed == 0)
     if HAS_MASK:
-        padded = tl.load(Mask + b * stride_mb + cols * stride_mn, mask=cols < num_k, other=1)
+        if CLAMPED_MASK:
+            padded = tl.load(Mask + b * stride_mb + tl.minimum(cols, num_k - 1) * stride_mn)
+        else:
+            padded = tl.load(Mask + b * stride_mb + cols * stride_mn, mask=cols < num_k, other=1)
         live = live & (padded == 0)
     return live
 
@@ -115,8 +123,8 @@ def _entry_keys(Index, Mask, b, h, stride_ib, stride_ih, stride_mb, stride_mn, n
 @triton.jit
 def _pair_keys(pair, K, V, Index, Mask, stride_kb, stride_kh, stride_kn, stride_kd, stride_vb,
                stride_vh, stride_vn, stride_vd, stride_ib, stride_ih, stride_mb, stride_mn,
-               heads, num_k, head_dim, HAS_MASK: tl.constexpr, BLOCK_K: tl.constexpr,
-               BLOCK_D: tl.constexpr):
+               heads, num_k, head_dim, HAS_MASK: tl.constexpr, CLAMPED_MASK: tl.constexpr,
+               BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     """(bh, b, h, k, v, live) of pair ``pair``: its flat (entry, head) number, entry and head
     (int64), its key and value tiles (BLOCK_K, BLOCK_D; zeros past the block) and
     :func:`_entry_keys`."""
@@ -129,7 +137,7 @@ def _pair_keys(pair, K, V, Index, Mask, stride_kb, stride_kh, stride_kn, stride_
     v = _rows_tile(V, b * stride_vb + h * stride_vh, cols, cols < num_k, stride_vn, d,
                    d < head_dim, stride_vd)
     live = _entry_keys(Index, Mask, b, h, stride_ib, stride_ih, stride_mb, stride_mn, num_k,
-                       HAS_MASK, BLOCK_K)
+                       HAS_MASK, CLAMPED_MASK, BLOCK_K)
     return bh, b, h, k, v, live
 
 
@@ -142,19 +150,19 @@ def _single_block_fwd_kernel(Q, K, V, Index, Mask, Out, Lse,
                              stride_ib, stride_ih, stride_mb, stride_mn,
                              pairs, heads, num_q, num_k, head_dim, scale_log2,
                              HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                             QUERY_ROWS: tl.constexpr, BLOCK_Q: tl.constexpr,
+                             QUERY_ROWS: tl.constexpr, QUERY_STEPS: tl.constexpr,
                              BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     """Out (token-major, unit head-dim stride) and Lse (B*H, Nq) of every (entry, head) pair
-    ``program + i * programs``: softmax of the entry's scores over its admissible keys,
-    ``QUERY_ROWS`` query rows at a time."""
+    ``program + i * programs``: softmax of the entry's scores over its admissible keys, in
+    ``QUERY_STEPS`` steps of ``QUERY_ROWS`` query rows (steps cover the set, not the tile)."""
     d = tl.arange(0, BLOCK_D)
     for pair in range(tl.program_id(0), pairs, tl.num_programs(0)):
         bh, b, h, k, v, live = _pair_keys(pair, K, V, Index, Mask, stride_kb, stride_kh,
                                           stride_kn, stride_kd, stride_vb, stride_vh, stride_vn,
                                           stride_vd, stride_ib, stride_ih, stride_mb, stride_mn,
-                                          heads, num_k, head_dim, HAS_MASK, BLOCK_K, BLOCK_D)
+                                          heads, num_k, head_dim, HAS_MASK, True, BLOCK_K, BLOCK_D)
         bias = tl.where(live, 0.0, float('-inf'))  # one multiply-add a score, no select
-        for start in tl.static_range(0, BLOCK_Q, QUERY_ROWS):
+        for start in tl.static_range(0, QUERY_STEPS * QUERY_ROWS, QUERY_ROWS):
             rows = start + tl.arange(0, QUERY_ROWS)
             q_mask = (rows < num_q)[:, None] & (d < head_dim)[None, :]
             q = _rows_tile(Q, b * stride_qb + h * stride_qh, rows, rows < num_q, stride_qn, d,
@@ -167,7 +175,8 @@ def _single_block_fwd_kernel(Q, K, V, Index, Mask, Out, Lse,
             total = tl.sum(p, 1)
             has_keys = total > 0
             total = tl.where(has_keys, total, 1.0)
-            out = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION) / total[:, None]
+            out = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            out = out * (1.0 / total)[:, None]  # a reciprocal a row, not a division an element
             tl.store(Out + b * stride_ob + h * stride_oh + rows[:, None] * stride_on
                      + d[None, :], out.to(Out.dtype.element_ty), mask=q_mask)
             tl.store(Lse + bh * num_q + rows, tl.where(has_keys, row_max + tl.log2(total),
@@ -186,12 +195,13 @@ def _single_block_bwd_kernel(Q, K, V, Out, GradOut, Lse, Index, Mask, GradQ, Gra
                              stride_ib, stride_ih, stride_mb, stride_mn,
                              pairs, heads, num_q, num_k, head_dim, scale, scale_log2,
                              HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                             QUERY_ROWS: tl.constexpr, BLOCK_Q: tl.constexpr,
+                             QUERY_ROWS: tl.constexpr, QUERY_STEPS: tl.constexpr,
                              BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     """GradQ, GradK, GradV (unit head-dim stride; GradK and GradV share strides) of every
     (entry, head) pair ``program + i * programs``, FlashAttention-2's backward on the entry's
-    keys, ``QUERY_ROWS`` query rows at a time: probabilities from Lse, delta = rowsum(dO * O),
-    scores laid out keys by queries so that dK and dV need no transpose."""
+    keys, in ``QUERY_STEPS`` steps of ``QUERY_ROWS`` query rows (steps cover the set, not the
+    tile): probabilities from Lse, delta = rowsum(dO * O), scores laid out keys by queries so
+    that dK and dV need no transpose."""
     cols = tl.arange(0, BLOCK_K)
     d = tl.arange(0, BLOCK_D)
     kv_mask = (cols < num_k)[:, None] & (d < head_dim)[None, :]
@@ -199,10 +209,10 @@ def _single_block_bwd_kernel(Q, K, V, Out, GradOut, Lse, Index, Mask, GradQ, Gra
         bh, b, h, k, v, live = _pair_keys(pair, K, V, Index, Mask, stride_kb, stride_kh,
                                           stride_kn, stride_kd, stride_vb, stride_vh, stride_vn,
                                           stride_vd, stride_ib, stride_ih, stride_mb, stride_mn,
-                                          heads, num_k, head_dim, HAS_MASK, BLOCK_K, BLOCK_D)
+                                          heads, num_k, head_dim, HAS_MASK, False, BLOCK_K, BLOCK_D)
         grad_k = tl.zeros([BLOCK_K, BLOCK_D], tl.float32)
         grad_v = tl.zeros([BLOCK_K, BLOCK_D], tl.float32)
-        for start in tl.static_range(0, BLOCK_Q, QUERY_ROWS):
+        for start in tl.static_range(0, QUERY_STEPS * QUERY_ROWS, QUERY_ROWS):
             rows = start + tl.arange(0, QUERY_ROWS)
             q_mask = (rows < num_q)[:, None] & (d < head_dim)[None, :]
             q = _rows_tile(Q, b * stride_qb + h * stride_qh, rows, rows < num_q, stride_qn, d,
@@ -234,10 +244,11 @@ def _launch_args(q: Tensor, k: Tensor, mask_args, config: tuple):
     batch, heads, num_q, head_dim = q.shape
     block_q, block_k, block_d = _tile_sizes(num_q, k.shape[2], head_dim)
     num_warps, num_stages, programs_per_sm, query_rows = config
+    query_rows = min(query_rows or block_q, block_q)
     return (_grid(batch * heads, programs_per_sm, q.device),
             (batch * heads, heads, num_q, k.shape[2], head_dim),
             dict(HAS_MASK=mask_args[3], DOT_PRECISION='ieee' if q.dtype == torch.float32
-                 else 'tf32', QUERY_ROWS=min(query_rows or block_q, block_q), BLOCK_Q=block_q,
+                 else 'tf32', QUERY_ROWS=query_rows, QUERY_STEPS=triton.cdiv(num_q, query_rows),
                  BLOCK_K=block_k, BLOCK_D=block_d, num_warps=num_warps,
                  num_stages=num_stages))
 

@@ -658,10 +658,11 @@ def tune_map(shapes, dtype, reps_ms):
 
 # Candidate (num_warps, num_stages) of ops._triton_single_block._TILES rows, each timed with
 # these programs per SM (0: one program per (entry, head)) and query rows a step (0: all; only
-# those under the tile's rows).
-SINGLE_TUNE = [(2, 1), (2, 2), (2, 3), (4, 1), (4, 2), (4, 3), (8, 1), (8, 2)]
+# those under the tile's rows). One warp in 16-row steps issues about 30% fewer instructions a
+# pair than the 4-warp whole-tile forward at the sets of 36 and 48, D=32 (tools/kernel_sass.py).
+SINGLE_TUNE = [(1, 1), (1, 2), (2, 1), (2, 2), (2, 3), (4, 1), (4, 2), (4, 3), (8, 1), (8, 2)]
 SINGLE_PROGRAMS_PER_SM = (0, 2, 4, 8, 16)
-SINGLE_QUERY_ROWS = (0, 32, 64)
+SINGLE_QUERY_ROWS = (0, 16, 32, 64)
 
 
 def takes_single_block(shape):

@@ -326,6 +326,20 @@ def test_single_block_kernels_match_fp64(case, dtype, single_block_kernels, monk
         assert not t[0].any() and not t[-1].any()
 
 
+def test_single_block_query_steps_cover_the_set_not_the_tile(single_block_kernels,
+                                                              monkeypatch):
+    """Sets of 36 in a 64-row tile, 16 query rows a step: three steps (rows 0-47), the last
+    one partial; the tile's fourth step is not run, and every row of the set is written."""
+    row = (1, 1, 0, 16)
+    monkeypatch.setattr(single_block, 'tile_config', lambda *args: row)
+    q, k, v, index, _ = make_inputs(2, 2, 1, 36, 1, 36, 1, 16, per_head=False,
+                                    empty_fraction=0.0)
+    mask = torch.rand(2, 36, device=DEVICE) < 0.2
+    meta = single_block._launch_args(q, k, kernels._mask_args(mask, index), row)[2]
+    assert (meta['QUERY_ROWS'], meta['QUERY_STEPS']) == (16, 3)
+    compare_to_fp64(q, k, v, index, mask, 36, 36)
+
+
 @pytest.mark.parametrize('backward_mode', ['split', 'fused'], indirect=True)
 def test_single_block_forward_feeds_the_gathered_backward(backward_mode, single_block_kernels):
     """The forced backward modes run the gathered kernels on the single-block forward's out and
