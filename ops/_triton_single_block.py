@@ -38,17 +38,21 @@ MAX_BLOCK = 128      # largest block_q and block_k the one-tile kernels take
 MAX_HEAD_DIM = {'fwd': 64, 'bwd': 64}  # per kernel
 
 # (num_warps, num_stages, programs per SM (0: one program per (entry, head)), query rows a
-# step (0: all)) per kernel, tile class (max(BLOCK_Q, BLOCK_K)) and head-dim class (BLOCK_D
-# <= 32, <= 64). The 64- and 128-token rows are the fastest of `tools/benchmark.py ops
-# --tune-single --shapes dsvt36_d32 dsvt48_d32 dsvt90_d32 dsvt36_d64 dsvt90_d64` on an H100
-# (2026-12-08; the 64-token D <= 32 forward row is the sets of 48's fastest, 1 µs behind the
-# sets of 36's in sum over both); the 16- and 32-token rows (no benchmark shape) are untuned
-# guesses.
+# step (0: all), register cap (Triton's maxnreg; 0: none)) per kernel, tile class
+# (max(BLOCK_Q, BLOCK_K)) and head-dim class (BLOCK_D <= 32, <= 64). The 64- and 128-token
+# rows are the fastest of `tools/benchmark.py ops --tune-single --shapes dsvt36_d32 dsvt48_d32
+# dsvt90_d32 dsvt36_d64 dsvt90_d64` on an H100 (2026-12-08, before register caps were swept;
+# the 64-token D <= 32 forward row is the sets of 48's fastest, 1 µs behind the sets of 36's in
+# sum over both); the 16- and 32-token rows (no benchmark shape) are untuned guesses.
 _TILES = {
-    'fwd': {32: {16: (1, 2, 16, 0), 32: (2, 2, 12, 0), 64: (4, 1, 8, 0), 128: (4, 2, 2, 64)},
-            64: {16: (1, 2, 16, 0), 32: (2, 2, 12, 0), 64: (4, 2, 8, 0), 128: (4, 2, 8, 64)}},
-    'bwd': {32: {16: (1, 2, 16, 0), 32: (2, 2, 8, 0), 64: (4, 1, 16, 0), 128: (8, 1, 2, 0)},
-            64: {16: (1, 2, 16, 0), 32: (2, 2, 8, 0), 64: (4, 3, 2, 0), 128: (8, 2, 2, 0)}},
+    'fwd': {32: {16: (1, 2, 16, 0, 0), 32: (2, 2, 12, 0, 0), 64: (4, 1, 8, 0, 0),
+                 128: (4, 2, 2, 64, 0)},
+            64: {16: (1, 2, 16, 0, 0), 32: (2, 2, 12, 0, 0), 64: (4, 2, 8, 0, 0),
+                 128: (4, 2, 8, 64, 0)}},
+    'bwd': {32: {16: (1, 2, 16, 0, 0), 32: (2, 2, 8, 0, 0), 64: (4, 1, 16, 0, 0),
+                 128: (8, 1, 2, 0, 0)},
+            64: {16: (1, 2, 16, 0, 0), 32: (2, 2, 8, 0, 0), 64: (4, 3, 2, 0, 0),
+                 128: (8, 2, 2, 0, 0)}},
 }
 
 _enabled = True
@@ -79,9 +83,9 @@ def _tile_sizes(num_q: int, num_k: int, head_dim: int) -> Tuple[int, int, int]:
     return _block_d(num_q), _block_d(num_k), _block_d(head_dim)
 
 
-def tile_config(kind: str, num_q: int, num_k: int, head_dim: int) -> Tuple[int, int, int, int]:
-    """The ``_TILES`` row (num_warps, num_stages, programs per SM, query rows a step) of
-    ``kind`` ('fwd', 'bwd')."""
+def tile_config(kind: str, num_q: int, num_k: int, head_dim: int) -> Tuple[int, ...]:
+    """The ``_TILES`` row (num_warps, num_stages, programs per SM, query rows a step, register
+    cap) of ``kind`` ('fwd', 'bwd')."""
     block_q, block_k, block_d = _tile_sizes(num_q, num_k, head_dim)
     return _TILES[kind][32 if block_d <= 32 else 64][max(block_q, block_k)]
 
@@ -243,25 +247,27 @@ def _launch_args(q: Tensor, k: Tensor, mask_args, config: tuple):
     launch with ``config`` (a ``_TILES`` row)."""
     batch, heads, num_q, head_dim = q.shape
     block_q, block_k, block_d = _tile_sizes(num_q, k.shape[2], head_dim)
-    num_warps, num_stages, programs_per_sm, query_rows = config
+    num_warps, num_stages, programs_per_sm, query_rows, max_registers = config
     query_rows = min(query_rows or block_q, block_q)
     return (_grid(batch * heads, programs_per_sm, q.device),
             (batch * heads, heads, num_q, k.shape[2], head_dim),
             dict(HAS_MASK=mask_args[3], DOT_PRECISION='ieee' if q.dtype == torch.float32
                  else 'tf32', QUERY_ROWS=query_rows, QUERY_STEPS=triton.cdiv(num_q, query_rows),
                  BLOCK_K=block_k, BLOCK_D=block_d, num_warps=num_warps,
-                 num_stages=num_stages))
+                 num_stages=num_stages, maxnreg=max_registers or None))
 
 
 def _smaller_config(block_q: int, config: tuple) -> Optional[tuple]:
-    """The next row to try when ``config`` does not fit: one pipeline stage, then half the
-    query rows a step (down to 16); None after that."""
-    num_warps, num_stages, programs_per_sm, query_rows = config
+    """The next row to try when ``config`` does not fit: no register cap, then one pipeline
+    stage, then half the query rows a step (down to 16); None after that."""
+    num_warps, num_stages, programs_per_sm, query_rows, max_registers = config
+    if max_registers:
+        return num_warps, num_stages, programs_per_sm, query_rows, 0
     if num_stages > 1:
-        return num_warps, 1, programs_per_sm, query_rows
+        return num_warps, 1, programs_per_sm, query_rows, max_registers
     rows = min(query_rows or block_q, block_q)
     if rows > 16:
-        return num_warps, num_stages, programs_per_sm, rows // 2
+        return num_warps, num_stages, programs_per_sm, rows // 2, max_registers
     return None
 
 

@@ -213,7 +213,8 @@ def test_kernel_sass_loops_divide_by_constants_only():
     subprocess: the tests run the Triton interpreter). The score loops (those with tensor-core
     products) of the ALIGNED forward, dQ and dK/dV kernels at b1024_s2, and of the whole-map
     backward at t224_s3, hold no runtime integer division (``I2F.RP``, the reciprocal step of
-    one), which the compile-time step divisors and geometry removed (docs/ops.md)."""
+    one), which the compile-time step divisors and geometry removed (docs/ops.md). Also its
+    registers-a-thread and programs-an-SM figures."""
     import json
     import subprocess
     tools = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tools')
@@ -225,6 +226,11 @@ def test_kernel_sass_loops_divide_by_constants_only():
               "    for kernel, args, kwargs in ks.record_launches(SHAPES_BY_NAME[shape])}\n"
               "loops['opcodes'] = [ks._opcode('/*0010*/\\t' + i) for i in ('I2F.RP R0, R1 ;',\n"
               "    '@P0 I2F.U32.RP R0, R1 ;', 'I2F.U64.RP R0, R2 ;', 'I2F.F64.S32 R0, R1 ;')]\n"
+              "kernel, args, kwargs = ks.record_launches(SHAPES_BY_NAME['b1024_s2'])[0]\n"
+              "loops['fwd'] = [kwargs['maxnreg'], ks.registers_per_thread(\n"
+              "    ks.compile_launch(kernel, args, kwargs).asm['cubin'])]\n"
+              "loops['resident'] = [ks.resident_programs(*case) for case in ((161, 16384, 4),\n"
+              "    (80, 20488, 4), (32, 0, 1), (64, 100000, 4), (24, 0, 8))]\n"
               "print(json.dumps(loops))")
     env = {key: value for key, value in os.environ.items() if key != 'TRITON_INTERPRET'}
     out = subprocess.run([sys.executable, '-c', script], cwd=tools, env=env,
@@ -232,6 +238,12 @@ def test_kernel_sass_loops_divide_by_constants_only():
     loops = json.loads(out.strip().splitlines()[-1])
     # every rounding-up I2F (signed, 32- and 64-bit unsigned division) counts; conversions not
     assert loops['opcodes'] == ['I2F.RP', 'I2F.RP', 'I2F.RP', 'I2F']
+    # registers read from the cubin: the forward's row caps them (maxnreg), and it uses some
+    cap, registers = loops['fwd']
+    assert cap and 32 <= registers <= cap
+    # programs an SM holds: by registers (3, 6), by program slots (32), shared memory (2),
+    # warp slots (8)
+    assert loops['resident'] == [3, 6, 32, 2, 8]
     for name in ('b1024_s2 _fwd_kernel', 'b1024_s2 _bwd_dq_kernel', 'b1024_s2 _bwd_dkdv_kernel',
                  't224_s3 _map_bwd_kernel'):
         score_loops = [ops for ops in loops[name] if ops.get('HGMMA') or ops.get('HMMA')]

@@ -19,7 +19,8 @@ worker processes (Triton's disk cache), so the sweep is not compile-bound. ``--t
 the whole-map backward (``ops._triton_map_attention``) for each candidate row on the shapes it
 applies to and prints each row's time, the fastest (a row of its ``_TILES``) and the time of
 the count table it reads. ``--tune-single`` does the same for the forward and the backward of
-the single-block kernels (``ops._triton_single_block``, DSVT's sets).
+the single-block kernels (``ops._triton_single_block``, DSVT's sets), compiling the candidates
+in worker processes first, then times the fastest rows under each register cap too.
 
 Columns: fwd ms and fwd+bwd ms timed as CUDA-graph replays (GPU time, no Python launch cost;
 marked "(eager)" where capture fails), fwd+bwd ms launched eagerly from Python (with L2
@@ -658,8 +659,10 @@ def tune_map(shapes, dtype, reps_ms):
 
 # Candidate (num_warps, num_stages) of ops._triton_single_block._TILES rows, each timed with
 # these programs per SM (0: one program per (entry, head)) and query rows a step (0: all; only
-# those under the tile's rows). One warp in 16-row steps issues about 30% fewer instructions a
-# pair than the 4-warp whole-tile forward at the sets of 36 and 48, D=32 (tools/kernel_sass.py).
+# those under the tile's rows), uncapped; then the fastest under REGISTER_CAPS. One warp in
+# 16-row steps issues about 30% fewer instructions a pair than the 4-warp whole-tile forward
+# at the sets of 36 and 48, D=32; the committed backward rows hold 3 programs an SM by their
+# registers, 4-6 under the caps (tools/kernel_sass.py).
 SINGLE_TUNE = [(1, 1), (1, 2), (2, 1), (2, 2), (2, 3), (4, 1), (4, 2), (4, 3), (8, 1), (8, 2)]
 SINGLE_PROGRAMS_PER_SM = (0, 2, 4, 8, 16)
 SINGLE_QUERY_ROWS = (0, 16, 32, 64)
@@ -673,45 +676,91 @@ def takes_single_block(shape):
                for kind in ('fwd', 'bwd'))
 
 
-def tune_single(shapes, dtype, reps_ms):
+def _single_block_launchers(shape, dtype):
+    """{'fwd' or 'bwd': launch(row)} of the single-block kernels alone on ``shape``'s problem,
+    ``row`` a ``_TILES`` row of theirs."""
+    q, k, v, index, mask = make_problem(shape, dtype)
+    scale, mask_args = shape.head_dim ** -0.5, kernels._mask_args(mask, index)
+    out, lse = kernels.token_major(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+    grads = [kernels.token_major(t) for t in (q, k, v)]
+    grad_out = torch.randn_like(q)
+    return dict(
+        fwd=lambda row: single_block.forward(q, k, v, index, mask_args, scale, out, lse,
+                                             config=row),
+        bwd=lambda row: single_block.backward(grad_out, q, k, v, out, lse, index, mask_args,
+                                              scale, *grads, config=row))
+
+
+def _compile_single_block_worker(name, kind, dtype_name, rows):
+    """Launch the single-block ``kind`` kernel once with each of ``rows`` on shape ``name``
+    (fills Triton's disk cache)."""
+    dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}[dtype_name]
+    launch = _single_block_launchers(SHAPES_BY_NAME[name], dtype)[kind]
+    for row in rows:
+        try:
+            launch(row)
+        except Exception:  # reported by the timing pass
+            pass
+    torch.cuda.synchronize()
+
+
+def _compile_single_block_rows(rows_of, dtype_name, workers):
+    """Compile ``rows_of`` ({(shape name, kind): rows}) in worker processes, one launch per
+    distinct kernel (rows that differ only in programs per SM share one)."""
+    compile_in_workers(_compile_single_block_worker, [
+        (name, kind, dtype_name, sorted({row[:2] + (0,) + row[3:] for row in rows}))
+        for (name, kind), rows in rows_of.items() if rows], workers)
+
+
+def tune_single(shapes, dtype, dtype_name, reps_ms, workers):
     """Time the single-block forward and backward alone (CUDA-graph replay) for every
-    SINGLE_TUNE row, programs-per-SM count and query-row step on the shapes they take; print
-    the times and the fastest row of each (a row of their ``_TILES``), and return those:
-    {shape name: {'fwd' or 'bwd': row}}."""
-    fastest_rows = {}
+    SINGLE_TUNE row, programs-per-SM count and query-row step, uncapped, then the CAPPED_TILES
+    fastest of those under each of REGISTER_CAPS, on the shapes they take (candidates
+    compiled first in ``workers`` processes); print the times and the fastest row of each (a
+    row of their ``_TILES``), and return those: {shape name: {'fwd' or 'bwd': row}}."""
     for shape in shapes:
         if not takes_single_block(shape):
             print(f'{shape.name}: the single-block kernels do not take it', flush=True)
-            continue
-        q, k, v, index, mask = make_problem(shape, dtype)
-        scale, mask_args = shape.head_dim ** -0.5, kernels._mask_args(mask, index)
-        out, lse = kernels.token_major(q), q.new_empty(q.shape[:3], dtype=torch.float32)
-        grads = [kernels.token_major(t) for t in (q, k, v)]
-        grad_out = torch.randn_like(q)
-        launches = dict(
-            fwd=lambda row: single_block.forward(q, k, v, index, mask_args, scale, out, lse,
-                                                 config=row),
-            bwd=lambda row: single_block.backward(grad_out, q, k, v, out, lse, index,
-                                                  mask_args, scale, *grads, config=row))
+    shapes = [shape for shape in shapes if takes_single_block(shape)]
+    rows_of = {}
+    for shape in shapes:
         block_q = single_block._tile_sizes(shape.block_q, shape.block_k, shape.head_dim)[0]
-        rows = [(warps, stages, programs, query_rows) for warps, stages in SINGLE_TUNE
+        for kind in ('fwd', 'bwd'):
+            rows_of[shape.name, kind] = [
+                (warps, stages, programs, query_rows, 0) for warps, stages in SINGLE_TUNE
                 for programs in SINGLE_PROGRAMS_PER_SM
                 for query_rows in SINGLE_QUERY_ROWS if query_rows < block_q]
-        for kind, launch in launches.items():
-            timings = {}
-            for row in rows:
-                try:
-                    timings[row] = time_ms(lambda: launch(row), reps_ms, graph=True)
-                except Exception as err:  # a row this GPU cannot hold
-                    torch.cuda.synchronize()
-                    print(f'{shape.name} {kind} {row}: {type(err).__name__}', flush=True)
-            times = ', '.join(f'{row}: {ms * 1e3:.1f}' for row, ms in
-                              sorted(timings.items(), key=lambda item: item[1])[:8])
-            fastest = min(timings, key=timings.get) if timings else 'none (no row launched)'
-            print(f'{shape.name} single-block {kind} us, fastest first: {times}; fastest '
-                  f'{fastest}', flush=True)
-            if timings:
-                fastest_rows.setdefault(shape.name, {})[kind] = fastest
+    timings = {key: {} for key in rows_of}
+
+    def time_rows(rows_of):
+        for shape in shapes:
+            launchers = _single_block_launchers(shape, dtype)
+            for kind, launch in launchers.items():
+                for row in rows_of[shape.name, kind]:
+                    try:
+                        timings[shape.name, kind][row] = time_ms(lambda: launch(row), reps_ms,
+                                                                 graph=True)
+                    except Exception as err:  # a row this GPU cannot hold
+                        torch.cuda.synchronize()
+                        print(f'{shape.name} {kind} {row}: {type(err).__name__}', flush=True)
+            del launchers
+            torch.cuda.empty_cache()
+    _compile_single_block_rows(rows_of, dtype_name, workers)
+    time_rows(rows_of)
+    capped = {key: [row[:4] + (cap,) for row in sorted(measured, key=measured.get)[:CAPPED_TILES]
+                    for cap in REGISTER_CAPS] for key, measured in timings.items()}
+    print('second pass: register caps', REGISTER_CAPS, flush=True)
+    _compile_single_block_rows(capped, dtype_name, workers)
+    time_rows(capped)
+    fastest_rows = {}
+    for (name, kind), measured in timings.items():
+        times = ', '.join(f'{row}: {ms * 1e3:.1f}' for row, ms in
+                          sorted(measured.items(), key=lambda item: item[1])[:8])
+        fastest = min(measured, key=measured.get) if measured else 'none (no row launched)'
+        print(f'{name} single-block {kind} us, fastest first: {times}; fastest {fastest}',
+              flush=True)
+        if measured:
+            fastest_rows.setdefault(name, {})[kind] = fastest
     return fastest_rows
 
 
@@ -805,7 +854,7 @@ def main(argv=None):
     parser.add_argument('--configs', help='JSON table of tile configs: written by --tune, '
                         'applied to ours (benchmark, --profile) otherwise')
     parser.add_argument('--workers', type=int, default=12,
-                        help='processes compiling the --tune candidates')
+                        help='processes compiling the --tune and --tune-single candidates')
     parser.add_argument('--profile', action='store_true',
                         help='print the per-kernel GPU time of ours (torch.profiler)')
     parser.add_argument('--json', help='write all results to this JSON file')
@@ -831,7 +880,7 @@ def main(argv=None):
         tune_map(shapes, dtype, args.reps_ms)
         return
     if args.tune_single:
-        tune_single(shapes, dtype, args.reps_ms)
+        tune_single(shapes, dtype, args.dtype, args.reps_ms, args.workers)
         return
     if args.tune is not None:
         if not args.configs:

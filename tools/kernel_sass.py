@@ -8,8 +8,10 @@ records each kernel launch instead of running it, and compiles that launch with 
 sm_90 (Hopper) target as Triton would specialize it on a GPU (16-byte-aligned tensors; ints
 equal to 1 as constants, ints divisible by 16 marked so). Then it prints, per kernel, the
 instructions of each loop of the SASS (a backward branch and its target) and the loop's most
-frequent opcodes. A kernel bound by instruction issue runs about as fast as its main loop is
-short; docs/ops.md uses these counts ("Kernels").
+frequent opcodes, and its registers, shared memory and the programs an SM holds at once. A
+kernel bound by instruction issue runs about as fast as its main loop is short; one bound by
+latency, about as fast as many programs stay resident; docs/ops.md uses these counts
+("Kernels").
 
 Needs Triton's bundled ptxas and nvdisasm (Linux); not the Triton interpreter.
 """
@@ -17,7 +19,9 @@ import argparse
 import collections
 import os
 import re
+import subprocess
 import sys
+import tempfile
 from typing import Dict, List, Tuple
 
 import torch
@@ -123,13 +127,46 @@ def _signature(kernel, args, kwargs):
     return {name: signature[name] for name in kernel.arg_names}, constexprs, attrs
 
 
-def compile_sass(kernel, args, kwargs, arch: int = 90) -> str:
-    """The SASS of one recorded launch compiled for ``sm_{arch}``."""
+def compile_launch(kernel, args, kwargs, arch: int = 90):
+    """One recorded launch compiled for ``sm_{arch}`` (a Triton CompiledKernel)."""
     signature, constexprs, attrs = _signature(kernel, args, kwargs)
     options = {name: kwargs[name] for name in OPTIONS if kwargs.get(name) is not None}
     source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs,
                                        attrs=attrs)
-    return triton.compile(source, target=GPUTarget('cuda', arch, 32), options=options).asm['sass']
+    return triton.compile(source, target=GPUTarget('cuda', arch, 32), options=options)
+
+
+def compile_sass(kernel, args, kwargs, arch: int = 90) -> str:
+    """The SASS of one recorded launch compiled for ``sm_{arch}``."""
+    return compile_launch(kernel, args, kwargs, arch).asm['sass']
+
+
+# Hopper (sm_90) per SM: registers, shared memory (bytes; each program also takes 1 KiB that
+# the driver reserves), resident warps and programs.
+SM_REGISTERS, SM_SHARED, SM_WARPS, SM_PROGRAMS = 65536, 228 * 1024, 64, 32
+
+
+def registers_per_thread(cubin: bytes) -> int:
+    """The kernel's registers per thread, read from its cubin with Triton's bundled
+    cuobjdump."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, 'kernel.cubin')
+        with open(path, 'wb') as f:
+            f.write(cubin)
+        usage = subprocess.run([os.path.join(os.path.dirname(triton.__file__), 'backends',
+                                             'nvidia', 'bin', 'cuobjdump'), '-res-usage', path],
+                               capture_output=True, text=True, check=True).stdout
+    return int(re.search(r'REG:(\d+)', usage).group(1))
+
+
+def resident_programs(registers: int, shared: int, num_warps: int) -> int:
+    """Programs of one kernel an sm_90 SM holds at once: the least of what its registers
+    (allocated per warp in units of 256, i.e. per-thread counts rounded up to 8), shared
+    memory, warp slots and program slots allow. A latency-bound kernel hides latency with
+    these; a grid of more programs than SMs times this runs in waves."""
+    per_warp = -(-registers // 8) * 8 * 32
+    return min(SM_REGISTERS // (per_warp * num_warps), SM_SHARED // (shared + 1024),
+               SM_WARPS // num_warps, SM_PROGRAMS)
 
 
 def _opcode(line: str) -> str:
@@ -178,14 +215,20 @@ def main(argv=None):
               f'sm_{args.arch}')
         for kernel, launch_args, kwargs in record_launches(SHAPES_BY_NAME[name], dtype,
                                                            args.windows):
-            sass = compile_sass(kernel, launch_args, kwargs, args.arch)
+            compiled = compile_launch(kernel, launch_args, kwargs, args.arch)
+            sass = compiled.asm['sass']
             total = sum('\t' in line for line in sass.splitlines())
             meta = ', '.join(f'{key}={value}' for key, value in kwargs.items()
                              if key not in ('DOT_PRECISION',))
             spills = sum(_opcode(line) in ('STL', 'LDL') for line in sass.splitlines()
                          if '\t' in line)
+            registers = registers_per_thread(compiled.asm['cubin'])
+            shared = compiled.metadata.shared
+            resident = (f', {resident_programs(registers, shared, kwargs["num_warps"])} '
+                        f'programs resident an SM' if args.arch == 90 else '')
             print(f'{kernel.__name__}: {total} instructions, {spills} local-memory (spill) '
-                  f'loads and stores; {meta}')
+                  f'loads and stores; {registers} registers a thread, {shared} bytes of shared '
+                  f'memory{resident}; {meta}')
             for size, opcodes in loops(sass):
                 common = ', '.join(f'{op} {count}' for op, count in opcodes.most_common(6))
                 print(f'  loop: {size} instructions ({common})')

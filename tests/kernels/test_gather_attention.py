@@ -330,7 +330,7 @@ def test_single_block_query_steps_cover_the_set_not_the_tile(single_block_kernel
                                                               monkeypatch):
     """Sets of 36 in a 64-row tile, 16 query rows a step: three steps (rows 0-47), the last
     one partial; the tile's fourth step is not run, and every row of the set is written."""
-    row = (1, 1, 0, 16)
+    row = (1, 1, 0, 16, 0)
     monkeypatch.setattr(single_block, 'tile_config', lambda *args: row)
     q, k, v, index, _ = make_inputs(2, 2, 1, 36, 1, 36, 1, 16, per_head=False,
                                     empty_fraction=0.0)
