@@ -176,6 +176,21 @@ def test_ops_tuning_caps_registers_on_the_fastest_tiles_of_each_class(monkeypatc
     assert rows[16] == tiles[2]  # t224_s2: uncapped, its fastest
 
 
+def test_single_block_tuning_caps_the_fastest_distinct_kernels(monkeypatch):
+    """The single-block sweep's second pass caps the SINGLE_CAPPED_KERNELS fastest kernels
+    (rows that differ only in programs per SM are one kernel), with every programs-per-SM
+    count."""
+    import bench_ops
+    monkeypatch.setattr(bench_ops, 'SINGLE_CAPPED_KERNELS', 2)
+    measured = {(4, 1, 16, 0, 0): 1.0, (4, 1, 8, 0, 0): 1.1, (8, 1, 2, 64, 0): 1.2,
+                (2, 2, 4, 0, 0): 1.3}
+    rows = bench_ops._capped_single_block_rows(measured)
+    assert sorted({(w, s, q) for w, s, _, q, _ in rows}) == [(4, 1, 0), (8, 1, 64)]
+    assert len(rows) == 2 * len(bench_ops.REGISTER_CAPS) * len(bench_ops.SINGLE_PROGRAMS_PER_SM)
+    assert all(cap in bench_ops.REGISTER_CAPS for *_, cap in rows)
+    assert {p for _, _, p, _, _ in rows} == set(bench_ops.SINGLE_PROGRAMS_PER_SM)
+
+
 def test_ops_tuning_times_the_window_layout_too(monkeypatch):
     """Shapes with a window form are swept once more in the window layout (as BiFormer calls
     the op): the member's inputs come from the kernels in that layout, and every kernel kind

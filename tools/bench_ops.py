@@ -666,6 +666,7 @@ def tune_map(shapes, dtype, reps_ms):
 SINGLE_TUNE = [(1, 1), (1, 2), (2, 1), (2, 2), (2, 3), (4, 1), (4, 2), (4, 3), (8, 1), (8, 2)]
 SINGLE_PROGRAMS_PER_SM = (0, 2, 4, 8, 16)
 SINGLE_QUERY_ROWS = (0, 16, 32, 64)
+SINGLE_CAPPED_KERNELS = 4  # fastest uncapped kernels per shape and kind the second pass caps
 
 
 def takes_single_block(shape):
@@ -712,12 +713,28 @@ def _compile_single_block_rows(rows_of, dtype_name, workers):
         for (name, kind), rows in rows_of.items() if rows], workers)
 
 
+def _capped_single_block_rows(measured):
+    """The second pass's rows: the SINGLE_CAPPED_KERNELS fastest distinct kernels of
+    ``measured`` ({uncapped row: ms}; rows that differ only in programs per SM are one
+    kernel), each under every REGISTER_CAPS value with every SINGLE_PROGRAMS_PER_SM count (a
+    cap changes how many programs an SM holds, so the best count with it)."""
+    kernels_by_speed = []
+    for row in sorted(measured, key=measured.get):
+        kernel = row[:2] + row[3:4]
+        if kernel not in kernels_by_speed:
+            kernels_by_speed.append(kernel)
+    return [(warps, stages, programs, query_rows, cap)
+            for warps, stages, query_rows in kernels_by_speed[:SINGLE_CAPPED_KERNELS]
+            for cap in REGISTER_CAPS for programs in SINGLE_PROGRAMS_PER_SM]
+
+
 def tune_single(shapes, dtype, dtype_name, reps_ms, workers):
     """Time the single-block forward and backward alone (CUDA-graph replay) for every
-    SINGLE_TUNE row, programs-per-SM count and query-row step, uncapped, then the CAPPED_TILES
-    fastest of those under each of REGISTER_CAPS, on the shapes they take (candidates
-    compiled first in ``workers`` processes); print the times and the fastest row of each (a
-    row of their ``_TILES``), and return those: {shape name: {'fwd' or 'bwd': row}}."""
+    SINGLE_TUNE row, programs-per-SM count and query-row step, uncapped, then the fastest of
+    those under register caps (:func:`_capped_single_block_rows`), on the shapes they take
+    (candidates compiled first in ``workers`` processes); print the times and the fastest row
+    of each (a row of their ``_TILES``), and return those: {shape name: {'fwd' or 'bwd':
+    row}}."""
     for shape in shapes:
         if not takes_single_block(shape):
             print(f'{shape.name}: the single-block kernels do not take it', flush=True)
@@ -747,8 +764,7 @@ def tune_single(shapes, dtype, dtype_name, reps_ms, workers):
             torch.cuda.empty_cache()
     _compile_single_block_rows(rows_of, dtype_name, workers)
     time_rows(rows_of)
-    capped = {key: [row[:4] + (cap,) for row in sorted(measured, key=measured.get)[:CAPPED_TILES]
-                    for cap in REGISTER_CAPS] for key, measured in timings.items()}
+    capped = {key: _capped_single_block_rows(measured) for key, measured in timings.items()}
     print('second pass: register caps', REGISTER_CAPS, flush=True)
     _compile_single_block_rows(capped, dtype_name, workers)
     time_rows(capped)
