@@ -329,15 +329,28 @@ def test_single_block_kernels_match_fp64(case, dtype, single_block_kernels, monk
 def test_single_block_query_steps_cover_the_set_not_the_tile(single_block_kernels,
                                                               monkeypatch):
     """Sets of 36 in a 64-row tile, 16 query rows a step: three steps (rows 0-47), the last
-    one partial; the tile's fourth step is not run, and every row of the set is written."""
-    row = (1, 1, 0, 16, 0)
+    one partial; the tile's fourth step is not run, and every row of the set is written. The
+    row's register cap reaches the launch."""
+    row = (1, 1, 0, 16, 80)
     monkeypatch.setattr(single_block, 'tile_config', lambda *args: row)
     q, k, v, index, _ = make_inputs(2, 2, 1, 36, 1, 36, 1, 16, per_head=False,
                                     empty_fraction=0.0)
     mask = torch.rand(2, 36, device=DEVICE) < 0.2
     meta = single_block._launch_args(q, k, kernels._mask_args(mask, index), row)[2]
-    assert (meta['QUERY_ROWS'], meta['QUERY_STEPS']) == (16, 3)
+    assert (meta['QUERY_ROWS'], meta['QUERY_STEPS'], meta['maxnreg']) == (16, 3, 80)
     compare_to_fp64(q, k, v, index, mask, 36, 36)
+
+
+def test_single_block_rows_shrink_cap_then_stages_then_query_rows():
+    """A row the device cannot hold loses its register cap, then its pipeline stages, then
+    halves its query rows a step down to 16."""
+    row, tried = (4, 2, 8, 64, 96), []
+    while row is not None:
+        tried.append(row)
+        row = single_block._smaller_config(128, row)
+    assert tried == [(4, 2, 8, 64, 96), (4, 2, 8, 64, 0), (4, 1, 8, 64, 0), (4, 1, 8, 32, 0),
+                     (4, 1, 8, 16, 0)]
+    assert single_block._smaller_config(64, (4, 1, 8, 0, 0)) == (4, 1, 8, 32, 0)
 
 
 @pytest.mark.parametrize('backward_mode', ['split', 'fused'], indirect=True)
