@@ -1,4 +1,6 @@
 """ops.gather_attention: torch reference, Triton kernels (interpreter on CPU), custom-op glue."""
+import random
+
 import pytest
 import torch
 
@@ -668,7 +670,59 @@ def test_window_layout_bad_arguments(overrides, message):
         _call(**overrides)
 
 
-# ----------------------------------------------------------------------------- custom op
+# ----------------------------------------------------------------------------- random problems
+
+
+def random_problem(seed: int):
+    """One random call: (q, k, v, index, mask, block_q, block_k, map_width, scale) and the
+    kernel choice (backward mode, whole-map backward, single-block kernels). Block sizes 1-40
+    (up to 100 for single-block calls), (h, w) windows of a map, 1-3 heads, D 8-64, slots up to
+    M, per-head or shared index with -1 slots, padding, scales 0.3 and -0.2, token-major q,
+    fp32 or fp16."""
+    rng = random.Random(seed)
+    dtype = rng.choice([torch.float32, torch.float16])
+    batch, heads, head_dim = rng.randint(1, 2), rng.randint(1, 3), rng.choice([8, 16, 24, 32, 64])
+    map_width, shape = None, rng.choice(['windows', 'single', 'gathered', 'gathered'])
+    if shape == 'windows':  # one window grid over one map for q and k
+        win_h, win_w, grid_h, grid_w = (rng.randint(1, 3) for _ in range(4))
+        block_q = block_k = (win_h, win_w)
+        groups = blocks = grid_h * grid_w
+        num_q = num_k = groups * win_h * win_w
+        map_width = grid_w * win_w
+    elif shape == 'single':
+        groups = blocks = 1
+        block_q, block_k = num_q, num_k = rng.randint(1, 100), rng.randint(1, 100)
+    else:
+        groups, blocks = rng.randint(1, 4), rng.randint(1, 4)
+        block_q, block_k = rng.randint(1, 40), rng.randint(1, 40)
+        num_q, num_k = groups * block_q, blocks * block_k
+    slots = rng.randint(1, blocks)
+    index_shape = (batch, heads, groups, slots) if rng.random() < 0.3 else (batch, groups, slots)
+    index = torch.randint(0, blocks, index_shape, device=DEVICE)
+    index = index.masked_fill(torch.rand(index_shape, device=DEVICE) < 0.15, -1)
+    mask = None
+    if rng.random() < 0.6:
+        mask = torch.rand(batch, num_k, device=DEVICE) < rng.choice([0.0, 0.2, 0.6])
+    q = torch.randn(batch, heads, num_q, head_dim, device=DEVICE).to(dtype)
+    if rng.random() < 0.3:
+        q = torch.randn(batch, num_q, heads, head_dim, device=DEVICE).to(dtype).transpose(1, 2)
+    k, v = (torch.randn(batch, heads, num_k, head_dim, device=DEVICE).to(dtype) for _ in 'kv')
+    choice = (rng.choice(['auto', 'split', 'fused']), rng.choice(['auto', 'off', 'on']),
+              rng.random() < 0.8)
+    scale = rng.choice([None, 0.3, -0.2])
+    return (q, k, v, index, mask, block_q, block_k, map_width, scale), choice
+
+
+@pytest.mark.parametrize('seed', range(100))
+def test_random_problems_match_fp64(seed, monkeypatch):
+    """Random calls (:func:`random_problem`) under a random kernel choice against fp64. 1500
+    seeds passed when this was written (2026-12-08), 100 run here."""
+    (q, k, v, index, mask, block_q, block_k, map_width, scale), choice = random_problem(seed)
+    backward_mode, map_mode, single = choice
+    monkeypatch.setattr(kernels, '_backward_mode', backward_mode)
+    map_backward.set_map_backward(map_mode)
+    single_block.set_single_block_kernels(single)
+    compare_to_fp64(q, k, v, index, mask, block_q, block_k, scale=scale, map_width=map_width)
 
 
 # ----------------------------------------------------------------------------- whole-map backward
@@ -797,6 +851,9 @@ def test_whole_map_rows_too_large_for_the_device_shrink(monkeypatch, whole_map):
     with pytest.warns(UserWarning, match='whole-map attention backward'):
         compare_to_fp64(q, k, v, index, None, 4, 4)
     assert launched == [16] and list(map_backward._FITTED.values()) == [(16, 4, 1)]
+
+
+# ----------------------------------------------------------------------------- custom op
 
 
 def test_custom_op_opcheck():
