@@ -1046,9 +1046,9 @@ def set_backward_mode(mode: str) -> None:
     * ``'auto'`` (default): the single-block backward of ``ops._triton_single_block`` where
       it takes the call (one query group over one key block per batch entry: DSVT's sets),
       the whole-map backward of ``ops._triton_map_attention`` where that takes it (short key
-      sequences with small routed blocks), else ``'fused'`` where it
-      stores dQ (one slot, blocks a tile holds whole: BiFormer's 224-px stage 1),
-      ``'split'`` everywhere else, so never atomics (deterministic). Measured on an H200
+      sequences with small routed blocks), else ``'fused'`` where it stores dQ (one slot,
+      blocks a tile holds whole: BiFormer's 224-px stage 1), ``'split'`` everywhere else, so
+      never atomics (deterministic). Measured on an H200
       (docs/ops.md): the stored one-kernel backward was as fast or faster at those shapes; with
       atomics it was 4-16% slower than split at one slot of 256- and 273-token blocks and
       14-72% slower with 8-16 slots.

@@ -48,8 +48,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import ops  # noqa: E402
 from ops import _triton_depthwise_conv as kernels  # noqa: E402
 from ops.depthwise_conv import depthwise_conv2d_reference  # noqa: E402
-from bench_timing import (compile_in_workers, copy_bandwidth, fwd_and_fwd_bwd_ms,  # noqa: E402
-                          least_slowdown, mean_slowdown, peak_extra_mib)
+from bench_timing import (DTYPES, compile_in_workers, copy_bandwidth,  # noqa: E402
+                          fwd_and_fwd_bwd_ms, least_slowdown, mean_slowdown, peak_extra_mib)
 
 PEERS = ('ours', 'biformer', 'cudnn_cl')
 
@@ -201,7 +201,7 @@ def _dtypes(dtype_name, autocast):
     """(tensor dtype, compute dtype): fp32 tensors computing in bf16 under --autocast."""
     if autocast:
         return torch.float32, torch.bfloat16
-    dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}[dtype_name]
+    dtype = DTYPES[dtype_name]
     return dtype, dtype
 
 

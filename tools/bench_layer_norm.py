@@ -55,7 +55,7 @@ import ops  # noqa: E402
 from ops import _triton_layer_norm as kernels  # noqa: E402
 from ops._sizes import next_power_of_2  # noqa: E402
 from ops.layer_norm import layer_norm_reference  # noqa: E402
-from bench_timing import (choose_per_class, fwd_and_fwd_bwd_ms,  # noqa: E402
+from bench_timing import (DTYPES, choose_per_class, fwd_and_fwd_bwd_ms,  # noqa: E402
                           kernel_bench_parser, kernel_bench_setup, mean_slowdown,
                           measure_peers, run_header)
 
@@ -79,7 +79,6 @@ SMOKE_SHAPES = [Shape('smoke_37x64', 37, 64, 'smoke test'),
                 Shape('smoke_13x100', 13, 100, 'smoke test')]
 SHAPES_BY_NAME = {s.name: s for s in SHAPES + SMOKE_SHAPES}
 
-DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}
 
 # Candidate rows for --tune, per BLOCK_C: tiles of 1K-16K elements, 8 to 64 fp32 elements per
 # thread; the backward's programs cap (a runtime argument: no recompilation) 264 to 2112, or

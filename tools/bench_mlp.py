@@ -51,13 +51,12 @@ from ops import _triton_layer_norm, _triton_ln_mlp as kernels  # noqa: E402
 from ops._sizes import next_power_of_2  # noqa: E402
 from ops.mlp import residual_mlp_reference  # noqa: E402
 from bench_layer_norm import _cpu_ms  # noqa: E402
-from bench_timing import (choose_per_class, compile_in_workers, kernel_bench_parser,  # noqa: E402
-                          kernel_bench_setup, mean_slowdown, measure_peers, run_header,
-                          time_ms)
+from bench_timing import (DTYPES, choose_per_class, compile_in_workers,  # noqa: E402
+                          kernel_bench_parser, kernel_bench_setup, mean_slowdown, measure_peers,
+                          run_header, time_ms)
 
 PEERS = ('ours', 'ours_cast', 'unfused', 'compiled')
 EPS = 1e-6  # BiFormer's LayerNorm eps
-DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}
 
 
 @dataclass(frozen=True)

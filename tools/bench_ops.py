@@ -71,8 +71,8 @@ from ops import _triton_gather_attention as kernels  # noqa: E402
 from ops import _triton_map_attention as whole_map  # noqa: E402
 from ops import _triton_single_block as single_block  # noqa: E402
 from ops.gather_attention import gather_attention_reference  # noqa: E402
-from bench_timing import (compile_in_workers, copy_bandwidth, fwd_and_fwd_bwd_ms,  # noqa: E402
-                          least_slowdown, peak_extra_mib, time_ms)
+from bench_timing import (DTYPES, compile_in_workers, copy_bandwidth,  # noqa: E402
+                          fwd_and_fwd_bwd_ms, least_slowdown, peak_extra_mib, time_ms)
 
 PEERS = ('ours', 'ours_split', 'ours_fused', 'ours_general', 'ours_gathered', 'ours_map',
          'official', 'gather_sdpa', 'flex', 'dense_sdpa')
@@ -504,8 +504,7 @@ def _capped_candidates(kind, measured):
 def _compile_worker(name, kind, dtype_name, configs=None):
     """Launch every candidate of one kind once on one sweep member (fills Triton's disk
     cache)."""
-    dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}[dtype_name]
-    inputs = KernelInputs(name, dtype)
+    inputs = KernelInputs(name, DTYPES[dtype_name])
     for config in _candidates(inputs.shape, kind, configs):
         try:
             inputs.launcher(kind, config)()
@@ -695,8 +694,7 @@ def _single_block_launchers(shape, dtype):
 def _compile_single_block_worker(name, kind, dtype_name, rows):
     """Launch the single-block ``kind`` kernel once with each of ``rows`` on shape ``name``
     (fills Triton's disk cache)."""
-    dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}[dtype_name]
-    launch = _single_block_launchers(SHAPES_BY_NAME[name], dtype)[kind]
+    launch = _single_block_launchers(SHAPES_BY_NAME[name], DTYPES[dtype_name])[kind]
     for row in rows:
         try:
             launch(row)
@@ -749,11 +747,11 @@ def tune_single(shapes, dtype, dtype_name, reps_ms, workers):
                 for query_rows in SINGLE_QUERY_ROWS if query_rows < block_q]
     timings = {key: {} for key in rows_of}
 
-    def time_rows(rows_of):
+    def time_rows(candidates):
         for shape in shapes:
             launchers = _single_block_launchers(shape, dtype)
             for kind, launch in launchers.items():
-                for row in rows_of[shape.name, kind]:
+                for row in candidates[shape.name, kind]:
                     try:
                         timings[shape.name, kind][row] = time_ms(lambda: launch(row), reps_ms,
                                                                  graph=True)
@@ -884,7 +882,7 @@ def main(argv=None):
         return
     if not torch.cuda.is_available():
         sys.exit('benchmark.py ops needs a CUDA GPU')
-    dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}[args.dtype]
+    dtype = DTYPES[args.dtype]
     default_shapes = TUNE_SHAPES if args.tune is not None else [s.name for s in SHAPES]
     shapes = [SHAPES_BY_NAME[n] for n in args.shapes or default_shapes]
     if args.child_flex:

@@ -3,6 +3,9 @@ import time
 
 import torch
 
+# --dtype names of the benchmarks
+DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}
+
 
 def time_ms(fn, reps_ms, graph):
     """Median ms of fn: CUDA-graph replay (no launch overhead) or eager with L2 flushes."""

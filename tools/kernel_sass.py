@@ -44,6 +44,7 @@ from ops import _triton_gather_attention as kernels  # noqa: E402
 from ops import _triton_map_attention as whole_map  # noqa: E402
 from ops import _triton_single_block as single_block  # noqa: E402
 from bench_ops import SHAPES_BY_NAME, map_windows  # noqa: E402
+from bench_timing import DTYPES  # noqa: E402
 
 TRITON_TYPES = {torch.bfloat16: 'bf16', torch.float16: 'fp16', torch.float32: 'fp32',
                 torch.int64: 'i64', torch.int32: 'i32', torch.uint8: 'u8', torch.bool: 'u8'}
@@ -209,7 +210,7 @@ def main(argv=None):
     parser.add_argument('--arch', type=int, default=90, help='compute capability, e.g. 90')
     parser.add_argument('--sass-dir', help='also write each listing here')
     args = parser.parse_args(argv)
-    dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}[args.dtype]
+    dtype = DTYPES[args.dtype]
     for name in args.shapes:
         print(f'### {name}{" (window layout)" if args.windows else ""}, {args.dtype}, '
               f'sm_{args.arch}')
